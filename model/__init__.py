@@ -1,0 +1,1 @@
+"""thermosweep model core: pure JAX, no Ray, no Parquet."""

@@ -1,0 +1,208 @@
+"""Experiment configuration: one frozen dataclass and the paper's named presets.
+
+Field names follow the paper (Tables 3-4); the codebase variable each one mirrors is in its comment.
+Nothing here is read at import time by any other module: functions take the config they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+OBJECTIVES = ("vanilla", "thermo")
+DATASETS = ("digits", "cifar10", "celeb_a", "svhn_cropped")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run needs. Presets below fill it for each data set."""
+
+    # data
+    dataset: str = "digits"  # DATASET
+    image_size: int = 16  # generator output resolution (square)
+    channels: int = 1
+    num_train: int = 1438  # NUM_TRAIN_DATA
+    num_val: int = 359  # NUM_VAL_DATA
+    data_dir: str | None = None  # TFDS data dir; None -> $TFDS_DATA_DIR or TFDS's default
+    # networks (Table 5)
+    z_dim: int = 16  # Z_CHANNELS
+    ebm_width: int = 64  # EBM_FEATURE_DIM, ne_z
+    ebm_leak: float = 0.1  # EBM_LEAK
+    gen_width: int = 8  # GEN_FEATURE_DIM, ng_z
+    gen_leak: float = 0.2  # GEN_LEAK
+    prior_sigma: float = 1.0  # p0_SIGMA, sigma_0
+    lkhood_sigma: float = 0.3  # LKHOOD_SIGMA, sigma_l
+    # optimisation
+    epochs: int = 10  # NUM_EPOCHS
+    batch_size: int = 50  # BATCH_SIZE
+    ebm_lr: float = 2e-5  # E_INITIAL_LR
+    gen_lr: float = 1e-4  # G_INITIAL_LR
+    ebm_final_lr: float = 1e-5  # E_FINAL_LR
+    gen_final_lr: float = 5e-5  # G_FINAL_LR
+    ebm_beta1: float = 0.5  # E_BETA_1
+    ebm_beta2: float = 0.999  # E_BETA_2
+    gen_beta1: float = 0.5  # G_BETA_1
+    gen_beta2: float = 0.999  # G_BETA_2
+    lr_decay: float = 0.975  # DECAY_RATE, applied once per epoch
+    lr_decay_begin: int = 1  # BEGIN_EPOCH
+    # Langevin (Eq. 10-12, 17)
+    prior_step_size: float = 0.16  # E_STEP_SIZE
+    prior_steps: int = 60  # E_SAMPLE_STEPS
+    posterior_step_size: float = 0.01  # G_STEP_SIZE
+    posterior_steps: int = 20  # G_SAMPLE_STEPS
+    # objective
+    objective: str = "vanilla"  # "vanilla" (Eq. 7-9) or "thermo" (Eq. 15-22)
+    temp_power: float = 1.0  # TEMP_POWER, p in Eq. 21
+    num_temps: int = 10  # NUM_TEMPS, N_t in Eq. 18 (both ends included)
+    kl_weight: float = 1.0  # KL_BIAS_WEIGHT, eta in Eq. 22
+    chain_gradient: bool = True  # False reproduces the published code (stop-gradient chains)
+    kl_ridge: float = 1e-3  # added to the diagonal of each fitted covariance (Eq. 20)
+    # run
+    seed: int = 0
+    eval_every: int = 0  # evaluate FID/KID every this many epochs (0: never)
+    eval_num_min: int = 1000  # smallest sample size of the infinity extrapolation
+    eval_num_max: int = 4500  # largest sample size
+    eval_num_points: int = 10
+    sample_every: int = 5  # save an image grid every this many epochs (0: never)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def is_thermo(self) -> bool:
+        return self.objective == "thermo"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fail(name: str, value: Any, why: str) -> None:
+    raise ValueError(f"{name}={value!r} {why}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Refuse values the maths or the shapes cannot take, naming the field and the fix."""
+    if cfg.objective not in OBJECTIVES:
+        _fail("objective", cfg.objective, f"is unknown; use one of {', '.join(OBJECTIVES)}")
+    if cfg.dataset not in DATASETS:
+        _fail("dataset", cfg.dataset, f"is unknown; use one of {', '.join(DATASETS)}")
+    if cfg.num_temps < 2:
+        _fail("num_temps", cfg.num_temps, "must be >= 2 (the schedule includes t=0 and t=1)")
+    if not (cfg.temp_power > 0 and math.isfinite(cfg.temp_power)):
+        _fail("temp_power", cfg.temp_power, "must be a finite number > 0 (t_i = (i/(N_t-1))^p)")
+    for name in ("prior_step_size", "posterior_step_size"):
+        v = getattr(cfg, name)
+        if not (v > 0 and math.isfinite(v)):
+            _fail(name, v, "must be a finite step size > 0 (Langevin, Eq. 10)")
+    for name in ("prior_steps", "posterior_steps", "epochs", "batch_size", "z_dim", "ebm_width",
+                 "gen_width", "num_train", "num_val", "channels"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            _fail(name, v, "must be a positive integer")
+    for name in ("prior_sigma", "lkhood_sigma", "ebm_lr", "gen_lr", "ebm_final_lr", "gen_final_lr"):
+        v = getattr(cfg, name)
+        if not (v > 0 and math.isfinite(v)):
+            _fail(name, v, "must be a finite number > 0")
+    if not (0 < cfg.lr_decay <= 1):
+        _fail("lr_decay", cfg.lr_decay, "must be in (0, 1]")
+    if cfg.kl_weight < 0 or not math.isfinite(cfg.kl_weight):
+        _fail("kl_weight", cfg.kl_weight, "must be a finite number >= 0 (eta in Eq. 22)")
+    if cfg.kl_ridge < 0:
+        _fail("kl_ridge", cfg.kl_ridge, "must be >= 0")
+    size = cfg.image_size
+    if size < 4 or size & (size - 1):
+        _fail("image_size", size, "must be a power of two >= 4 (the generator doubles 4x4 up)")
+    if cfg.batch_size > cfg.num_train:
+        _fail("batch_size", cfg.batch_size, f"exceeds num_train={cfg.num_train}")
+    if cfg.eval_every < 0 or cfg.sample_every < 0:
+        _fail("eval_every", cfg.eval_every, "must be >= 0 (0 disables evaluation)")
+
+
+# Paper Table 3 (CelebA) and Table 4 (CIFAR-10); SVHN uses the CIFAR-10 family at 32x32.
+_PAPER_COMMON = dict(
+    num_train=12000, num_val=4500, ebm_width=100, gen_width=64, epochs=50, batch_size=75,
+    ebm_lr=2e-5, gen_lr=1e-4, ebm_final_lr=1e-5, gen_final_lr=5e-5, prior_step_size=0.16,
+    prior_steps=60, posterior_step_size=0.01, num_temps=10, kl_weight=1.0, lkhood_sigma=0.3,
+    prior_sigma=1.0, channels=3, eval_every=5, eval_num_min=1000, eval_num_max=4500,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "celeba": dict(_PAPER_COMMON, dataset="celeb_a", image_size=64, z_dim=80, posterior_steps=20),
+    "cifar10": dict(_PAPER_COMMON, dataset="cifar10", image_size=32, z_dim=100, posterior_steps=40),
+    "svhn": dict(_PAPER_COMMON, dataset="svhn_cropped", image_size=32, z_dim=100, posterior_steps=40),
+    # The embedded default: sklearn's 1797 digits at 16x16x1, small enough for a 2-core laptop.
+    # Larger learning rates than the paper's because the run is 10 short epochs, not 50 long ones.
+    "digits": dict(
+        dataset="digits", image_size=16, channels=1, num_train=1438, num_val=359, z_dim=16,
+        ebm_width=64, gen_width=8, epochs=10, batch_size=50, ebm_lr=2e-4, gen_lr=1e-3,
+        ebm_final_lr=1e-4, gen_final_lr=5e-4, prior_steps=30, posterior_steps=20,
+        posterior_step_size=0.01, num_temps=5, eval_every=5, eval_num_min=100, eval_num_max=350,
+        eval_num_points=5,
+    ),
+}
+
+
+def config_fields() -> dict[str, type]:
+    return {f.name: f.type for f in fields(ExperimentConfig)}
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Turn a command-line string into the type of field `name`."""
+    types = {f.name: f for f in fields(ExperimentConfig)}
+    if name not in types:
+        known = ", ".join(sorted(types))
+        raise ValueError(f"unknown config field {name!r}; known fields: {known}")
+    default = types[name].default
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={text!r} is not a boolean; use true or false")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r} is not an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r} is not a number") from None
+    if default is None and text.lower() in ("none", "null", ""):
+        return None
+    return text
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """Return `cfg` with `overrides` applied; string values are parsed to the field's type."""
+    parsed = {k: parse_value(k, v) if isinstance(v, str) else v for k, v in overrides.items()}
+    unknown = set(parsed) - set(config_fields())
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(unknown)}; known: {sorted(config_fields())}")
+    return replace(cfg, **parsed)
+
+
+def get_preset(name: str, **overrides: Any) -> ExperimentConfig:
+    """The named preset (celeba, cifar10, svhn, digits) with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+    return apply_overrides(ExperimentConfig(**PRESETS[name]), overrides)
+
+
+def parse_set_args(items: list[str] | None) -> dict[str, str]:
+    """Parse repeated `--set key=value` arguments into a dict (values stay strings)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} is not key=value (e.g. --set temp_power=6)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
