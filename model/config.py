@@ -32,6 +32,7 @@ class ExperimentConfig:
     ebm_leak: float = 0.1  # EBM_LEAK
     gen_width: int = 8  # GEN_FEATURE_DIM, ng_z
     gen_leak: float = 0.2  # GEN_LEAK
+    conv_impl: str = "phases"  # generator transposed convs: "phases" (matmuls) or "lax" (nn.ConvTranspose)
     prior_sigma: float = 1.0  # p0_SIGMA, sigma_0
     lkhood_sigma: float = 0.3  # LKHOOD_SIGMA, sigma_l
     # optimisation
@@ -92,6 +93,8 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("objective", cfg.objective, f"is unknown; use one of {', '.join(OBJECTIVES)}")
     if cfg.dataset not in DATASETS:
         _fail("dataset", cfg.dataset, f"is unknown; use one of {', '.join(DATASETS)}")
+    if cfg.conv_impl not in ("phases", "lax"):
+        _fail("conv_impl", cfg.conv_impl, "is unknown; use 'phases' (fast on CPU) or 'lax'")
     if cfg.num_temps < 2:
         _fail("num_temps", cfg.num_temps, "must be >= 2 (the schedule includes t=0 and t=1)")
     if not (cfg.temp_power > 0 and math.isfinite(cfg.temp_power)):
@@ -140,8 +143,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Larger learning rates than the paper's because the run is 10 short epochs, not 50 long ones.
     "digits": dict(
         dataset="digits", image_size=16, channels=1, num_train=1438, num_val=359, z_dim=16,
-        ebm_width=64, gen_width=8, epochs=10, batch_size=50, ebm_lr=2e-4, gen_lr=1e-3,
-        ebm_final_lr=1e-4, gen_final_lr=5e-4, prior_steps=30, posterior_steps=20,
+        ebm_width=64, gen_width=2, epochs=10, batch_size=50, ebm_lr=2e-4, gen_lr=1e-3,
+        ebm_final_lr=1e-4, gen_final_lr=5e-4, prior_steps=30, posterior_steps=10,
         posterior_step_size=0.01, num_temps=5, eval_every=5, eval_num_min=100, eval_num_max=350,
         eval_num_points=5,
     ),

@@ -17,6 +17,66 @@ from jax import Array
 
 from model.config import ExperimentConfig
 
+_KERNEL_INIT = nn.initializers.lecun_normal()
+
+
+class UpConv(nn.Module):
+    """A 4x4 transposed convolution, numerically the same as flax's `nn.ConvTranspose` (same parameter
+    names and shapes, `kernel` (4, 4, in, out) and `bias`), computed without dilated convolutions.
+
+    stride 2, SAME: each output phase (row parity py, column parity px) is a 2x2 correlation of the
+    input padded by one: out[2i+py, 2j+px] = sum over r in {py, py+1}, c in {px, px+1} of
+    x_pad[i+r, j+c] @ kernel[2r-py, 2c-px], i.e. four plain matmuls. stride 1, VALID on a 1x1 input:
+    out[y, x] = z @ kernel[3-y, 3-x]. XLA's CPU backend runs dilated (transposed) convolutions and their
+    second derivatives, which the thermodynamic objective needs, on a slow path; matmuls are fast on
+    every backend. impl="lax" uses nn.ConvTranspose itself (e.g. to compare on a GPU).
+    """
+
+    features: int
+    strides: int = 2
+    impl: str = "phases"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        padding = "SAME" if self.strides == 2 else "VALID"
+        if self.impl == "lax":
+            return nn.ConvTranspose(self.features, (4, 4), strides=(self.strides,) * 2, padding=padding,
+                                    name="ConvTranspose_0")(x)
+        if self.impl != "phases":
+            raise ValueError(f"conv_impl={self.impl!r} is unknown; use 'phases' or 'lax'")
+        # Parameters live under the same path as with impl="lax", so checkpoints are interchangeable.
+        kernel, bias = _ConvTransposeParams(self.features, name="ConvTranspose_0")(x.shape[-1])
+        if self.strides == 1:
+            if x.shape[1:3] != (1, 1):
+                raise ValueError(f"the first generator layer expects a 1x1 input, got {x.shape[1:3]}")
+            out = jnp.einsum("nc,yxco->nyxo", x[:, 0, 0, :], kernel[::-1, ::-1])
+            return out + bias
+        n, h, w, c = x.shape
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        rows = []
+        for py in (0, 1):
+            cols = []
+            for px in (0, 1):
+                taps = [xp[:, r:r + h, q:q + w, :] for r in (py, py + 1) for q in (px, px + 1)]
+                weights = [kernel[2 * r - py, 2 * q - px] for r in (py, py + 1) for q in (px, px + 1)]
+                patches = jnp.concatenate(taps, axis=-1)  # (n, h, w, 4c)
+                cols.append(patches @ jnp.concatenate(weights, axis=0))  # (n, h, w, out)
+            rows.append(jnp.stack(cols, axis=3))  # (n, h, w, 2, out)
+        out = jnp.stack(rows, axis=2)  # (n, h, 2, w, 2, out): index (i, py, j, px) -> (2i+py, 2j+px)
+        return out.reshape(n, 2 * h, 2 * w, self.features) + bias
+
+
+class _ConvTransposeParams(nn.Module):
+    """Holds `kernel` and `bias` exactly as nn.ConvTranspose names and initialises them."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array]:
+        kernel = self.param("kernel", _KERNEL_INIT, (4, 4, in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return kernel, bias
+
 
 class EnergyPrior(nn.Module):
     """f_alpha(z): the exponential tilt of the Gaussian base prior (Eq. 1). Returns shape z.shape[:-1]."""
@@ -38,6 +98,7 @@ class Generator(nn.Module):
     channels: int
     width: int
     leak: float = 0.2
+    conv_impl: str = "phases"
 
     @nn.compact
     def __call__(self, z: Array) -> Array:
@@ -45,12 +106,11 @@ class Generator(nn.Module):
         x = z.reshape((-1, 1, 1, z.shape[-1]))
         doublings = int(math.log2(self.image_size)) - 2  # 4x4 -> image_size
         ch = self.width * 16
-        x = nn.leaky_relu(nn.ConvTranspose(ch, (4, 4), strides=(1, 1), padding="VALID")(x), self.leak)
+        x = nn.leaky_relu(UpConv(ch, strides=1, impl=self.conv_impl)(x), self.leak)
         for _ in range(doublings - 1):
             ch //= 2
-            x = nn.ConvTranspose(max(ch, 1), (4, 4), strides=(2, 2), padding="SAME")(x)
-            x = nn.leaky_relu(x, self.leak)
-        x = nn.ConvTranspose(self.channels, (4, 4), strides=(2, 2), padding="SAME")(x)
+            x = nn.leaky_relu(UpConv(max(ch, 1), impl=self.conv_impl)(x), self.leak)
+        x = UpConv(self.channels, impl=self.conv_impl)(x)
         x = jnp.tanh(x)
         return x.reshape(lead + x.shape[1:])
 
@@ -59,7 +119,7 @@ def make_networks(config: ExperimentConfig) -> tuple[EnergyPrior, Generator]:
     """The EBM prior and generator modules sized by `config`."""
     ebm = EnergyPrior(width=config.ebm_width, leak=config.ebm_leak)
     gen = Generator(image_size=config.image_size, channels=config.channels, width=config.gen_width,
-                    leak=config.gen_leak)
+                    leak=config.gen_leak, conv_impl=config.conv_impl)
     return ebm, gen
 
 

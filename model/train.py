@@ -73,6 +73,7 @@ class StepSpec:
     ebm_leak: float
     gen_width: int
     gen_leak: float
+    conv_impl: str
     image_size: int
     channels: int
     ebm_betas: tuple[float, float]
@@ -82,7 +83,8 @@ class StepSpec:
     def from_config(cls, c: ExperimentConfig) -> StepSpec:
         return cls(c.objective, c.num_temps if c.is_thermo else 0, c.prior_steps, c.posterior_steps,
                    c.chain_gradient, c.z_dim, c.ebm_width, c.ebm_leak, c.gen_width, c.gen_leak,
-                   c.image_size, c.channels, (c.ebm_beta1, c.ebm_beta2), (c.gen_beta1, c.gen_beta2))
+                   c.conv_impl, c.image_size, c.channels, (c.ebm_beta1, c.ebm_beta2),
+                   (c.gen_beta1, c.gen_beta2))
 
 
 def networks(spec: StepSpec | ExperimentConfig) -> Networks:
@@ -93,9 +95,12 @@ def networks(spec: StepSpec | ExperimentConfig) -> Networks:
 
 def optimizers(spec: StepSpec) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """Adam per network (Tables 3-4); the learning rate is a hyper-parameter set each step."""
-    make = optax.inject_hyperparams(optax.adam)
-    return (make(learning_rate=0.0, b1=spec.ebm_betas[0], b2=spec.ebm_betas[1]),
-            make(learning_rate=0.0, b1=spec.gen_betas[0], b2=spec.gen_betas[1]))
+    make = optax.inject_hyperparams(optax.adam, hyperparam_dtype=jnp.float32)
+    # A float32 array, not a Python float: a weak-typed state would change type after the first update
+    # and make pmap compile the step a second time.
+    lr = jnp.zeros((), jnp.float32)
+    return (make(learning_rate=lr, b1=spec.ebm_betas[0], b2=spec.ebm_betas[1]),
+            make(learning_rate=lr, b1=spec.gen_betas[0], b2=spec.gen_betas[1]))
 
 
 def learning_rate_schedules(config: ExperimentConfig) -> tuple[optax.Schedule, optax.Schedule]:
@@ -201,8 +206,18 @@ def check_devices(batch_size: int, devices: Sequence[Any]) -> None:
                          f"(e.g. {lower or n} or {lower + n}) or run on fewer devices")
 
 
-def _replicate(tree: Any, n: int) -> Any:
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+@functools.lru_cache(maxsize=16)
+def _identity_pmap(devices: tuple[Any, ...]) -> Callable[[Any], Any]:
+    return jax.pmap(lambda tree: tree, axis_name="batch", devices=list(devices))
+
+
+def _replicate(tree: Any, devices: Sequence[Any]) -> Any:
+    """One copy of `tree` per device, laid out exactly as pmap lays out its outputs: handing pmap
+    inputs with another sharding would make it compile the step a second time."""
+    n = len(devices)
+    host = jax.device_get(tree)  # whatever sharding it had (e.g. one slice of a pmap output)
+    stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n,) + np.shape(x)), host)
+    return _identity_pmap(tuple(devices))(stacked)
 
 
 def _unreplicate(tree: Any) -> Any:
@@ -228,7 +243,7 @@ def validation_loss(config: ExperimentConfig, params: dict[str, Any], images: np
     step = compiled_eval_step(StepSpec.from_config(config), tuple(devices))
     hp = Hyper.from_config(config)
     key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + epoch)
-    rep = _replicate(params, n_dev)
+    rep = _replicate(params, devices)
     losses = []
     for i, x in enumerate(_batches(images, np.arange(len(images)), config.batch_size, n_dev)):
         losses.append(step(rep, x, jax.random.fold_in(key, i), hp)[0])
@@ -250,7 +265,7 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
     hp = Hyper.from_config(config)
     lrs = tuple(jnp.asarray(v, jnp.float32) for v in learning_rates(config, epoch))
     carry = _replicate(({"ebm": state.ebm_params, "gen": state.gen_params},
-                        (state.ebm_opt_state, state.gen_opt_state)), n_dev)
+                        (state.ebm_opt_state, state.gen_opt_state)), devices)
     key = state.key
     order = epoch_order(config, epoch, len(dataset.train))
     history: list[dict[str, jax.Array]] = []

@@ -1,0 +1,154 @@
+"""The train step and epoch loop: learning-rate rule, gradient statistics, device invariance, compile
+sharing between cells, divergence handling and the command line."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from model import train
+from model.config import get_preset
+from model.data import Dataset, load_dataset
+
+
+def tiny(**overrides):
+    base = dict(num_train=64, num_val=32, batch_size=16, z_dim=4, ebm_width=8, gen_width=1, prior_steps=3,
+                posterior_steps=3, num_temps=3, epochs=2, eval_every=0, sample_every=0)
+    return get_preset("digits", **(base | overrides))
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    return load_dataset(tiny())
+
+
+def test_learning_rates_follow_table3_rule():
+    cfg = get_preset("celeba")
+    assert train.learning_rates(cfg, 1) == pytest.approx((2e-5, 1e-4), rel=1e-6)
+    assert train.learning_rates(cfg, 2) == pytest.approx((2e-5 * 0.975, 1e-4 * 0.975), rel=1e-6)
+    # 0.975^49 = 0.289: both would fall below their final rates, which floor them
+    assert train.learning_rates(cfg, 50) == pytest.approx((1e-5, 5e-5), rel=1e-6)
+    assert train.learning_rates(cfg, 10) == pytest.approx((2e-5 * 0.975**9, 1e-4 * 0.975**9), rel=1e-6)
+
+
+def test_gradient_statistics_are_over_all_entries_of_both_networks():
+    ebm = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[3.0]])}
+    gen = {"c": jnp.array([-1.0, 0.0, 5.0])}
+    stats = train.gradient_statistics(ebm, gen)
+    both = np.array([1.0, 2.0, 3.0, -1.0, 0.0, 5.0])
+    assert float(stats["grad_mean"]) == pytest.approx(both.mean())
+    assert float(stats["grad_var"]) == pytest.approx(both.var())
+    assert float(stats["grad_var_ebm"]) == pytest.approx(np.var([1.0, 2.0, 3.0]))
+    assert float(stats["grad_var_gen"]) == pytest.approx(np.var([-1.0, 0.0, 5.0]))
+
+
+@pytest.mark.parametrize("objective", ["vanilla", "thermo"])
+def test_one_and_two_devices_give_the_same_epoch(objective, digits_small):
+    devices = jax.local_devices()
+    assert len(devices) >= 2, "tests/conftest.py forces two host devices"
+    cfg = tiny(objective=objective, temp_power=2.0, kl_weight=1.5)
+    one, r1 = train.train_epoch(cfg, train.init_state(cfg), digits_small, devices=devices[:1])
+    two, r2 = train.train_epoch(cfg, train.init_state(cfg), digits_small, devices=devices[:2])
+    for name in ("train_loss", "val_loss", "grad_mean", "grad_var", "grad_var_ebm", "grad_var_gen"):
+        assert r1[name] == pytest.approx(r2[name], rel=2e-4, abs=1e-7), name
+    for a, b in zip(jax.tree.leaves((one.ebm_params, one.gen_params)),
+                    jax.tree.leaves((two.ebm_params, two.gen_params)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert r1["grad_var_ebm"] > 0 and r1["grad_var_gen"] > 0
+    assert int(one.epoch) == 1 and int(one.step) == 64 // 16
+
+
+def test_batch_not_divisible_by_devices_names_both_numbers(digits_small):
+    cfg = tiny(batch_size=15)
+    with pytest.raises(ValueError, match="batch_size 15 is not divisible by 2 devices"):
+        train.train_epoch(cfg, train.init_state(cfg), digits_small, devices=jax.local_devices()[:2])
+
+
+def test_diverged_run_stops_with_a_message(digits_small):
+    cfg = tiny(posterior_step_size=1e12, prior_step_size=1e12)
+    with pytest.raises(train.DivergenceError, match="diverged"):
+        train.train_epoch(cfg, train.init_state(cfg), digits_small, devices=jax.local_devices()[:1])
+
+
+def test_cells_differing_in_p_eta_and_step_sizes_share_one_compiled_step(digits_small):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = tiny(objective="thermo", seed=3, num_train=32, z_dim=5)  # a shape no other test uses
+        data = Dataset("digits", digits_small.train[:32], digits_small.val[:16])
+        train.train_epoch(first, train.init_state(first), data, devices=jax.local_devices()[:1])
+        after_first = len(compiles)
+        for p, eta, s in [(0.3, 2.0, 0.02), (6.0, 0.5, 0.005)]:
+            cell = dataclasses.replace(first, temp_power=p, kl_weight=eta, posterior_step_size=s,
+                                       prior_step_size=s * 10)
+            train.train_epoch(cell, train.init_state(cell), data, devices=jax.local_devices()[:1])
+        assert after_first > 0
+        assert len(compiles) == after_first, "a cell differing only in traced values recompiled"
+        changed = dataclasses.replace(first, num_temps=4)  # a shape change must compile anew
+        train.train_epoch(changed, train.init_state(changed), data, devices=jax.local_devices()[:1])
+        assert len(compiles) > after_first
+    finally:
+        jax.monitoring.clear_event_listeners()
+
+
+def test_resumed_epochs_equal_uninterrupted_ones(digits_small):
+    cfg = tiny(objective="thermo")
+    devs = jax.local_devices()[:1]
+    state = train.init_state(cfg)
+    state, _ = train.train_epoch(cfg, state, digits_small, devices=devs)
+    _, straight = train.train_epoch(cfg, state, digits_small, devices=devs)
+    # "resume": rebuild the state from host copies, as a checkpoint restore would
+    restored = jax.tree.map(lambda x: x, jax.device_get(state))
+    _, resumed = train.train_epoch(cfg, restored, digits_small, devices=devs)
+    for name in ("train_loss", "val_loss", "grad_var"):
+        assert straight[name] == resumed[name]
+
+
+def test_generate_images_shape_range_and_batching():
+    cfg = tiny()
+    state = train.init_state(cfg)
+    key = jax.random.key(0)
+    images = train.generate_images(cfg, state, key, 7, batch_size=3)
+    assert images.shape == (7, 16, 16, 1) and images.dtype == np.float32
+    assert np.all(np.abs(images) <= 1.0)
+    again = train.generate_images(cfg, state, key, 7, batch_size=3)
+    np.testing.assert_array_equal(images, again)
+
+
+def test_command_line_writes_the_epochs_table(tmp_path, capsys):
+    args = ["--preset", "digits", "--epochs", "2", "--out", str(tmp_path)]
+    overrides = dict(num_train=64, num_val=32, batch_size=16, z_dim=4, ebm_width=8, gen_width=1,
+                     prior_steps=2, posterior_steps=2, eval_every=0, objective="thermo", temp_power=6)
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={v}"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("epoch ") == 2 and "grad mean" in out
+    table = pq.read_table(tmp_path / "epochs.parquet").to_pandas()
+    assert len(table) == 2 and list(table["epoch"]) == [1, 2]
+    for col in ["trial_id", "epoch", "train_loss", "val_loss", "grad_mean", "grad_var", "grad_var_ebm",
+                "grad_var_gen", "kid_rbf_inf", "kid_poly_inf", "fid_inf", "epoch_time_s"]:
+        assert col in table.columns, col
+    assert np.all(np.isfinite(table["grad_var"])) and table["kid_rbf_inf"].isna().all()
+
+
+def test_command_line_refuses_bad_values(capsys):
+    for args, needle in [(["--preset", "imagenet"], "unknown preset"),
+                         (["--set", "num_temps=1"], "num_temps=1"),
+                         (["--set", "temp_power=0"], "temp_power=0"),
+                         (["--set", "posterior_step_size=-0.1"], "posterior_step_size=-0.1"),
+                         (["--set", "dataset=mnist"], "dataset='mnist'"),
+                         (["--set", "tempo=3"], "unknown config field 'tempo'"),
+                         (["--set", "objective"], "not key=value")]:
+        with pytest.raises(SystemExit) as exc:
+            train.main(args)
+        assert exc.value.code == 2
+        assert needle in capsys.readouterr().err, needle
