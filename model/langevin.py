@@ -16,12 +16,14 @@ from jax import Array
 LogDensity = Callable[[Array], Array]  # z (..., d) -> per-chain log q(z) up to a constant, shape z.shape[:-1]
 
 
-def langevin_chain(log_density: LogDensity, z0: Array, noise: Array, step_size: Array | float) -> Array:
+def langevin_chain(log_density: LogDensity, z0: Array, noise: Array, step_size: Array | float,
+                   unroll: bool = False) -> Array:
     """Run K = noise.shape[0] Langevin steps from z0 toward q ∝ exp(log_density).
 
     z0: (..., d); noise: (K, ..., d) standard normal draws. Chains are independent, so the gradient of
     the summed log-density gives every chain's own gradient. Differentiable in everything log_density
     closes over (that is how the thermodynamic objective's EBM gradient flows, paper §4).
+    `unroll=True` unrolls the loop (for FLOP counting: XLA's cost analysis counts a loop body once).
     Returns z_K with z0's shape.
     """
     grad_log_q = jax.grad(lambda z: jnp.sum(log_density(z)))
@@ -30,7 +32,7 @@ def langevin_chain(log_density: LogDensity, z0: Array, noise: Array, step_size: 
     def step(z: Array, eps: Array) -> tuple[Array, None]:
         return z + step_size * grad_log_q(z) + scale * eps, None
 
-    z, _ = jax.lax.scan(step, z0, noise)
+    z, _ = jax.lax.scan(step, z0, noise, unroll=unroll)
     return z
 
 

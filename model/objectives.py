@@ -67,15 +67,16 @@ def _chain_inputs(key: Array, example_ids: Array, lead: tuple[int, ...], steps: 
 
 
 def sample_prior(nets: Networks, ebm_params: Any, key: Array, example_ids: Array, steps: int,
-                 z_dim: int, hp: Hyper) -> Array:
+                 z_dim: int, hp: Hyper, unroll: bool = False) -> Array:
     """z ~ p_alpha(z) by K prior Langevin steps from N(0, sigma_0^2 I) (Eq. 11): (B, d)."""
     z0, noise = _chain_inputs(key, example_ids, (), steps, z_dim, hp.prior_sigma)
     density = prior_log_density(lambda z: nets.energy(ebm_params, z), hp.prior_sigma)
-    return langevin_chain(density, z0, noise, hp.prior_step_size)
+    return langevin_chain(density, z0, noise, hp.prior_step_size, unroll)
 
 
 def sample_power_posteriors(nets: Networks, params: Params, x: Array, temps: Array, key: Array,
-                            example_ids: Array, steps: int, z_dim: int, hp: Hyper) -> Array:
+                            example_ids: Array, steps: int, z_dim: int, hp: Hyper,
+                            unroll: bool = False) -> Array:
     """z ~ p(z|x, t_i) for every temperature and example by K Langevin steps (Eq. 17): (N_t, B, d)."""
     z0, noise = _chain_inputs(key, example_ids, (temps.shape[0],), steps, z_dim, hp.prior_sigma)
     density = power_posterior_log_density(
@@ -84,22 +85,22 @@ def sample_power_posteriors(nets: Networks, params: Params, x: Array, temps: Arr
         temps[:, None],
         hp.prior_sigma,
     )
-    return langevin_chain(density, z0, noise, hp.posterior_step_size)
+    return langevin_chain(density, z0, noise, hp.posterior_step_size, unroll)
 
 
 def vanilla_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hyper, *, nets: Networks,
-                 prior_steps: int, posterior_steps: int, z_dim: int,
-                 axis_name: str | None = None) -> tuple[Array, dict[str, Array]]:
+                 prior_steps: int, posterior_steps: int, z_dim: int, axis_name: str | None = None,
+                 unroll: bool = False) -> tuple[Array, dict[str, Array]]:
     """The vanilla LEBM loss (Eq. 7-9) on the local batch; its gradient is -(delta_alpha, delta_beta).
 
     Returns (loss, aux) with aux = {ebm_loss, gen_loss}. The loss value is a surrogate whose gradient is
     the learning gradient; it is not log p(x)."""
     k_prior, k_post = jax.random.split(key)
     z_prior = jax.lax.stop_gradient(
-        sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp))
+        sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll))
     temps_one = jnp.ones((1,), jnp.float32)
     z_post = sample_power_posteriors(nets, params, x, temps_one, k_post, example_ids, posterior_steps,
-                                     z_dim, hp)[0]
+                                     z_dim, hp, unroll)[0]
     z_post = jax.lax.stop_gradient(z_post)
     ebm_loss = jnp.mean(nets.energy(params["ebm"], z_prior)) - jnp.mean(nets.energy(params["ebm"], z_post))
     sq = jnp.sum((x - nets.generate(params["gen"], z_post)) ** 2, axis=(-3, -2, -1))
@@ -125,13 +126,14 @@ def fitted_gaussians(z: Array, ridge: Array, axis_name: str | None = None) -> tu
 
 def thermo_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hyper, *, nets: Networks,
                 num_temps: int, posterior_steps: int, z_dim: int, chain_gradient: bool = True,
-                axis_name: str | None = None) -> tuple[Array, dict[str, Array]]:
+                axis_name: str | None = None, unroll: bool = False) -> tuple[Array, dict[str, Array]]:
     """The negative TI estimate of log p(x) (Eq. 22 with the KL terms as a difference), in nats per image.
 
     Returns (loss, aux) with aux = {log_evidence, expected_loglik (N_t,), kl_forward, kl_backward (N_t-1,)}.
     Under `axis_name`, E_i is the local batch mean and the KL term uses the whole batch's Gaussians."""
     temps = temperature_schedule(num_temps, hp.temp_power)
-    z = sample_power_posteriors(nets, params, x, temps, key, example_ids, posterior_steps, z_dim, hp)
+    z = sample_power_posteriors(nets, params, x, temps, key, example_ids, posterior_steps, z_dim, hp,
+                                unroll)
     if not chain_gradient:
         z = jax.lax.stop_gradient(z)
     loglik = log_likelihood(x, nets.generate(params["gen"], z), hp.lkhood_sigma)  # (N_t, B)

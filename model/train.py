@@ -143,14 +143,15 @@ def gradient_statistics(ebm_grads: Any, gen_grads: Any) -> dict[str, jax.Array]:
             "grad_var_gen": jnp.var(g)}
 
 
-def _loss_fn(spec: StepSpec, axis_name: str | None) -> Callable[..., Any]:
+def loss_fn(spec: StepSpec, axis_name: str | None = None, unroll: bool = False) -> Callable[..., Any]:
+    """The objective of `spec` as loss(params, x, key, example_ids, hyper) -> (loss, aux)."""
     nets = networks(spec)
     if spec.objective == "thermo":
         return functools.partial(thermo_loss, nets=nets, num_temps=spec.num_temps,
                                  posterior_steps=spec.posterior_steps, z_dim=spec.z_dim,
-                                 chain_gradient=spec.chain_gradient, axis_name=axis_name)
+                                 chain_gradient=spec.chain_gradient, axis_name=axis_name, unroll=unroll)
     return functools.partial(vanilla_loss, nets=nets, prior_steps=spec.prior_steps,
-                             posterior_steps=spec.posterior_steps, z_dim=spec.z_dim)
+                             posterior_steps=spec.posterior_steps, z_dim=spec.z_dim, unroll=unroll)
 
 
 def _local_example_ids(local_batch: int, axis_name: str) -> jax.Array:
@@ -163,17 +164,16 @@ def compiled_train_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..
 
     step(replicated (params, opt_states), x (n_dev, B/n_dev, H, W, C), key, hyper, (ebm_lr, gen_lr))
       -> (new replicated (params, opt_states), stats dict) with stats identical on every device."""
-    loss_fn = _loss_fn(spec, "batch")
+    loss = loss_fn(spec, "batch")
     ebm_tx, gen_tx = optimizers(spec)
 
     def step(carry: Any, x: jax.Array, key: jax.Array, hp: Hyper, lrs: Any) -> Any:
         params, (ebm_opt, gen_opt) = carry
         ids = _local_example_ids(x.shape[0], "batch")
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, key, ids, hp)
+        (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, x, key, ids, hp)
         grads = jax.lax.pmean(grads, "batch")
-        loss = jax.lax.pmean(loss, "batch")
         stats = gradient_statistics(grads["ebm"], grads["gen"])
-        stats["loss"] = loss
+        stats["loss"] = jax.lax.pmean(value, "batch")
         ebm_opt.hyperparams["learning_rate"] = lrs[0]
         gen_opt.hyperparams["learning_rate"] = lrs[1]
         ebm_up, ebm_opt = ebm_tx.update(grads["ebm"], ebm_opt, params["ebm"])
@@ -188,12 +188,12 @@ def compiled_train_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..
 @functools.lru_cache(maxsize=64)
 def compiled_eval_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..., Any]:
     """The pmapped loss on a batch without a parameter update (validation loss)."""
-    loss_fn = _loss_fn(spec, "batch")
+    loss = loss_fn(spec, "batch")
 
     def step(params: Any, x: jax.Array, key: jax.Array, hp: Hyper) -> jax.Array:
         ids = _local_example_ids(x.shape[0], "batch")
-        loss, _ = loss_fn(params, x, key, ids, hp)
-        return jax.lax.pmean(loss, "batch")
+        value, _ = loss(params, x, key, ids, hp)
+        return jax.lax.pmean(value, "batch")
 
     return jax.pmap(step, axis_name="batch", in_axes=(0, 0, None, None), devices=list(devices))
 
