@@ -1,0 +1,229 @@
+"""The Ray Tune trainable: one trial trains one `ExperimentConfig`, epoch by epoch, checkpointed with Orbax.
+
+A trial's Tune config is `{"trial": trial_spec(...)}` (a grid) and may carry `ExperimentConfig` fields at
+its top level as per-trial overrides (a search space, e.g. `{"trial": spec, "temp_power": loguniform}`).
+`resolve_trial` turns it back into the config and the trial's identity; `make_trainable` builds the Ray
+trainable (with its resources) that both `sweep.grid` and `sweep.search` run.
+
+Every epoch the trial saves its whole train state and its readings history into a temporary directory and
+reports both through `tune.report`, which copies the directory into the run's storage. A restarted trial
+(FailureConfig retry or `--resume`) restores the newest checkpoint and goes on from the next epoch; the
+data order and chain noise derive from (seed, epoch) and the stored PRNG key, so on CPU it ends with the
+numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from model.config import ExperimentConfig, apply_overrides, config_fields
+
+SPEC_KEY = "trial"
+SAMPLE_GRID = 64  # images per sample grid (8 x 8)
+_SAMPLE_KEY_OFFSET = 3_000_000  # sample-grid latents: a fixed key per trial, apart from training keys
+
+
+def trial_spec(config: ExperimentConfig, *, trial_id: str | None, cell: str | None = None,
+               repetition: int | None = None, grid: str | None = None,
+               columns: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able description of one trial placed under `SPEC_KEY` in its Tune config.
+
+    `columns` are extra trials-table columns (e.g. {"search": "p-eta"}); `trial_id=None` lets the trial
+    use Ray's own trial id (searches, whose trials are created on the fly)."""
+    return {"trial_id": trial_id, "cell": cell, "repetition": repetition, "grid": grid,
+            "experiment": config.to_dict(), "columns": dict(columns or {})}
+
+
+def resolve_trial(tune_config: dict[str, Any]) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """(config, meta) of a trial from its Tune config: the spec's experiment with any top-level config
+    fields applied on top. meta holds trial_id, cell, repetition, grid and columns."""
+    spec = tune_config.get(SPEC_KEY, tune_config)
+    config = ExperimentConfig(**spec["experiment"])
+    overrides = {k: v for k, v in tune_config.items() if k in config_fields()}
+    if overrides:
+        config = apply_overrides(config, overrides)
+    meta = {k: spec.get(k) for k in ("trial_id", "cell", "repetition", "grid")}
+    meta["columns"] = dict(spec.get("columns") or {})
+    return config, meta
+
+
+def trial_env(*, gpus_per_trial: float, cpus_per_trial: int, cpu_devices: int,
+              compilation_cache: str | None = None, base_xla_flags: str = "") -> dict[str, str]:
+    """Environment variables for the trial processes (passed with `ray.init(runtime_env=...)`).
+
+    - GPU trials: no memory preallocation, so trials sharing a GPU do not fail on the first allocation.
+    - CPU trials: JAX on the CPU only; `cpu_devices` > 1 splits the host into that many XLA devices (the
+      trial pmaps over them); with one device per CPU each device runs single-threaded. BLAS/OpenMP
+      threads are capped at the trial's CPUs, so concurrent trials do not fight over cores.
+    - A persistent compilation cache lets repetitions of a cell (same shapes) reuse compiled steps.
+    """
+    threads = str(max(1, int(cpus_per_trial)))
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "OMP_NUM_THREADS": threads,
+           "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # The device count is this function's to set: drop one inherited from the driver's environment.
+    flags = [f for f in base_xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if gpus_per_trial <= 0:
+        env["JAX_PLATFORMS"] = "cpu"
+        if cpu_devices > 1:
+            flags.append(f"--xla_force_host_platform_device_count={cpu_devices}")
+        if cpu_devices >= int(cpus_per_trial):
+            flags += ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    if compilation_cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
+
+def trial_devices(gpus_per_trial: float) -> list[Any]:
+    """The JAX devices this trial trains on: the GPUs Ray assigned (CUDA_VISIBLE_DEVICES), or every CPU
+    device of the process (several when XLA_FLAGS splits the host)."""
+    import jax
+
+    if gpus_per_trial > 0:
+        gpus = jax.local_devices(backend="gpu")
+        return gpus[: max(1, int(gpus_per_trial))]
+    return jax.local_devices(backend="cpu")
+
+
+def sample_path(samples_uri: str, trial_id: str, epoch: int) -> str:
+    """`<storage>/<run>/samples/<trial_id>/epoch_XXXX.png` (the layout `analysis` reads)."""
+    return f"{samples_uri.rstrip('/')}/{trial_id}/epoch_{epoch:04d}.png"
+
+
+def save_image_grid(images: Any, uri: str) -> None:
+    """Tile images (N, H, W, C) in [-1, 1] into a square PNG (small images upscaled) at a path or URI."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from sweep.results import filesystem_for
+
+    x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    n, h, w, c = x.shape
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = x[i]
+    scale = max(1, 64 // max(h, w))
+    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    fs, path = filesystem_for(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(buffer.getvalue())
+
+
+def _node_id() -> str | None:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (a direct call in a test) there is no node
+        return None
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_trial: float = 0.0) -> None:
+    """Train one trial to its last epoch, reporting readings and an Orbax checkpoint every epoch.
+
+    Resumes from `tune.get_checkpoint()` when Tune restarts the trial. A `DivergenceError` is reported
+    (with a checkpoint that records it, so a retry stops at once) and re-raised: the trial ends in ERROR."""
+    from ray import tune
+
+    from model import train as mt
+    from model.data import load_dataset
+    from sweep.checkpoint import TrialCheckpointer, mark_diverged
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one epoch line, not one per checkpoint
+    config, meta = resolve_trial(tune_config)
+    trial_id = meta["trial_id"] or tune.get_context().get_trial_id()
+    meta = {**meta, "trial_id": trial_id}
+    devices = trial_devices(gpus_per_trial)
+    static = {"devices": len(devices), "device_kind": devices[0].device_kind, "node": socket.gethostname(),
+              "node_id": _node_id()}
+    dataset = load_dataset(config)
+    template = mt.init_state(config)
+    state, history = template, []
+    restored = False
+    with TrialCheckpointer() as checkpointer:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                state, history, _ = checkpointer.restore(directory, template)
+            restored = True
+            print(f"[{trial_id}] resumed after epoch {int(state.epoch)}", flush=True)
+        evaluator = None
+        if int(state.epoch) < config.epochs:
+            evaluator = mt.make_evaluator_or_none(config, dataset, log=lambda s: print(f"[{trial_id}] {s}"))
+        for _ in range(int(state.epoch), config.epochs):
+            try:
+                state, readings = mt.run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+            except mt.DivergenceError as err:
+                message = f"DivergenceError: {err}"
+                print(f"[{trial_id}] {message}", flush=True)
+                with tempfile.TemporaryDirectory() as directory:
+                    mark_diverged(directory, message, {**meta, "epoch": len(history)}, history)
+                    tune.report({**static, "epoch": len(history), "error": message},
+                                checkpoint=tune.Checkpoint.from_directory(directory))
+                raise
+            readings = {k: _plain(v) for k, v in readings.items()}
+            history.append(readings)
+            epoch = int(readings["epoch"])
+            due = config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs)
+            if samples_uri and due:
+                import jax
+
+                key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_KEY_OFFSET)
+                images = mt.generate_images(config, state, key, SAMPLE_GRID)
+                save_image_grid(images, sample_path(samples_uri, trial_id, epoch))
+            metrics = {**static, **{k: v for k, v in readings.items() if isinstance(v, int | float)},
+                       "readings_json": json.dumps(readings)}
+            if restored:  # the epochs before the restart, in case the driver never wrote them
+                metrics["restored_history_json"] = json.dumps(history[:-1])
+                restored = False
+            with tempfile.TemporaryDirectory() as directory:
+                checkpointer.save(directory, state, history, {**meta, "epoch": epoch})
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            print(f"[{trial_id}] {mt.format_readings(readings)}", flush=True)
+
+
+def make_trainable(*, samples_uri: str | None, gpus_per_trial: float = 0.0, cpus_per_trial: float = 1.0
+                   ) -> Callable[[dict[str, Any]], None]:
+    """The Ray trainable (a function trainable with its resources) for `Tuner(...)` / `Tuner.restore`.
+
+    Each trial asks Ray for `cpus_per_trial` CPUs and `gpus_per_trial` GPUs and trains data-parallel on
+    the devices it sees (set up by `trial_env`). Sample grids go under `samples_uri/<trial_id>/`."""
+    from ray import tune
+
+    def thermosweep_trial(tune_config: dict[str, Any]) -> None:
+        run_trial(tune_config, samples_uri=samples_uri, gpus_per_trial=gpus_per_trial)
+
+    resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+    return tune.with_resources(thermosweep_trial, resources)
+
+
+def storage_join(*parts: str) -> str:
+    """Join a storage root (local path or URI) with path parts."""
+    head = parts[0].rstrip("/")
+    if "://" not in head:
+        head = os.path.abspath(head)
+    return "/".join([head, *(p.strip("/") for p in parts[1:])])
