@@ -363,7 +363,9 @@ def fig_training_curves(
     )
     meta = mine[["run", "trial_id", "cell", "objective"]].copy()
     meta["label_short"] = [cell_label(r) for r in mine.to_dict("records")]
-    ep = meta.merge(epochs, on=["run", "trial_id"], how="inner")
+    # the sweep's epochs table repeats trial columns (cell, repetition): take them from the trials side
+    clash = [c for c in meta.columns if c in epochs.columns and c not in ("run", "trial_id")]
+    ep = meta.merge(epochs.drop(columns=clash), on=["run", "trial_id"], how="inner")
     if ep.empty:
         return None
     objectives = [o for o in ("vanilla", "thermo") if (ep["objective"] == o).any()]

@@ -157,6 +157,8 @@ def synthetic_tables(
                     dict(
                         run=run,
                         trial_id=tid,
+                        cell=c["cell"],  # the sweep repeats these trial columns in epochs.parquet
+                        repetition=r,
                         epoch=e,
                         train_loss=1000.0 / e + r,
                         val_loss=1100.0 / e,
