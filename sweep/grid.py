@@ -8,7 +8,6 @@ Kill it at any moment; `python -m sweep.grid --name RUN --resume` finishes the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,9 +20,10 @@ from sweep.results import (
     TRIALS_FILE,
     ResultsTables,
     config_columns,
-    filesystem_for,
     format_summary,
+    read_json_uri,
     summarize,
+    write_json_uri,
 )
 from sweep.trainable import make_trainable, resolve_trial, storage_join, trial_env, trial_spec
 
@@ -100,22 +100,6 @@ def plans_of(specs: list[dict[str, Any]]) -> list[TrialPlan]:
     return out
 
 
-def _read_manifest(run_uri: str) -> dict[str, Any] | None:
-    fs, path = filesystem_for(f"{run_uri}/{MANIFEST_FILE}")
-    try:
-        with fs.open_input_stream(path) as stream:
-            return json.loads(stream.readall().decode())
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _write_manifest(run_uri: str, manifest: dict[str, Any]) -> None:
-    fs, path = filesystem_for(f"{run_uri}/{MANIFEST_FILE}")
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(json.dumps(manifest, indent=1).encode())
-
-
 def _print_where(run_uri: str) -> None:
     print(f"results:     {run_uri}/results/{TRIALS_FILE}")
     print(f"             {run_uri}/results/{EPOCHS_FILE}")
@@ -134,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = args.name
     run_uri = storage_join(storage, run) if run else None
-    manifest = _read_manifest(run_uri) if run_uri else None
+    manifest = read_json_uri(f"{run_uri}/{MANIFEST_FILE}") if run_uri else None
     try:
         if args.resume:
             if manifest is None:
@@ -205,9 +189,10 @@ def run_sweep(args: argparse.Namespace, *, run: str, storage: str, grid_name: st
         env["RAY_AUTH_MODE"] = "disabled"
 
     if not args.resume:
-        _write_manifest(run_uri, {"run": run, "grid": grid_name, "grid_source": grid_source,
-                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                  "argv": sys.argv[1:], "trials": specs})
+        write_json_uri(f"{run_uri}/{MANIFEST_FILE}", {
+            "run": run, "grid": grid_name, "grid_source": grid_source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "argv": sys.argv[1:], "trials": specs})
     tables = ResultsTables(results_uri)
     for plan, spec in zip(plans, specs, strict=True):
         if plan.trial_id not in tables.trials:

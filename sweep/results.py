@@ -110,6 +110,24 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def read_json_uri(uri: str) -> Any:
+    """The JSON document at a local path or URI (s3://...), or None if there is none."""
+    fs, path = filesystem_for(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.readall().decode())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_json_uri(uri: str, value: Any) -> None:
+    """Write `value` as JSON to a local path or URI, creating its directory."""
+    fs, path = filesystem_for(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(json.dumps(value, indent=1).encode())
+
+
 def _column_type(name: str, values: list[Any], documented: dict[str, tuple[pa.DataType, str]]) -> pa.DataType:
     if name in documented:
         return documented[name][0]

@@ -1,0 +1,304 @@
+"""`python -m sweep.search` on local Ray with a tiny model: a 4-trial search whose study and Parquet rows
+agree, kill-and-resume up to the requested total, and bad arguments refused before Ray starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from sweep.search import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"z_dim": 4, "ebm_width": 8, "gen_width": 1, "prior_steps": 2, "posterior_steps": 2, "num_temps": 3,
+        "num_train": 64, "num_val": 48, "batch_size": 16, "eval_every": 1, "eval_num_min": 16,
+        "eval_num_max": 48, "eval_num_points": 3, "sample_every": 0}
+TINY_SET = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One JAX compilation cache for the module: trials after the first reuse the compiled steps."""
+    return str(tmp_path_factory.mktemp("jax-cache"))
+
+
+def read(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (pd.read_parquet(run_dir / "results" / "trials.parquet"),
+            pd.read_parquet(run_dir / "results" / "epochs.parquet"))
+
+
+def study_of(run_dir: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir}/optuna.db")
+
+
+def check_study_matches_parquet(run_dir: Path, name: str, complete: int) -> tuple[optuna.Study, pd.DataFrame]:
+    """The study's COMPLETE trials and the Parquet rows tell the same story: same p/eta, same final KID."""
+    study = study_of(run_dir, name)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == complete
+    trials, epochs = read(run_dir)
+    assert not trials.duplicated("trial_id").any() and not trials.duplicated("optuna_trial").any()
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert (trials["search"] == name).all()
+    rows = trials.set_index("optuna_trial")
+    for t in done:
+        row = rows.loc[t.number]
+        assert row["status"] == "TERMINATED" and row["optuna_state"] == "COMPLETE" and pd.isna(row["error"])
+        assert row["temp_power"] == t.params["p"] and row["kl_weight"] == t.params["eta"]
+        assert row["objective"] == "thermo" and row["trial_id"] == f"optuna-{t.number:04d}"
+        last = epochs[(epochs["trial_id"] == row["trial_id"]) & (epochs["epoch"] == row["epochs"])]
+        assert len(last) == 1 and last["kid_rbf_inf"].iloc[0] == t.value
+        assert row["final_kid_rbf_inf"] == t.value == row["search_value"]
+        assert t.intermediate_values[int(row["epochs"])] == t.value
+    return study, trials
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_four_trial_search(tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--trials", "4", "--epochs", "2", "--max-concurrent", "2", "--storage", str(tmp_path),
+                 "--name", "tiny", "--study", "pe", "--compile-cache", cache, *TINY_SET])
+    assert code == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "tiny"
+    study, trials = check_study_matches_parquet(run_dir, "pe", complete=4)
+    assert len(study.trials) == 4 and len(trials) == 4
+    best = study.best_trial
+    assert f"best: p = {best.params['p']:.4g}, eta = {best.params['eta']:.4g}" in out
+    assert f"optuna-dashboard sqlite:///{run_dir}/optuna.db" in out
+    for t in study.trials:  # the default space: p log-uniform [0.1, 10], eta uniform [0.5, 4]
+        assert 0.1 <= t.params["p"] <= 10 and 0.5 <= t.params["eta"] <= 4
+        assert t.distributions["p"].log and not t.distributions["eta"].log
+    # Rerunning a finished search with --resume starts no trial and changes nothing.
+    assert main(["--trials", "4", "--epochs", "2", "--storage", str(tmp_path), "--name", "tiny", "--resume",
+                 "--compile-cache", cache, *TINY_SET]) == 0
+    assert len(study_of(run_dir, "pe").trials) == 4
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill(procs: list) -> None:
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=20)
+
+
+def _states(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return [s for (s,) in con.execute("SELECT state FROM trials")]
+    except sqlite3.Error:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_kill_and_resume_reaches_total(tmp_path: Path, cache: str) -> None:
+    """SIGKILL the driver once a trial is COMPLETE and another RUNNING; --resume finishes 4 trials in total,
+    the interrupted trial is FAIL in the study (its params enqueued again) and ERROR in Parquet."""
+    args = ["--trials", "4", "--epochs", "1", "--max-concurrent", "2", "--storage", str(tmp_path),
+            "--name", "killed", "--compile-cache", cache, *TINY_SET]
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "-m", "sweep.search", *args], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    started: list = []
+    try:
+        deadline = time.time() + 300
+        while True:
+            states = _states(run_dir / "optuna.db")
+            if "COMPLETE" in states and "RUNNING" in states:
+                break
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.time() < deadline, "no COMPLETE and RUNNING trial within 300 s"
+            time.sleep(0.1)
+        started = _descendants(driver.pid)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        _kill(started + _descendants(driver.pid))  # Ray's processes outlive a SIGKILLed driver
+    before = study_of(run_dir, "killed")
+    running = [t for t in before.trials if t.state == optuna.trial.TrialState.RUNNING]
+    complete_before = {t.number for t in before.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert running and complete_before
+
+    assert main([*args, "--resume"]) == 0
+    study, trials = check_study_matches_parquet(run_dir, "killed", complete=4)
+    assert complete_before <= {t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    by_number = {t.number: t for t in study.trials}
+    rows = trials.set_index("optuna_trial")
+    for t in running:  # interrupted: FAIL in the study, its proposal retried by a later trial
+        assert by_number[t.number].state == optuna.trial.TrialState.FAIL
+        retries = [u for u in study.trials if u.user_attrs.get("retry_of") == t.number]
+        if set(t.params) == {"p", "eta"}:  # killed after both suggestions: the same proposal runs again
+            assert len(retries) == 1 and retries[0].params == t.params
+        else:
+            assert not retries
+        if t.number in rows.index:
+            assert rows.loc[t.number, "status"] == "ERROR"
+            assert rows.loc[t.number, "error"].startswith("interrupted")
+    assert len(study.trials) == 4 + len(running)
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    import ray
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert not ray.is_initialized()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--p", "5", "1"], "--p 5 1: LOW must be smaller than HIGH"),
+    (["--p", "0", "10"], "--p 0 10: p must be > 0"),
+    (["--eta", "2", "2"], "--eta 2 2: LOW must be smaller than HIGH"),
+    (["--eta", "-1", "2"], "eta (the KL weight) must be >= 0"),
+    (["--metric", "kid"], "invalid choice: 'kid'"),
+    (["--set", "eval_every=0"], "--set eval_every=0 turns evaluation off"),
+    (["--set", "temp_power=6"], "temp_power is what the search varies; give its range with --p"),
+    (["--set", "objective=vanilla"], "drop --set objective"),
+    (["--scheduler", "asha", "--set", "eval_every=2"], "ASHA compares trials on the metric every epoch"),
+    (["--set", "nope=1"], "unknown config field"),
+    (["--trials", "0"], "--trials 0: must be >= 1"),
+    (["--resume"], "--resume: no search 'bad' under"),
+    (["--storage", "s3://bucket/runs"], "pass --optuna-storage"),
+])
+def test_bad_arguments_refused(argv: list[str], needle: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
+    err = _refused(["--storage", str(tmp_path), "--name", "bad", *argv], capsys)
+    assert needle in err
+
+
+def test_study_with_another_space_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing study searched p over [0.1, 10]; asking for [0.5, 20] (or another metric, or running it
+    again without --resume) is refused with the study's own range as the fix."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
+    url = f"sqlite:///{tmp_path}/shared.db"
+    study = optuna.create_study(study_name="pe", storage=url, direction="minimize")
+    space = {"p": optuna.distributions.FloatDistribution(0.1, 10, log=True),
+             "eta": optuna.distributions.FloatDistribution(0.5, 4)}
+    study.add_trial(optuna.trial.create_trial(params={"p": 1.0, "eta": 1.0}, distributions=space, value=0.5))
+    common = ["--storage", str(tmp_path), "--name", "r", "--study", "pe", "--optuna-storage", url]
+    err = _refused([*common, "--p", "0.5", "20"], capsys)
+    assert "searches --p 0.1 10 (log) but this command asks for --p 0.5 20 (log)" in err
+    assert "rerun with --p 0.1 10" in err
+    err = _refused([*common, "--eta", "0.5", "3"], capsys)
+    assert "--eta 0.5 4" in err and "--eta 0.5 3" in err
+    study.set_user_attr("metric", "fid_inf")
+    err = _refused(common, capsys)
+    assert "minimises fid_inf, not kid_rbf_inf" in err and "--metric fid_inf" in err
+    err = _refused([*common, "--metric", "fid_inf"], capsys)
+    assert "already has 1 trials; continue it with --resume" in err
+
+
+def test_searcher_tells_optuna_the_final_epoch_rule(tmp_path: Path) -> None:
+    """Without Ray: each proposal becomes a grid-like trial config, and a trial is COMPLETE with the metric
+    at its last epoch, PRUNED when stopped earlier (ASHA), FAIL when it errored or ended without a finite
+    metric (reason in the trial's user attrs, which the Parquet `error` column takes)."""
+    from sweep.search import _searcher_class, base_config, search_space
+    from sweep.trainable import resolve_trial
+
+    config = base_config("digits", [f"{k}={v}" for k, v in TINY.items()], epochs=2, scheduler="none")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/unit.db")
+    searcher = _searcher_class()(space=search_space((0.1, 10), (0.5, 4)), metric="kid_rbf_inf", mode="min",
+                                 sampler=optuna.samplers.TPESampler(seed=0), study_name="unit",
+                                 storage=storage, experiment=config.to_dict())
+    configs = {name: searcher.suggest(name) for name in ("done", "stopped", "nan", "crashed", "diverged")}
+    for number, tune_config in enumerate(configs.values()):
+        cfg, meta = resolve_trial(tune_config)
+        assert (cfg.temp_power, cfg.kl_weight) == (tune_config["p"], tune_config["eta"])
+        assert cfg.objective == "thermo" and cfg.eval_every == 1 and cfg.epochs == 2
+        assert meta["trial_id"] == f"optuna-{number:04d}"
+        assert meta["columns"] == {"search": "unit", "optuna_trial": number}
+    # As Tune calls it: a result that stops the trial (last epoch, or ASHA's STOP) reaches only
+    # on_trial_complete; without a scheduler the last result may come through both.
+    searcher.on_trial_result("done", {"epoch": 1, "kid_rbf_inf": 0.5})
+    searcher.on_trial_result("done", {"epoch": 2, "kid_rbf_inf": 0.25})
+    searcher.on_trial_complete("done", {"epoch": 2, "kid_rbf_inf": 0.25})
+    searcher.on_trial_complete("stopped", {"epoch": 1, "kid_rbf_inf": 0.75})
+    searcher.on_trial_complete("nan", {"epoch": 2, "kid_rbf_inf": float("nan")})
+    searcher.on_trial_complete("crashed", None, error=True)
+    searcher.on_trial_result("diverged", {"epoch": 0, "error": "DivergenceError: nan"})  # no metric: ignored
+    searcher.on_trial_complete("diverged", {"epoch": 0, "error": "DivergenceError: nan"}, error=True)
+    trials = optuna.load_study(study_name="unit", storage=storage).trials
+    state = optuna.trial.TrialState
+    assert [t.state for t in trials] == [state.COMPLETE, state.PRUNED, state.FAIL, state.FAIL, state.FAIL]
+    assert trials[0].value == 0.25 and trials[0].intermediate_values == {1: 0.5, 2: 0.25}
+    assert trials[1].intermediate_values == {1: 0.75}
+    assert "kid_rbf_inf is nan at the last epoch 2" in trials[2].user_attrs["fail_reason"]
+    assert "ERROR" in trials[3].user_attrs["fail_reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_diverged_trial_is_failed_in_study_with_reason_in_parquet(tmp_path: Path, cache: str) -> None:
+    """A trial whose loss goes NaN: FAIL in the study, ERROR with the DivergenceError in Parquet."""
+    code = main(["--trials", "1", "--epochs", "1", "--storage", str(tmp_path), "--name", "boom",
+                 "--max-failures", "0", "--compile-cache", cache, *TINY_SET,
+                 "--set", "posterior_step_size=1e20"])
+    assert code == 0  # the search finished its one trial, which failed
+    (trial,) = study_of(tmp_path / "boom", "boom").trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    trials, epochs = read(tmp_path / "boom")
+    row = trials.iloc[0]
+    assert row["status"] == "ERROR" and row["optuna_state"] == "FAIL" and row["optuna_trial"] == 0
+    assert row["error"].startswith("DivergenceError: ") and pd.isna(row["search_value"])
+    assert len(epochs) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_asha_reports_every_epoch_and_prunes_as_pruned(tmp_path: Path, cache: str) -> None:
+    """With ASHA every epoch is evaluated and reported; a trial ASHA stops early is PRUNED (not COMPLETE with
+    an early value), one that runs to the end is COMPLETE with its last-epoch metric."""
+    tiny = [a for k, v in TINY.items() if k != "eval_every" for a in ("--set", f"{k}={v}")]  # asha sets it
+    assert main(["--trials", "3", "--epochs", "2", "--scheduler", "asha", "--storage", str(tmp_path),
+                 "--name", "asha", "--compile-cache", cache, *tiny]) == 0
+    study = study_of(tmp_path / "asha", "asha")
+    trials, epochs = read(tmp_path / "asha")
+    assert len(trials) == 3 and not epochs["kid_rbf_inf"].isna().any()
+    state = optuna.trial.TrialState
+    assert {t.state for t in study.trials} <= {state.COMPLETE, state.PRUNED}
+    assert state.COMPLETE in {t.state for t in study.trials}  # the first to reach a rung is never stopped
+    rows = trials.set_index("optuna_trial")
+    for t in study.trials:
+        row = rows.loc[t.number]
+        mine = epochs[epochs["trial_id"] == row["trial_id"]].set_index("epoch")["kid_rbf_inf"]
+        assert t.intermediate_values == mine.to_dict() and row["optuna_state"] == t.state.name
+        if t.state == state.COMPLETE:
+            assert row["epochs_completed"] == 2 and t.value == mine[2] == row["search_value"]
+        else:
+            assert row["epochs_completed"] < 2 and pd.isna(row["search_value"]) and pd.isna(row["error"])
