@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from _procs import descendants, kill_all
 
 from sweep.search import main
 
@@ -83,26 +84,6 @@ def test_four_trial_search(tmp_path: Path, cache: str, capsys: pytest.CaptureFix
     assert len(study_of(run_dir, "pe").trials) == 4
 
 
-def _descendants(pid: int) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _kill(procs: list) -> None:
-    import psutil
-
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=20)
-
-
 def _states(db: Path) -> list[str]:
     if not db.exists():
         return []
@@ -135,13 +116,13 @@ def test_kill_and_resume_reaches_total(tmp_path: Path, cache: str) -> None:
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.time() < deadline, "no COMPLETE and RUNNING trial within 300 s"
             time.sleep(0.1)
-        started = _descendants(driver.pid)
+        started = descendants(driver.pid)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:
         if driver.poll() is None:
             driver.kill()
-        _kill(started + _descendants(driver.pid))  # Ray's processes outlive a SIGKILLed driver
+        kill_all(started + descendants(driver.pid))  # Ray's processes outlive a SIGKILLed driver
     before = study_of(run_dir, "killed")
     running = [t for t in before.trials if t.state == optuna.trial.TrialState.RUNNING]
     complete_before = {t.number for t in before.trials if t.state == optuna.trial.TrialState.COMPLETE}

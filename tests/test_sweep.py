@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _procs import descendants, kill_all
 
 from sweep.grid import main
 from sweep.results import EPOCH_COLUMNS, TRIAL_COLUMNS
@@ -82,26 +83,6 @@ def test_tiny_grid_end_to_end(reference_run: Path) -> None:
             "checkpoint_000000", "checkpoint_000001"]
 
 
-def _descendants(pid: int) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _kill_tree(procs: list) -> None:
-    import psutil
-
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=20)
-
-
 def _checkpoint_in_experiment_state(run_dir: Path) -> bool:
     """True once Tune's experiment snapshot records a trial checkpoint (a resume can then continue it)."""
     for path in run_dir.glob("experiment_state-*.json"):
@@ -135,13 +116,13 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path, sweep_env: dict[s
             assert driver.poll() is None, "the driver ended before the first checkpoint"
             assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
-        started = _descendants(driver.pid)
+        started = descendants(driver.pid)
         driver.send_signal(signal.SIGKILL)  # the driver dies at once, mid-sweep
         driver.wait()
     finally:
         if driver.poll() is None:
             driver.kill()
-        _kill_tree(started + _descendants(driver.pid))  # Ray's processes outlive a SIGKILLed driver
+        kill_all(started + descendants(driver.pid))  # Ray's processes outlive a SIGKILLed driver
     trials, _ = read(run_dir)
     assert not (trials["status"] == "TERMINATED").all(), "the sweep was meant to be interrupted"
     killed_at = log_path.stat().st_size
