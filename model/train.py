@@ -389,13 +389,23 @@ def fit(config: ExperimentConfig, *, dataset: Dataset | None = None, devices: Se
     return state, history
 
 
+# Config values written beside every reading of `python -m model.train`, so a table read on its own still
+# says what produced it (chain_gradient above all: it decides whether the prior was trained).
+RUN_COLUMNS = ("dataset", "objective", "chain_gradient", "batch_size", "temp_power", "num_temps", "kl_weight",
+               "prior_steps", "posterior_steps", "seed")
+
+
 def write_epochs_parquet(rows: list[dict[str, Any]], config: ExperimentConfig, path: Path) -> None:
-    """Write the readings as the `epochs` table (DESIGN §6) atomically: a temp file, then rename."""
+    """Write the readings as the `epochs` table (DESIGN §6) atomically: a temp file, then rename.
+    Columns: trial_id, the EPOCH_COLUMNS, the RUN_COLUMNS of the config (TI ones null for vanilla), and any
+    extra readings (e.g. the metrics' slopes and standard errors)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     trial_id = f"{config.dataset}-{config.objective}-s{config.seed}"
-    table = pa.Table.from_pylist([{"trial_id": trial_id, **{c: r.get(c) for c in EPOCH_COLUMNS},
+    ti_only = ("temp_power", "num_temps", "kl_weight", "chain_gradient")
+    run = {c: None if c in ti_only and not config.is_thermo else getattr(config, c) for c in RUN_COLUMNS}
+    table = pa.Table.from_pylist([{"trial_id": trial_id, **{c: r.get(c) for c in EPOCH_COLUMNS}, **run,
                                    **{k: v for k, v in r.items() if k not in EPOCH_COLUMNS}} for r in rows])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")

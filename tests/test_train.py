@@ -138,6 +138,8 @@ def test_command_line_writes_the_epochs_table(tmp_path, capsys):
                 "grad_var_gen", "kid_rbf_inf", "kid_poly_inf", "fid_inf", "epoch_time_s"]:
         assert col in table.columns, col
     assert np.all(np.isfinite(table["grad_var"])) and table["kid_rbf_inf"].isna().all()
+    assert table["chain_gradient"].tolist() == [True, True]  # recorded with every reading
+    assert table["objective"].tolist() == ["thermo", "thermo"] and table["temp_power"].tolist() == [6.0, 6.0]
 
 
 def test_command_line_refuses_bad_values(capsys):
