@@ -32,24 +32,11 @@ DEFAULT_STORAGE = "runs"
 DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "thermosweep", "jax")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m sweep.grid",
-        description="Run every cell x repetition of a grid as Ray Tune trials, checkpointed and resumable, "
-                    "with every reading written to Parquet.",
-    )
-    p.add_argument("--grid", default="digits",
-                   help="built-in grid name or a .json/.toml grid file (default: digits)")
-    p.add_argument("--repetitions", type=int, help="repetitions per cell (default: the grid's)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default: the grid's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field in every cell, e.g. --set eval_every=0 (repeatable)")
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """Where runs live and what each trial gets from Ray: flags shared by sweep.grid and sweep.search."""
     p.add_argument("--storage", default=None,
                    help="where runs live: a directory, NFS path or s3://bucket/prefix "
                         f"(default: $THERMOSWEEP_STORAGE or ./{DEFAULT_STORAGE})")
-    p.add_argument("--name", help="run name (default: <grid>-<UTC time>); results go to <storage>/<name>/")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run --name: finished trials are kept, interrupted ones continue")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray instance)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
@@ -63,6 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retries of a crashed trial from its last checkpoint (default 2)")
     p.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
                    help="JAX persistent compilation cache shared by trials ('none' disables)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sweep.grid",
+        description="Run every cell x repetition of a grid as Ray Tune trials, checkpointed and resumable, "
+                    "with every reading written to Parquet.",
+    )
+    p.add_argument("--grid", default="digits",
+                   help="built-in grid name or a .json/.toml grid file (default: digits)")
+    p.add_argument("--repetitions", type=int, help="repetitions per cell (default: the grid's)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: the grid's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field in every cell, e.g. --set eval_every=0 (repeatable)")
+    p.add_argument("--name", help="run name (default: <grid>-<UTC time>); results go to <storage>/<name>/")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run --name: finished trials are kept, interrupted ones continue")
+    add_ray_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the table of trials and exit")
     return p
 

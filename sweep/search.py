@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from model.config import ExperimentConfig, get_preset, parse_set_args, parse_value
-from sweep.grid import DEFAULT_COMPILE_CACHE, DEFAULT_STORAGE, devices_per_trial
+from sweep.grid import DEFAULT_STORAGE, add_ray_arguments, devices_per_trial
 from sweep.results import ResultsTables, filesystem_for, read_json_uri, write_json_uri
 from sweep.trainable import make_trainable, resolve_trial, storage_join, trial_env, trial_spec
 
@@ -67,29 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the preset's)")
     p.add_argument("--scheduler", default="none", choices=("none", "asha"),
                    help="asha: stop weak trials early on the per-epoch metric (evaluates every epoch)")
-    p.add_argument("--max-concurrent", type=int, default=None,
-                   help="at most this many trials at once (default: as many as the resources allow)")
-    p.add_argument("--storage", default=None,
-                   help="where runs live: a directory, NFS path or s3://bucket/prefix "
-                        f"(default: $THERMOSWEEP_STORAGE or ./{DEFAULT_STORAGE})")
     p.add_argument("--name", help="run name (default: search-<UTC time>); results go to <storage>/<name>/")
     p.add_argument("--resume", action="store_true",
                    help="continue the search --name until --trials trials in total have finished")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray instance)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the base preset (repeatable)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial (0: CPU; a fraction shares a GPU between trials)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    p.add_argument("--cpu-devices", type=int, default=None,
-                   help="on CPU, XLA devices per trial to pmap over (default: --cpus-per-trial)")
-    p.add_argument("--max-failures", type=int, default=2,
-                   help="retries of a crashed trial from its last checkpoint (default 2)")
+    add_ray_arguments(p)
     p.add_argument("--sampler-seed", type=int, default=DEFAULT_SAMPLER_SEED,
                    help=f"seed of the TPE sampler (default {DEFAULT_SAMPLER_SEED})")
-    p.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
-                   help="JAX persistent compilation cache shared by trials ('none' disables)")
     return p
 
 
