@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def ray_trial_env(args: argparse.Namespace, n_dev: int, local: bool) -> dict[str, str]:
+    """The environment of every trial process: thread caps, its devices, the shared compilation cache
+    (`--compile-cache`), and Ray's auth token off for a local instance."""
+    cache = None if str(args.compile_cache).lower() == "none" else os.path.expanduser(args.compile_cache)
+    env = trial_env(gpus_per_trial=args.gpus_per_trial, cpus_per_trial=int(args.cpus_per_trial),
+                    cpu_devices=n_dev, compilation_cache=cache,
+                    base_xla_flags=os.environ.get("XLA_FLAGS", ""))
+    if local:
+        env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
 def devices_per_trial(args: argparse.Namespace) -> int:
     if args.gpus_per_trial > 0:
         return max(1, int(args.gpus_per_trial))
@@ -186,12 +198,7 @@ def run_sweep(args: argparse.Namespace, *, run: str, storage: str, grid_name: st
     storage_root = storage_join(storage)
     run_uri = storage_join(storage, run)
     results_uri = f"{run_uri}/results"
-    cache = None if str(args.compile_cache).lower() == "none" else os.path.expanduser(args.compile_cache)
-    env = trial_env(gpus_per_trial=args.gpus_per_trial, cpus_per_trial=int(args.cpus_per_trial),
-                    cpu_devices=n_dev, compilation_cache=cache,
-                    base_xla_flags=os.environ.get("XLA_FLAGS", ""))
-    if local:
-        env["RAY_AUTH_MODE"] = "disabled"
+    env = ray_trial_env(args, n_dev, local)
 
     if not args.resume:
         write_json_uri(f"{run_uri}/{MANIFEST_FILE}", {

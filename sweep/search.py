@@ -23,9 +23,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from model.config import ExperimentConfig, get_preset, parse_set_args, parse_value
-from sweep.grid import DEFAULT_STORAGE, add_ray_arguments, devices_per_trial
+from sweep.grid import DEFAULT_STORAGE, add_ray_arguments, devices_per_trial, ray_trial_env
 from sweep.results import ResultsTables, filesystem_for, read_json_uri, write_json_uri
-from sweep.trainable import make_trainable, resolve_trial, storage_join, trial_env, trial_spec
+from sweep.trainable import make_trainable, resolve_trial, storage_join, trial_spec
 
 if TYPE_CHECKING:
     import optuna
@@ -581,12 +581,7 @@ def _fit(args: argparse.Namespace, *, run: str, storage: str, study: Any, study_
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_worker_niceness", "0")
     run_uri = storage_join(storage, run)
-    cache = None if str(args.compile_cache).lower() == "none" else os.path.expanduser(args.compile_cache)
-    env = trial_env(gpus_per_trial=args.gpus_per_trial, cpus_per_trial=int(args.cpus_per_trial),
-                    cpu_devices=n_dev, compilation_cache=cache,
-                    base_xla_flags=os.environ.get("XLA_FLAGS", ""))
-    if local:
-        env["RAY_AUTH_MODE"] = "disabled"
+    env = ray_trial_env(args, n_dev, local)
     # The sampler's seed moves with the study's size, so a resumed search does not replay the proposals
     # (random start-up points) of its first run; TPE reads the whole history from the database.
     sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + len(study.get_trials(deepcopy=False)),
