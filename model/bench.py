@@ -9,6 +9,7 @@ public JAX code was measured on a 2-core machine of this kind (see README).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -71,8 +72,7 @@ def step_flops(config: ExperimentConfig) -> float:
     K = 1 and K = 2 and extended linearly, F(K) = F(1) + (K - 1) (F(2) - F(1)), separately for the prior
     and posterior chains. The optimiser update (a few FLOPs per parameter) is left out."""
     def flops(prior_steps: int, posterior_steps: int) -> float:
-        cfg = config.__class__(**(config.to_dict() | dict(prior_steps=prior_steps,
-                                                          posterior_steps=posterior_steps)))
+        cfg = dataclasses.replace(config, prior_steps=prior_steps, posterior_steps=posterior_steps)
         spec = train.StepSpec.from_config(cfg)
         loss = train.loss_fn(spec, None, unroll=True)
         state = train.init_state(cfg)
@@ -102,10 +102,8 @@ def run_workload(name: str, config: ExperimentConfig, steps: int, devices: list[
     spec = train.StepSpec.from_config(config)
     step = train.compiled_train_step(spec, tuple(devices))
     state = train.init_state(config)
-    carry = train._replicate(({"ebm": state.ebm_params, "gen": state.gen_params},
-                              (state.ebm_opt_state, state.gen_opt_state)), devices)
+    carry, lrs = train.step_inputs(config, state, 1, devices)
     hp = Hyper.from_config(config)
-    lrs = tuple(jnp.asarray(v, jnp.float32) for v in train.learning_rates(config, 1))
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (len(devices), config.batch_size // len(devices)) + config.image_shape)
     x = x.astype(np.float32)

@@ -224,6 +224,16 @@ def _unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
+def step_inputs(config: ExperimentConfig, state: TrainState, epoch: int, devices: Sequence[Any]
+                ) -> tuple[Any, tuple[jax.Array, jax.Array]]:
+    """What compiled_train_step takes besides the batch, key and hyper-parameters: the replicated
+    (params, optimiser states) carry and the float32 (EBM, generator) learning rates of 1-based `epoch`."""
+    carry = _replicate(({"ebm": state.ebm_params, "gen": state.gen_params},
+                        (state.ebm_opt_state, state.gen_opt_state)), devices)
+    lrs = tuple(jnp.asarray(v, jnp.float32) for v in learning_rates(config, epoch))
+    return carry, lrs
+
+
 def _batches(images: np.ndarray, order: np.ndarray, batch_size: int, n_dev: int):
     for i in range(len(order) // batch_size):
         x = images[order[i * batch_size:(i + 1) * batch_size]]
@@ -263,9 +273,7 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
     spec = StepSpec.from_config(config)
     step = compiled_train_step(spec, tuple(devices))
     hp = Hyper.from_config(config)
-    lrs = tuple(jnp.asarray(v, jnp.float32) for v in learning_rates(config, epoch))
-    carry = _replicate(({"ebm": state.ebm_params, "gen": state.gen_params},
-                        (state.ebm_opt_state, state.gen_opt_state)), devices)
+    carry, lrs = step_inputs(config, state, epoch, devices)
     key = state.key
     order = epoch_order(config, epoch, len(dataset.train))
     history: list[dict[str, jax.Array]] = []
