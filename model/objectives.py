@@ -2,14 +2,18 @@
 
 vanilla (Eq. 7-9): prior and posterior chains are stop-gradient samples;
     loss = [mean f(z_prior) - mean f(z_post)] + mean ||x - g(z_post)||^2 / (2 sigma_l^2).
-thermo (Eq. 15-22): one posterior chain per example at every temperature t_i;
-    loss = -[ sum_i dt_i (E_{i-1}+E_i)/2 + eta/2 sum_i (KL(p_{i-1}||p_i) - KL(p_i||p_{i-1})) ],
-    alpha's gradient flows only through the chains (or nowhere, with chain_gradient=False: the
-    published code's behaviour).
+thermo (Eq. 15-22): M posterior chains per example at every temperature t_i; the loss value is minus a
+    TI estimate of log p(x) by one of TI_RULES, e.g. (kl_batch, the paper's)
+    -[ sum_i dt_i (E_{i-1}+E_i)/2 + eta/2 sum_i (KL(p_{i-1}||p_i) - KL(p_i||p_{i-1})) ].
+    Its gradient is chosen per network. EBM (`ebm_gradient`): `chains` differentiates the estimate
+    through the Langevin chains (the paper's text; both networks' gradients then flow through them),
+    `none` stops gradients at the chains (the published code: alpha gets none), `ml` is the
+    maximum-likelihood gradient mean grad f(z_{t=1}) - mean grad f(z_prior). Generator (`gen_gradient`):
+    `ti` differentiates the estimate, `ml` is E_{t=1}[grad_beta log p(x|z)].
 
 Data parallelism: under `axis_name`, per-example means stay local (the caller averages gradients with
-pmean), while the Gaussians fitted for the KL term use the statistics of the whole batch (psum). That
-makes the averaged gradient equal to the full-batch gradient whatever the device count.
+pmean), while the Gaussians fitted across the batch (kl_batch) use the statistics of the whole batch
+(psum). That makes the averaged gradient equal to the full-batch gradient whatever the device count.
 """
 
 from __future__ import annotations
@@ -23,9 +27,22 @@ from jax import Array
 
 from model.langevin import langevin_chain, power_posterior_log_density, prior_log_density
 from model.nets import log_likelihood
-from model.thermo import adjacent_gaussian_kls, temperature_schedule, trapezoid_log_evidence
+from model.thermo import (
+    adjacent_gaussian_kls,
+    example_gaussian_kls,
+    kl_identity_residual,
+    stepping_stone_log_evidence,
+    temperature_schedule,
+    trapezoid_log_evidence,
+    trapezoid_weights,
+    variance_corrected_log_evidence,
+)
 
 Params = dict[str, Any]  # {"ebm": ..., "gen": ...}
+
+TI_RULES = ("kl_batch", "kl_example", "variance", "stepping_stone", "trapezoid")
+EBM_GRADIENTS = ("chains", "none", "ml")
+GEN_GRADIENTS = ("ti", "ml")
 
 
 class Networks(NamedTuple):
@@ -76,16 +93,19 @@ def sample_prior(nets: Networks, ebm_params: Any, key: Array, example_ids: Array
 
 def sample_power_posteriors(nets: Networks, params: Params, x: Array, temps: Array, key: Array,
                             example_ids: Array, steps: int, z_dim: int, hp: Hyper,
-                            unroll: bool = False) -> Array:
-    """z ~ p(z|x, t_i) for every temperature and example by K Langevin steps (Eq. 17): (N_t, B, d)."""
-    z0, noise = _chain_inputs(key, example_ids, (temps.shape[0],), steps, z_dim, hp.prior_sigma)
+                            unroll: bool = False, chains: int = 1) -> Array:
+    """z ~ p(z|x, t_i) by K Langevin steps (Eq. 17), `chains` = M chains per example and temperature:
+    (N_t, B, d), or (N_t, M, B, d) when chains > 1."""
+    lead = (temps.shape[0], chains)
+    z0, noise = _chain_inputs(key, example_ids, lead, steps, z_dim, hp.prior_sigma)
     density = power_posterior_log_density(
         lambda z: nets.energy(params["ebm"], z),
         lambda z: log_likelihood(x, nets.generate(params["gen"], z), hp.lkhood_sigma),
-        temps[:, None],
+        temps[:, None, None],
         hp.prior_sigma,
     )
-    return langevin_chain(density, z0, noise, hp.posterior_step_size, unroll)
+    z = langevin_chain(density, z0, noise, hp.posterior_step_size, unroll)
+    return z[:, 0] if chains == 1 else z
 
 
 def vanilla_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hyper, *, nets: Networks,
@@ -124,23 +144,84 @@ def fitted_gaussians(z: Array, ridge: Array, axis_name: str | None = None) -> tu
     return mean, cov
 
 
-def thermo_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hyper, *, nets: Networks,
-                num_temps: int, posterior_steps: int, z_dim: int, chain_gradient: bool = True,
-                axis_name: str | None = None, unroll: bool = False) -> tuple[Array, dict[str, Array]]:
-    """The negative TI estimate of log p(x) (Eq. 22 with the KL terms as a difference), in nats per image.
+def ti_estimate(rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axis_name: str | None = None
+                ) -> tuple[Array, dict[str, Array]]:
+    """log p(x) from the chains by `rule` (one of TI_RULES), in nats per image, averaged over the local batch.
 
-    Returns (loss, aux) with aux = {log_evidence, expected_loglik (N_t,), kl_forward, kl_backward (N_t-1,)}.
-    Under `axis_name`, E_i is the local batch mean and the KL term uses the whole batch's Gaussians."""
+    loglik: (N_t, M, B) log p(x_b|z) per chain; z: (N_t, M, B, d). Returns (estimate, readings) with
+    readings = {expected_loglik (N_t,), kl_forward, kl_backward, kl_identity (N_t - 1,)}; the KL readings
+    are NaN for rules that fit no Gaussians. kl_weight (eta) scales the KL correction of both KL rules.
+    """
+    expected = jnp.mean(loglik, axis=(1, 2))
+    nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
+    kl_forward = kl_backward = nan
+    if rule == "kl_batch":
+        n_t, m, b, d = z.shape
+        mean, cov = fitted_gaussians(z.reshape(n_t, m * b, d), hp.kl_ridge, axis_name)
+        kl_forward, kl_backward = adjacent_gaussian_kls(mean, cov)
+    elif rule == "kl_example":
+        kl_forward, kl_backward = (jnp.mean(k, axis=-1) for k in example_gaussian_kls(z))
+    if rule in ("kl_batch", "kl_example"):
+        estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
+    elif rule == "variance":
+        variance = jnp.mean(jnp.var(loglik, axis=1, ddof=1), axis=-1)
+        estimate = variance_corrected_log_evidence(temps, expected, variance)
+    elif rule == "stepping_stone":
+        estimate = jnp.mean(stepping_stone_log_evidence(temps, loglik))
+    elif rule == "trapezoid":
+        estimate = trapezoid_log_evidence(temps, expected)
+    else:
+        raise ValueError(f"ti_rule={rule!r} is unknown; use one of {', '.join(TI_RULES)}")
+    readings = {"expected_loglik": expected, "kl_forward": kl_forward, "kl_backward": kl_backward,
+                "kl_identity": kl_identity_residual(temps, expected, kl_forward, kl_backward)}
+    return estimate, readings
+
+
+def _surrogate(term: Array) -> Array:
+    """A term with value 0 and gradient grad(term): adds a gradient without changing the loss value."""
+    return term - jax.lax.stop_gradient(term)
+
+
+def thermo_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hyper, *, nets: Networks,
+                num_temps: int, posterior_steps: int, z_dim: int, ti_rule: str = "kl_batch",
+                chains_per_example: int = 1, ebm_gradient: str = "chains", gen_gradient: str = "ti",
+                prior_steps: int = 0, axis_name: str | None = None, unroll: bool = False
+                ) -> tuple[Array, dict[str, Array]]:
+    """Minus the TI estimate of log p(x) by `ti_rule` (Eq. 22 for kl_batch), in nats per image, with the
+    gradients chosen by `ebm_gradient` and `gen_gradient` (see the module docstring).
+
+    Static: num_temps, posterior_steps, prior_steps (the prior chain of ebm_gradient=ml), z_dim, ti_rule,
+    chains_per_example (M), ebm_gradient, gen_gradient. Traced: everything in `hp`. The loss value is the
+    estimate whatever the gradients; the ml gradients enter as zero-valued surrogates.
+    Returns (loss, aux) with aux = {log_evidence, temps, weights (N_t,), and ti_estimate's readings}.
+    Under `axis_name`, means are over the local batch and kl_batch's Gaussians over the whole batch."""
+    if ebm_gradient not in EBM_GRADIENTS:
+        raise ValueError(f"ebm_gradient={ebm_gradient!r} is unknown; use one of {', '.join(EBM_GRADIENTS)}")
+    if gen_gradient not in GEN_GRADIENTS:
+        raise ValueError(f"gen_gradient={gen_gradient!r} is unknown; use one of {', '.join(GEN_GRADIENTS)}")
+    through_chains = ebm_gradient == "chains"
+    # The TI estimate carries a network's gradient only where that network's gradient is `chains`/`ti`.
+    ti_params = {"ebm": params["ebm"] if through_chains else jax.lax.stop_gradient(params["ebm"]),
+                 "gen": params["gen"] if gen_gradient == "ti" else jax.lax.stop_gradient(params["gen"])}
     temps = temperature_schedule(num_temps, hp.temp_power)
-    z = sample_power_posteriors(nets, params, x, temps, key, example_ids, posterior_steps, z_dim, hp,
-                                unroll)
-    if not chain_gradient:
+    z = sample_power_posteriors(nets, ti_params, x, temps, key, example_ids, posterior_steps, z_dim, hp,
+                                unroll, chains_per_example)
+    if chains_per_example == 1:
+        z = z[:, None]  # (N_t, M, B, d)
+    if not through_chains:
         z = jax.lax.stop_gradient(z)
-    loglik = log_likelihood(x, nets.generate(params["gen"], z), hp.lkhood_sigma)  # (N_t, B)
-    expected = jnp.mean(loglik, axis=1)
-    mean, cov = fitted_gaussians(z, hp.kl_ridge, axis_name)
-    kl_forward, kl_backward = adjacent_gaussian_kls(mean, cov)
-    log_evidence = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
-    aux = {"log_evidence": log_evidence, "expected_loglik": expected, "kl_forward": kl_forward,
-           "kl_backward": kl_backward}
-    return -log_evidence, aux
+    loglik = log_likelihood(x, nets.generate(ti_params["gen"], z), hp.lkhood_sigma)  # (N_t, M, B)
+    log_evidence, readings = ti_estimate(ti_rule, temps, loglik, z, hp, axis_name)
+    loss = -log_evidence
+    z_post = jax.lax.stop_gradient(z[-1])  # the t = 1 chains: posterior samples, (M, B, d)
+    if ebm_gradient == "ml":
+        k_prior = jax.random.split(key)[1]  # the posterior chains keep `key` itself
+        z_prior = jax.lax.stop_gradient(
+            sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll))
+        loss = loss + _surrogate(jnp.mean(nets.energy(params["ebm"], z_prior))
+                                 - jnp.mean(nets.energy(params["ebm"], z_post)))
+    if gen_gradient == "ml":
+        loss = loss - _surrogate(jnp.mean(log_likelihood(x, nets.generate(params["gen"], z_post),
+                                                         hp.lkhood_sigma)))
+    aux = {"log_evidence": log_evidence, "temps": temps, "weights": trapezoid_weights(temps), **readings}
+    return loss, aux

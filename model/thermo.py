@@ -1,9 +1,13 @@
 """Thermodynamic integration (paper §3): the temperature schedule, the trapezoid estimate of
-log p(x) with its KL correction (Eq. 19/22), and the Gaussian KL of Eq. 20.
+log p(x) and the corrections of its discretisation error, and the Gaussian KL of Eq. 20.
 
 Eq. 19 prints `KL(p_{i-1}||p_i) + KL(p_i||p_{i-1})`; the identity it rests on is a difference:
     log Z_i - log Z_{i-1} = dt_i E_{i-1} + KL(p_{i-1}||p_i) = dt_i E_i - KL(p_i||p_{i-1}),
-whose mean is exact for any schedule. We implement the difference (DESIGN §3).
+whose mean is exact for any schedule; their difference gives KL(p_{i-1}||p_i) + KL(p_i||p_{i-1}) =
+dt_i (E_i - E_{i-1}), a free check of any fitted KL (`kl_identity_residual`).
+
+The rules here take per-chain arrays shaped (N_t, M, ...): N_t temperatures, M chains per example, then
+any example axes. They are pure functions of their inputs; nothing is static except array shapes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ def temperature_schedule(num_temps: int, power: float | Array) -> Array:
     return jnp.where(frac > 0, jnp.power(jnp.where(frac > 0, frac, 1.0), power), 0.0)
 
 
+def _dt(temps: Array, ndim: int) -> Array:
+    """dt_i = t_i - t_{i-1} for i = 1..N_t-1, shaped to broadcast against (N_t - 1,) + ndim-1 axes."""
+    return (temps[1:] - temps[:-1]).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def trapezoid_weights(temps: Array) -> Array:
+    """The w_i with sum_i w_i E_i equal to the trapezium sum_i dt_i (E_{i-1} + E_i) / 2:
+    w_0 = dt_1 / 2, w_i = (dt_i + dt_{i+1}) / 2, w_{N_t-1} = dt_{N_t-1} / 2. Shape (N_t,); they sum to
+    t_{N_t-1} - t_0 = 1.
+
+    With frozen chains these are also the weights of the TI generator gradient,
+    sum_i w_i E_{t_i}[grad_beta log p(x|z)]: w_0 is the weight on samples that ignore x."""
+    half = (temps[1:] - temps[:-1]) / 2.0
+    zero = jnp.zeros((1,), temps.dtype)
+    return jnp.concatenate([half, zero]) + jnp.concatenate([zero, half])
+
+
 def trapezoid_log_evidence(
     temps: Array,
     expected_loglik: Array,
@@ -44,8 +65,7 @@ def trapezoid_log_evidence(
     both None gives the plain trapezium rule. Returns nats, shape expected_loglik.shape[1:].
     """
     e = expected_loglik
-    dt = (temps[1:] - temps[:-1]).reshape((-1,) + (1,) * (e.ndim - 1))
-    trapezium = jnp.sum(dt * (e[:-1] + e[1:]) / 2.0, axis=0)
+    trapezium = jnp.sum(_dt(temps, e.ndim) * (e[:-1] + e[1:]) / 2.0, axis=0)
     if kl_forward is None and kl_backward is None:
         return trapezium
     if kl_forward is None or kl_backward is None:
@@ -53,13 +73,46 @@ def trapezoid_log_evidence(
     return trapezium + kl_weight * 0.5 * jnp.sum(kl_forward - kl_backward, axis=0)
 
 
-def gaussian_kl(mean_p: Array, cov_p: Array, mean_q: Array, cov_q: Array) -> Array:
-    """KL(N(mean_p, cov_p) || N(mean_q, cov_q)) in nats (Eq. 20), batched over leading axes.
+def variance_corrected_log_evidence(temps: Array, expected_loglik: Array, loglik_variance: Array) -> Array:
+    """The corrected trapezium of Friel, Hurn & Wyse (2014):
 
-    Computed with Cholesky factors: log-determinants from their diagonals, the trace and the
-    Mahalanobis term from triangular solves, never an explicit inverse.
+        sum_i dt_i (E_{i-1} + E_i) / 2  -  sum_i dt_i^2 / 12 (V_i - V_{i-1}),
+
+    V_i = Var_{p(z|x,t_i)}[log p(x|z)] = dE/dt at t_i, so the correction is the trapezium's leading error
+    term with the second derivative from a difference of first derivatives. expected_loglik and
+    loglik_variance: (N_t, ...). Returns nats, shape expected_loglik.shape[1:]. It needs a schedule that
+    resolves the curvature of E_t near t = 0; with few, evenly spaced temperatures it overcorrects.
     """
-    d = mean_p.shape[-1]
+    v = loglik_variance
+    correction = jnp.sum(_dt(temps, v.ndim) ** 2 / 12.0 * (v[1:] - v[:-1]), axis=0)
+    return trapezoid_log_evidence(temps, expected_loglik) - correction
+
+
+def stepping_stone_log_evidence(temps: Array, loglik: Array) -> Array:
+    """The stepping-stone estimate of log p(x) (Xie et al. 2011):
+
+        sum_i log (1/M sum_m p(x|z_{i-1,m})^dt_i),   z_{i-1,m} ~ p(z|x, t_{i-1}),
+
+    each ratio Z_i / Z_{i-1} = E_{p_{i-1}}[p(x|z)^dt_i] by a log-mean-exp over the M chains at t_{i-1}.
+    loglik: (N_t, M, ...) log p(x|z) per chain. Biased low by Jensen's inequality, less as M grows; with
+    M = 1 it is the left Riemann sum sum_i dt_i log p(x|z_{i-1}). Returns nats, shape loglik.shape[2:].
+    """
+    m = loglik.shape[1]
+    scaled = _dt(temps, loglik.ndim) * loglik[:-1]
+    return jnp.sum(jax.nn.logsumexp(scaled, axis=1) - jnp.log(float(m)), axis=0)
+
+
+def kl_identity_residual(temps: Array, expected_loglik: Array, kl_forward: Array, kl_backward: Array
+                         ) -> Array:
+    """KL(p_{i-1}||p_i) + KL(p_i||p_{i-1}) - dt_i (E_i - E_{i-1}) for i = 1..N_t-1: zero for the exact
+    tempered posteriors, so its size measures how far fitted Gaussians are from them. (N_t - 1, ...)."""
+    e = expected_loglik
+    return kl_forward + kl_backward - _dt(temps, e.ndim) * (e[1:] - e[:-1])
+
+
+def _kl_terms(mean_p: Array, cov_p: Array, mean_q: Array, cov_q: Array) -> tuple[Array, Array, Array]:
+    """log|cov_q| - log|cov_p|, tr(cov_q^{-1} cov_p) and the Mahalanobis term (mean_q - mean_p)^T
+    cov_q^{-1} (mean_q - mean_p), from Cholesky factors (no explicit inverse), batched over leading axes."""
     chol_p = jnp.linalg.cholesky(cov_p)
     chol_q = jnp.linalg.cholesky(cov_q)
     logdet_p = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_p, axis1=-2, axis2=-1)), axis=-1)
@@ -69,12 +122,66 @@ def gaussian_kl(mean_p: Array, cov_p: Array, mean_q: Array, cov_q: Array) -> Arr
     trace = jnp.sum(solved**2, axis=(-2, -1))
     diff = (mean_q - mean_p)[..., None]
     maha = jnp.sum(jax.scipy.linalg.solve_triangular(chol_q, diff, lower=True) ** 2, axis=(-2, -1))
-    return 0.5 * (logdet_q - logdet_p + trace + maha - d)
+    return logdet_q - logdet_p, trace, maha
+
+
+def gaussian_kl(mean_p: Array, cov_p: Array, mean_q: Array, cov_q: Array) -> Array:
+    """KL(N(mean_p, cov_p) || N(mean_q, cov_q)) in nats (Eq. 20), batched over leading axes."""
+    logdet, trace, maha = _kl_terms(mean_p, cov_p, mean_q, cov_q)
+    return 0.5 * (logdet + trace + maha - mean_p.shape[-1])
 
 
 def adjacent_gaussian_kls(means: Array, covs: Array) -> tuple[Array, Array]:
     """KL(p_{i-1}||p_i) and KL(p_i||p_{i-1}) for i = 1..N_t-1 between Gaussians fitted at each
-    temperature. means: (N_t, d), covs: (N_t, d, d). Returns two (N_t - 1,) arrays."""
+    temperature. means: (N_t, ..., d), covs: (N_t, ..., d, d). Returns two (N_t - 1, ...) arrays."""
     forward = gaussian_kl(means[:-1], covs[:-1], means[1:], covs[1:])
     backward = gaussian_kl(means[1:], covs[1:], means[:-1], covs[:-1])
     return forward, backward
+
+
+MIN_CHAINS_DIAGONAL = 6  # M - 1 = 5 > 4 degrees of freedom: 1/s^2 has a finite mean and variance
+
+
+def full_covariance_chains(z_dim: int) -> int:
+    """The fewest chains per example for which `example_gaussian_kls` fits full covariances: with
+    n = M - 1 degrees of freedom the inverse Wishart has a finite variance iff n > d + 3."""
+    return z_dim + 5
+
+
+def example_gaussian_kls(z: Array) -> tuple[Array, Array]:
+    """KL(p_{i-1}||p_i) and KL(p_i||p_{i-1}) between Gaussians fitted per example from its M chains at
+    each temperature (Eq. 20 on the distributions Eq. 19 compares).
+
+    z: (N_t, M, ..., d). Full covariances when M >= d + 5, else diagonal ones (a diagonal fit needs M >= 6);
+    the choice is static, from z's shape. The plug-in KL is biased (E[S^-1] = Sigma^-1 n / (n - k - 1), and
+    the fitted means add their own scatter); the estimate here removes both, so for Gaussian tempered
+    posteriors and independent chains at each temperature each KL is unbiased. Returns (N_t - 1, ...) each.
+    """
+    m, d = z.shape[1], z.shape[-1]
+    full = m >= full_covariance_chains(d)
+    if not full and m < MIN_CHAINS_DIAGONAL:
+        raise ValueError(f"chains_per_example={m} is too few for per-example Gaussian KLs: the trace "
+                         f"term has no finite variance; use chains_per_example >= {MIN_CHAINS_DIAGONAL}")
+    n = m - 1
+    mean = jnp.mean(z, axis=1)
+    centred = z - mean[:, None]
+    if full:
+        cov = jnp.einsum("tm...i,tm...j->t...ij", centred, centred) / n
+        shrink = (n - d - 1) / n
+    else:
+        var = jnp.sum(centred**2, axis=1) / n
+        shrink = (n - 2) / n
+
+    def kl(p: slice, q: slice) -> Array:
+        if full:
+            logdet, trace, maha = _kl_terms(mean[p], cov[p], mean[q], cov[q])
+        else:
+            logdet = jnp.sum(jnp.log(var[q]) - jnp.log(var[p]), axis=-1)
+            trace = jnp.sum(var[p] / var[q], axis=-1)
+            maha = jnp.sum((mean[q] - mean[p]) ** 2 / var[q], axis=-1)
+        trace = shrink * trace
+        maha = shrink * maha - (trace + d) / m  # E[(m_q - m_p)(m_q - m_p)^T] adds (cov_p + cov_q) / M
+        return 0.5 * (logdet + trace + maha - d)
+
+    before, after = slice(None, -1), slice(1, None)
+    return kl(before, after), kl(after, before)

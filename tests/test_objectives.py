@@ -1,5 +1,5 @@
 """The vanilla (Eq. 7-9) and thermodynamic (Eq. 15-22) gradients against hand computations on linear
-networks, finite differences, and the chain_gradient switch."""
+networks, finite differences, and the ebm_gradient switch."""
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,7 @@ def test_thermo_ebm_gradient_flows_through_the_chains_only():
     params, x, hp = _setup(kl_weight=0.0)
     key, ids, nt, steps = jax.random.key(7), jnp.arange(B), 4, 6
     loss = lambda p, cg: thermo_loss(p, x, key, ids, hp, nets=LINEAR, num_temps=nt, posterior_steps=steps,  # noqa: E731
-                                     z_dim=D_Z, chain_gradient=cg)[0]
+                                     z_dim=D_Z, ebm_gradient="chains" if cg else "none")[0]
     grads = jax.grad(lambda p: loss(p, True))(params)
     temps = np.asarray(temperature_schedule(nt, hp.temp_power))
     z = np.asarray(sample_power_posteriors(LINEAR, params, x, jnp.asarray(temps), key, ids, steps, D_Z, hp))
@@ -88,15 +88,15 @@ def test_thermo_ebm_gradient_flows_through_the_chains_only():
 
 @pytest.mark.parametrize("kl_weight", [1.0, 2.5])
 def test_thermo_gradient_matches_finite_differences(kl_weight):
-    """The whole TI loss, KL term included, differentiated through the chains (chain_gradient=True; with
-    False the update is deliberately not the loss's derivative, see the test above)."""
+    """The whole TI loss, KL term included, differentiated through the chains (ebm_gradient=chains; with
+    none the update is deliberately not the loss's derivative, see the test above)."""
     with jax.enable_x64(True):
         params, x, hp = _setup(jnp.float64, kl_weight=kl_weight)
         key, ids = jax.random.key(11), jnp.arange(B)
 
         def loss(p):
             return thermo_loss(p, x, key, ids, hp, nets=LINEAR, num_temps=5, posterior_steps=4, z_dim=D_Z,
-                               chain_gradient=True)[0]
+                               ebm_gradient="chains")[0]
 
         grads = jax.grad(loss)(params)
         rng = np.random.default_rng(5)

@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.thermo import adjacent_gaussian_kls, gaussian_kl, temperature_schedule, trapezoid_log_evidence
+from model.thermo import (
+    adjacent_gaussian_kls,
+    gaussian_kl,
+    temperature_schedule,
+    trapezoid_log_evidence,
+    trapezoid_weights,
+)
 
 
 def test_temperature_schedule_is_the_power_law_with_both_ends():
@@ -128,3 +134,18 @@ def test_kl_weight_scales_only_the_correction():
     assert abs(one - base) > 1e-3
     with pytest.raises(ValueError, match="both"):
         trapezoid_log_evidence(temps, e, fwd, None)
+
+
+@pytest.mark.parametrize("num_temps,power", [(2, 1.0), (5, 0.3), (10, 3.0)])
+def test_trapezoid_weights_give_the_trapezium(num_temps, power):
+    temps = temperature_schedule(num_temps, power)
+    e = jnp.asarray(np.random.default_rng(0).normal(size=num_temps))
+    w = trapezoid_weights(temps)
+    np.testing.assert_allclose(float(jnp.sum(w * e)), float(trapezoid_log_evidence(temps, e)), rtol=1e-5)
+    np.testing.assert_allclose(float(jnp.sum(w)), 1.0, rtol=1e-6)
+
+
+def test_trapezoid_weight_on_the_prior_is_large_for_small_p():
+    """Finding 3: w_0, the weight of samples that ignore x in the TI generator gradient, at N_t = 10."""
+    w0 = [float(trapezoid_weights(temperature_schedule(10, p))[0]) for p in (0.1, 0.3, 1.0, 3.0)]
+    np.testing.assert_allclose(w0, [0.4014, 0.2586, 1 / 18, 6.859e-4], rtol=1e-3)
