@@ -3,7 +3,7 @@
 Times the real pmapped train step (model.step.compiled_train_step) per workload: images/s, compile time,
 XLA's static peak-memory estimate, FLOPs per step counted with loop trip counts, and the achieved FLOP rate
 next to this machine's float32 matmul rate. The `ref-*` workloads are the shapes at which the paper's
-public JAX code was measured on a 2-core machine of this kind (see README).
+public JAX code was measured on a 2-core machine of this kind (see docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -124,8 +124,10 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("image_size", size, "must be a power of two >= 4 (the generator doubles 4x4 up)")
     if cfg.batch_size > cfg.num_train:
         _fail("batch_size", cfg.batch_size, f"exceeds num_train={cfg.num_train}")
-    if cfg.eval_every < 0 or cfg.sample_every < 0:
+    if cfg.eval_every < 0:
         _fail("eval_every", cfg.eval_every, "must be >= 0 (0 disables evaluation)")
+    if cfg.sample_every < 0:
+        _fail("sample_every", cfg.sample_every, "must be >= 0 (0 saves no image grids)")
 
 
 # Paper Table 3 (CelebA) and Table 4 (CIFAR-10); SVHN uses the CIFAR-10 family at 32x32.
