@@ -4,7 +4,8 @@ log p(x) and the corrections of its discretisation error, and the Gaussian KL of
 Eq. 19 prints `KL(p_{i-1}||p_i) + KL(p_i||p_{i-1})`; the identity it rests on is a difference:
     log Z_i - log Z_{i-1} = dt_i E_{i-1} + KL(p_{i-1}||p_i) = dt_i E_i - KL(p_i||p_{i-1}),
 whose mean is exact for any schedule; their difference gives KL(p_{i-1}||p_i) + KL(p_i||p_{i-1}) =
-dt_i (E_i - E_{i-1}), a free check of any fitted KL (`kl_identity_residual`).
+dt_i (E_i - E_{i-1}), a free check of any fitted KL (`kl_identity_residual`). We implement the difference
+(docs/model.md).
 
 The rules here take per-chain arrays shaped (N_t, M, ...): N_t temperatures, M chains per example, then
 any example axes. They are pure functions of their inputs; nothing is static except array shapes.
