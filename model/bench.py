@@ -43,10 +43,16 @@ def workloads() -> dict[str, ExperimentConfig]:
         "digits-thermo-nt5-other-cell": get_preset("digits", eval_every=0, objective="thermo", num_temps=5,
                                                    temp_power=6.0, kl_weight=3.0, posterior_step_size=0.02),
         "ref-vanilla": get_preset("cifar10", **_REF),
-        "ref-thermo-nt5": get_preset("cifar10", **_REF, objective="thermo", chain_gradient=False),
+        "ref-thermo-nt5": get_preset("cifar10", **_REF, objective="thermo", ebm_gradient="none"),
         "ref-thermo-nt10": get_preset("cifar10", **(_REF | dict(num_temps=10)), objective="thermo",
-                                      chain_gradient=False),
-        "ref-thermo-nt5-chain": get_preset("cifar10", **_REF, objective="thermo", chain_gradient=True),
+                                      ebm_gradient="none"),
+        "ref-thermo-nt5-chain": get_preset("cifar10", **_REF, objective="thermo", ebm_gradient="chains"),
+        # the maximum-likelihood EBM gradient: one extra prior chain, no backprop through the chains
+        "ref-thermo-nt5-ml": get_preset("cifar10", **_REF, objective="thermo", ebm_gradient="ml"),
+        # per-example Gaussians from M = 8 chains per example: time and memory linear in M
+        "ref-thermo-nt5-kl-example-m8": get_preset("cifar10", **_REF, objective="thermo",
+                                                   ebm_gradient="none", ti_rule="kl_example",
+                                                   chains_per_example=8),
     }
     return w
 
@@ -130,7 +136,8 @@ def run_workload(name: str, config: ExperimentConfig, steps: int, devices: list[
     row = {
         "name": name, "objective": config.objective,
         "num_temps": config.num_temps if config.is_thermo else None,
-        "chain_gradient": config.chain_gradient if config.is_thermo else None,
+        **{f: getattr(config, f) if config.is_thermo else None
+           for f in ("ti_rule", "chains_per_example", "ebm_gradient", "gen_gradient")},
         "batch_size": config.batch_size, "image_shape": list(config.image_shape), "devices": len(devices),
         "images_per_s": config.batch_size / step_s, "step_s": step_s,
         "compile_s": max(first - step_s, 0.0), "recompiled": bool(compiles), "compiles": len(compiles),

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 OBJECTIVES = ("vanilla", "thermo")
 DATASETS = ("digits", "cifar10", "celeb_a", "svhn_cropped")
+# How log p(x) is estimated from the chains, and which gradient each network gets (docs/estimators.md).
+TI_RULES = ("kl_batch", "kl_example", "variance", "stepping_stone", "trapezoid")
+EBM_GRADIENTS = ("chains", "none", "ml")
+GEN_GRADIENTS = ("ti", "ml")
+KL_EXAMPLE_MIN_CHAINS = 6  # diagonal per-x fits: 1/s^2 with M - 1 >= 5 degrees of freedom has finite variance
+# Fields that no longer exist, and what to set instead.
+REPLACED_FIELDS = {
+    "chain_gradient": "it is replaced by ebm_gradient and gen_gradient: chain_gradient=true is "
+                      "ebm_gradient=chains, chain_gradient=false is ebm_gradient=none (both with "
+                      "gen_gradient=ti)",
+}
 
 
 @dataclass(frozen=True)
@@ -59,8 +71,11 @@ class ExperimentConfig:
     temp_power: float = 1.0  # TEMP_POWER, p in Eq. 21
     num_temps: int = 10  # NUM_TEMPS, N_t in Eq. 18 (both ends included)
     kl_weight: float = 1.0  # KL_BIAS_WEIGHT, eta in Eq. 22
-    chain_gradient: bool = True  # False reproduces the published code (stop-gradient chains)
-    kl_ridge: float = 1e-3  # added to the diagonal of each fitted covariance (Eq. 20)
+    kl_ridge: float = 1e-3  # added to the diagonal of each batch-fitted covariance (Eq. 20, kl_batch)
+    ti_rule: str = "kl_batch"  # log p(x) from the chains: one of TI_RULES (kl_batch: Eq. 20 as published)
+    chains_per_example: int = 1  # M posterior chains per example at every temperature
+    ebm_gradient: str = "chains"  # chains (the paper's text), none (the published code: KILL_GRADIENT), ml
+    gen_gradient: str = "ti"  # ti (differentiate the TI estimate) or ml (E_{t=1}[grad log p(x|z)])
     # run
     seed: int = 0
     eval_every: int = 0  # evaluate FID/KID every this many epochs (0: never)
@@ -88,6 +103,27 @@ def _fail(name: str, value: Any, why: str) -> None:
     raise ValueError(f"{name}={value!r} {why}")
 
 
+def _validate_estimators(cfg: ExperimentConfig) -> None:
+    """The TI rule, the gradient choices and the chains per example they need."""
+    for name, allowed in (("ti_rule", TI_RULES), ("ebm_gradient", EBM_GRADIENTS),
+                          ("gen_gradient", GEN_GRADIENTS)):
+        if getattr(cfg, name) not in allowed:
+            _fail(name, getattr(cfg, name), f"is unknown; use one of {', '.join(allowed)}")
+    m = cfg.chains_per_example
+    if cfg.ti_rule in ("variance", "stepping_stone") and m < 2:
+        _fail("chains_per_example", m, f"is too few for ti_rule={cfg.ti_rule}, which works from the spread "
+              "of each example's chains; set chains_per_example=2 or more")
+    if cfg.ti_rule == "kl_example" and m < KL_EXAMPLE_MIN_CHAINS:
+        _fail("chains_per_example", m, "is too few for ti_rule=kl_example: the per-example KL's trace term "
+              f"has no finite variance below {KL_EXAMPLE_MIN_CHAINS} chains; set chains_per_example="
+              f"{KL_EXAMPLE_MIN_CHAINS} or more")
+    if cfg.is_thermo and cfg.ti_rule == "kl_batch" and cfg.batch_size <= cfg.z_dim:
+        warnings.warn(f"ti_rule=kl_batch with batch_size={cfg.batch_size} <= z_dim={cfg.z_dim}: the "
+                      "Gaussians fitted across the batch are rank-deficient and their KL is set by kl_ridge "
+                      "(noise of hundreds of nats); use ti_rule=kl_example, variance or stepping_stone for a "
+                      "correction that estimates something", UserWarning, stacklevel=3)
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Refuse values the maths or the shapes cannot take, naming the field and the fix."""
     if cfg.objective not in OBJECTIVES:
@@ -105,7 +141,7 @@ def validate(cfg: ExperimentConfig) -> None:
         if not (v > 0 and math.isfinite(v)):
             _fail(name, v, "must be a finite step size > 0 (Langevin, Eq. 10)")
     for name in ("prior_steps", "posterior_steps", "epochs", "batch_size", "z_dim", "ebm_width",
-                 "gen_width", "num_train", "num_val", "channels"):
+                 "gen_width", "num_train", "num_val", "channels", "chains_per_example"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             _fail(name, v, "must be a positive integer")
@@ -119,6 +155,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("kl_weight", cfg.kl_weight, "must be a finite number >= 0 (eta in Eq. 22)")
     if cfg.kl_ridge < 0:
         _fail("kl_ridge", cfg.kl_ridge, "must be >= 0")
+    _validate_estimators(cfg)
     size = cfg.image_size
     if size < 4 or size & (size - 1):
         _fail("image_size", size, "must be a power of two >= 4 (the generator doubles 4x4 up)")
@@ -161,6 +198,8 @@ def config_fields() -> dict[str, type]:
 def parse_value(name: str, text: str) -> Any:
     """Turn a command-line string into the type of field `name`."""
     types = {f.name: f for f in fields(ExperimentConfig)}
+    if name in REPLACED_FIELDS:
+        raise ValueError(f"config field {name!r} no longer exists; {REPLACED_FIELDS[name]}")
     if name not in types:
         known = ", ".join(sorted(types))
         raise ValueError(f"unknown config field {name!r}; known fields: {known}")
@@ -191,6 +230,8 @@ def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> Experim
     """Return `cfg` with `overrides` applied; string values are parsed to the field's type."""
     parsed = {k: parse_value(k, v) if isinstance(v, str) else v for k, v in overrides.items()}
     unknown = set(parsed) - set(config_fields())
+    for name in sorted(unknown & set(REPLACED_FIELDS)):
+        raise ValueError(f"config field {name!r} no longer exists; {REPLACED_FIELDS[name]}")
     if unknown:
         raise ValueError(f"unknown config field(s) {sorted(unknown)}; known: {sorted(config_fields())}")
     return replace(cfg, **parsed)

@@ -30,6 +30,7 @@ from model.step import (
     replicate,
     unreplicate,
 )
+from model.thermo import temperature_schedule, trapezoid_weights
 
 METRIC_COLUMNS = ("kid_rbf_inf", "kid_poly_inf", "fid_inf")
 _DIVERGENCE_CHECK_EVERY = 10  # steps between host-side finiteness checks (a sync costs a little)
@@ -137,6 +138,7 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
     readings = {name: float(np.mean([s[name][0] for s in host]))
                 for name in ("grad_mean", "grad_var", "grad_var_ebm", "grad_var_gen")}
     readings["train_loss"] = float(np.mean([s["loss"][0] for s in host]))
+    readings.update(temperature_readings(config, host))
     readings["val_loss"] = validation_loss(config, params, dataset.val, epoch, devices)
     if not math.isfinite(readings["val_loss"]) and len(dataset.val) >= config.batch_size:
         raise DivergenceError(f"validation loss is {readings['val_loss']} after epoch {epoch}; "
@@ -144,6 +146,24 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
     readings.update(epoch=epoch, epoch_time_s=time.perf_counter() - start, ebm_lr=float(lrs[0]),
                     gen_lr=float(lrs[1]))
     return new_state, readings
+
+
+def temperature_readings(config: ExperimentConfig, host: list[dict[str, Any]]) -> dict[str, Any]:
+    """The TI curve of an epoch (thermo only; {} for vanilla): the schedule t_i, the trapezoid weights w_i,
+    E_i and the fitted KLs per interval averaged over the epoch's steps (lists; the KLs None for rules that
+    fit no Gaussians), and `kl_identity_error` averaged over the steps."""
+    if not config.is_thermo:
+        return {}
+    temps = temperature_schedule(config.num_temps, config.temp_power)
+
+    def mean_list(name: str) -> list[float] | None:
+        values = np.mean([s[name][0] for s in host], axis=0)
+        return None if np.all(np.isnan(values)) else [float(v) for v in values]
+
+    error = float(np.mean([s["kl_identity_error"][0] for s in host]))
+    return {"ti_temps": [float(t) for t in temps], "ti_weights": [float(w) for w in trapezoid_weights(temps)],
+            **{n: mean_list(n) for n in ("ti_expected_loglik", "ti_kl_forward", "ti_kl_backward")},
+            "kl_identity_error": None if math.isnan(error) else error}
 
 
 def _check_finite(stats: dict[str, Any], epoch: int, step: int) -> None:

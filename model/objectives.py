@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from model.config import EBM_GRADIENTS, GEN_GRADIENTS, TI_RULES
 from model.langevin import langevin_chain, power_posterior_log_density, prior_log_density
 from model.nets import log_likelihood
 from model.thermo import (
@@ -40,9 +41,6 @@ from model.thermo import (
 
 Params = dict[str, Any]  # {"ebm": ..., "gen": ...}
 
-TI_RULES = ("kl_batch", "kl_example", "variance", "stepping_stone", "trapezoid")
-EBM_GRADIENTS = ("chains", "none", "ml")
-GEN_GRADIENTS = ("ti", "ml")
 
 
 class Networks(NamedTuple):

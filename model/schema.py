@@ -26,7 +26,8 @@ EPOCHS_FILE = "epochs.parquet"
 Columns = dict[str, tuple[pa.DataType, str]]  # name: (arrow type, meaning)
 
 # Config fields that only a thermodynamic objective uses: null in the rows of vanilla trials.
-THERMO_ONLY = ("temp_power", "num_temps", "kl_weight")
+THERMO_ONLY = ("temp_power", "num_temps", "kl_weight", "ti_rule", "chains_per_example", "ebm_gradient",
+               "gen_gradient")
 
 # Config fields written beside every reading, so a table read on its own says what produced it.
 CONFIG_COLUMNS: Columns = {
@@ -37,8 +38,14 @@ CONFIG_COLUMNS: Columns = {
     "temp_power": (pa.float64(), "p of the temperature schedule t_i = (i/(N_t-1))^p; null for vanilla"),
     "num_temps": (pa.int64(), "N_t, temperatures including both ends; null for vanilla"),
     "kl_weight": (pa.float64(), "eta, weight of the KL terms (Eq. 22); null for vanilla"),
-    "chain_gradient": (pa.bool_(), "true: gradients flow through the Langevin chains (the method as "
-                                   "described); false: stop-gradient chains (the published code)"),
+    "ti_rule": (pa.string(), "how log p(x) is estimated from the chains: kl_batch (Eq. 20 as published), "
+                             "kl_example, variance, stepping_stone or trapezoid; null for vanilla"),
+    "chains_per_example": (pa.int64(), "M, posterior chains per example and temperature; null for vanilla"),
+    "ebm_gradient": (pa.string(), "the EBM's gradient: chains (through the Langevin chains, the paper's "
+                                  "text), none (stop-gradient chains, the published code) or ml; null for "
+                                  "vanilla"),
+    "gen_gradient": (pa.string(), "the generator's gradient: ti (of the TI estimate) or ml (E_{t=1}[grad log "
+                                  "p(x|z)]); null for vanilla"),
     "prior_steps": (pa.int64(), "K_z, prior Langevin steps"),
     "posterior_steps": (pa.int64(), "K_post, posterior Langevin steps (per temperature for thermo)"),
     "prior_step_size": (pa.float64(), "s of the prior chain (Eq. 10)"),
@@ -92,6 +99,19 @@ READING_COLUMNS: Columns = {
     "epoch_time_s": (pa.float64(), "wall time of the epoch's training and validation, seconds"),
     "ebm_lr": (pa.float64(), "EBM learning rate used in the epoch"),
     "gen_lr": (pa.float64(), "generator learning rate used in the epoch"),
+    "ti_temps": (pa.list_(pa.float64()), "the schedule t_0 = 0 .. t_{N_t-1} = 1; null for vanilla"),
+    "ti_weights": (pa.list_(pa.float64()), "trapezoid weights w_i (sum_i w_i E_i is the trapezium; also the "
+                                           "weights of the TI generator gradient); null for vanilla"),
+    "ti_expected_loglik": (pa.list_(pa.float64()), "E_i = E_{p(z|x,t_i)}[log p(x|z)] per temperature, "
+                                                   "nats per image, averaged over the epoch's steps (the TI "
+                                                   "curve); null for vanilla"),
+    "ti_kl_forward": (pa.list_(pa.float64()), "fitted KL(p_{i-1}||p_i) per interval i = 1..N_t-1, "
+                                              "averaged over the steps; null unless ti_rule is kl_batch or "
+                                              "kl_example"),
+    "ti_kl_backward": (pa.list_(pa.float64()), "fitted KL(p_i||p_{i-1}) per interval; null as ti_kl_forward"),
+    "kl_identity_error": (pa.float64(), "sum_i |KL_f + KL_b - dt_i (E_i - E_{i-1})| of the fitted Gaussians "
+                                        "(0 for the exact posteriors), nats, averaged over the steps; null "
+                                        "unless ti_rule is kl_batch or kl_example"),
 }
 
 EPOCH_COLUMNS: Columns = {

@@ -33,7 +33,10 @@ class StepSpec:
     num_temps: int
     prior_steps: int
     posterior_steps: int
-    chain_gradient: bool
+    ti_rule: str
+    chains_per_example: int
+    ebm_gradient: str
+    gen_gradient: str
     z_dim: int
     ebm_width: int
     ebm_leak: float
@@ -47,8 +50,12 @@ class StepSpec:
 
     @classmethod
     def from_config(cls, c: ExperimentConfig) -> StepSpec:
+        # The estimator fields change only the thermodynamic step: vanilla specs leave them at defaults so
+        # vanilla cells share one compilation whatever they say.
+        ti = (c.ti_rule, c.chains_per_example, c.ebm_gradient, c.gen_gradient) if c.is_thermo else (
+            "", 1, "", "")
         return cls(c.objective, c.num_temps if c.is_thermo else 0, c.prior_steps, c.posterior_steps,
-                   c.chain_gradient, c.z_dim, c.ebm_width, c.ebm_leak, c.gen_width, c.gen_leak,
+                   *ti, c.z_dim, c.ebm_width, c.ebm_leak, c.gen_width, c.gen_leak,
                    c.conv_impl, c.image_size, c.channels, (c.ebm_beta1, c.ebm_beta2),
                    (c.gen_beta1, c.gen_beta2))
 
@@ -108,10 +115,22 @@ def loss_fn(spec: StepSpec, axis_name: str | None = None, unroll: bool = False) 
     nets = networks(spec)
     if spec.objective == "thermo":
         return functools.partial(thermo_loss, nets=nets, num_temps=spec.num_temps,
-                                 posterior_steps=spec.posterior_steps, z_dim=spec.z_dim,
-                                 chain_gradient=spec.chain_gradient, axis_name=axis_name, unroll=unroll)
+                                 posterior_steps=spec.posterior_steps, z_dim=spec.z_dim, ti_rule=spec.ti_rule,
+                                 chains_per_example=spec.chains_per_example, ebm_gradient=spec.ebm_gradient,
+                                 gen_gradient=spec.gen_gradient, prior_steps=spec.prior_steps,
+                                 axis_name=axis_name, unroll=unroll)
     return functools.partial(vanilla_loss, nets=nets, prior_steps=spec.prior_steps,
                              posterior_steps=spec.posterior_steps, z_dim=spec.z_dim, unroll=unroll)
+
+
+def temperature_statistics(aux: dict[str, jax.Array], axis_name: str) -> dict[str, jax.Array]:
+    """The per-temperature readings of one thermodynamic step, averaged over the whole batch: E_i (N_t,),
+    the fitted KLs (N_t - 1,) and `kl_identity_error`, sum_i |KL_f + KL_b - dt_i (E_i - E_{i-1})| in nats
+    (NaN where the rule fits no Gaussians). The residual is linear in batch means, so pmean keeps it exact."""
+    names = ("expected_loglik", "kl_forward", "kl_backward", "kl_identity")
+    mean = jax.lax.pmean({n: aux[n] for n in names}, axis_name)
+    return {"ti_expected_loglik": mean["expected_loglik"], "ti_kl_forward": mean["kl_forward"],
+            "ti_kl_backward": mean["kl_backward"], "kl_identity_error": jnp.sum(jnp.abs(mean["kl_identity"]))}
 
 
 def _local_example_ids(local_batch: int, axis_name: str) -> jax.Array:
@@ -130,10 +149,12 @@ def compiled_train_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..
     def step(carry: Any, x: jax.Array, key: jax.Array, hp: Hyper, lrs: Any) -> Any:
         params, (ebm_opt, gen_opt) = carry
         ids = _local_example_ids(x.shape[0], "batch")
-        (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, x, key, ids, hp)
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, x, key, ids, hp)
         grads = jax.lax.pmean(grads, "batch")
         stats = gradient_statistics(grads["ebm"], grads["gen"])
         stats["loss"] = jax.lax.pmean(value, "batch")
+        if spec.objective == "thermo":
+            stats.update(temperature_statistics(aux, "batch"))
         ebm_opt.hyperparams["learning_rate"] = lrs[0]
         gen_opt.hyperparams["learning_rate"] = lrs[1]
         ebm_up, ebm_opt = ebm_tx.update(grads["ebm"], ebm_opt, params["ebm"])

@@ -19,7 +19,9 @@ def test_presets_reproduce_the_paper_tables_field_by_field(preset, table):
     cfg = get_preset(preset)
     for field, value in table.items():
         assert getattr(cfg, field) == value, (preset, field)
-    assert cfg.chain_gradient is True  # the method as the paper describes it
+    # the method as the paper describes it, with the paper's estimator and one chain per example
+    assert (cfg.ebm_gradient, cfg.gen_gradient, cfg.ti_rule, cfg.chains_per_example) == ("chains", "ti",
+                                                                                          "kl_batch", 1)
 
 
 def test_digits_preset_is_small_and_offline():
@@ -43,11 +45,50 @@ def test_bad_values_are_refused_naming_the_field(field, value, needle):
 
 def test_overrides_parse_types_and_refuse_unknown_names():
     cfg = apply_overrides(get_preset("digits"), parse_set_args(["temp_power=6", "objective=thermo",
-                                                                "chain_gradient=false", "num_temps=20"]))
-    assert (cfg.temp_power, cfg.objective, cfg.chain_gradient, cfg.num_temps) == (6.0, "thermo", False, 20)
+                                                                "ebm_gradient=none", "num_temps=20"]))
+    assert (cfg.temp_power, cfg.objective, cfg.ebm_gradient, cfg.num_temps) == (6.0, "thermo", "none", 20)
     with pytest.raises(ValueError, match="unknown config field 'tempo'"):
         apply_overrides(cfg, {"tempo": "3"})
     with pytest.raises(ValueError, match="not an integer"):
         apply_overrides(cfg, {"num_temps": "ten"})
     with pytest.raises(ValueError, match="unknown preset 'imagenet'"):
         get_preset("imagenet")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(ti_rule="kl"), "ti_rule='kl' is unknown"),
+    (dict(ebm_gradient="exact"), "ebm_gradient='exact' is unknown"),
+    (dict(gen_gradient="chains"), "gen_gradient='chains' is unknown"),
+    (dict(chains_per_example=0), "chains_per_example=0 must be a positive integer"),
+    (dict(ti_rule="variance"), "chains_per_example=1 is too few for ti_rule=variance.*chains_per_example=2"),
+    (dict(ti_rule="stepping_stone"), "chains_per_example=1 is too few for ti_rule=stepping_stone"),
+    (dict(ti_rule="kl_example", chains_per_example=5), "chains_per_example=5 is too few for "
+                                                       "ti_rule=kl_example.*chains_per_example=6 or more"),
+])
+def test_estimator_fields_are_checked_with_the_fix_in_the_message(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        ExperimentConfig(**overrides)
+
+
+def test_estimator_fields_accept_what_the_rules_need():
+    for overrides in (dict(ti_rule="kl_example", chains_per_example=6), dict(ti_rule="variance",
+                      chains_per_example=2), dict(ti_rule="stepping_stone", chains_per_example=2),
+                      dict(ti_rule="trapezoid"), dict(ebm_gradient="ml", gen_gradient="ml")):
+        ExperimentConfig(**overrides)
+
+
+def test_chain_gradient_is_refused_naming_its_replacement():
+    with pytest.raises(ValueError, match="chain_gradient=false is ebm_gradient=none"):
+        apply_overrides(get_preset("digits"), parse_set_args(["chain_gradient=false"]))
+    with pytest.raises(ValueError, match="replaced by ebm_gradient and gen_gradient"):
+        apply_overrides(get_preset("digits"), {"chain_gradient": True})
+
+
+def test_kl_batch_warns_when_the_batch_cannot_span_z():
+    with pytest.warns(UserWarning, match="batch_size=75 <= z_dim=80.*rank-deficient"):
+        get_preset("celeba", objective="thermo")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_preset("celeba", objective="thermo", ti_rule="trapezoid")
+        get_preset("celeba")  # vanilla fits no Gaussians

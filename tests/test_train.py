@@ -45,14 +45,23 @@ def test_gradient_statistics_are_over_all_entries_of_both_networks():
     assert float(stats["grad_var_gen"]) == pytest.approx(np.var([-1.0, 0.0, 5.0]))
 
 
-@pytest.mark.parametrize("objective", ["vanilla", "thermo"])
-def test_one_and_two_devices_give_the_same_epoch(objective, digits_small):
+@pytest.mark.parametrize("objective,estimator", [
+    ("vanilla", {}), ("thermo", {}),
+    ("thermo", dict(ti_rule="kl_example", chains_per_example=6, ebm_gradient="ml", gen_gradient="ti")),
+])
+def test_one_and_two_devices_give_the_same_epoch(objective, estimator, digits_small):
     devices = jax.local_devices()
     assert len(devices) >= 2, "tests/conftest.py forces two host devices"
-    cfg = tiny(objective=objective, temp_power=2.0, kl_weight=1.5)
+    cfg = tiny(objective=objective, temp_power=2.0, kl_weight=1.5, **estimator)
     one, r1 = loop.train_epoch(cfg, loop.init_state(cfg), digits_small, devices=devices[:1])
     two, r2 = loop.train_epoch(cfg, loop.init_state(cfg), digits_small, devices=devices[:2])
-    for name in ("train_loss", "val_loss", "grad_mean", "grad_var", "grad_var_ebm", "grad_var_gen"):
+    names = ["train_loss", "val_loss", "grad_mean", "grad_var", "grad_var_ebm", "grad_var_gen"]
+    if objective == "thermo":
+        names.append("kl_identity_error")
+        for name in ("ti_expected_loglik", "ti_kl_forward", "ti_kl_backward"):
+            assert len(r1[name]) == cfg.num_temps - (name != "ti_expected_loglik")
+            np.testing.assert_allclose(r1[name], r2[name], rtol=2e-4, atol=1e-6, err_msg=name)
+    for name in names:
         assert r1[name] == pytest.approx(r2[name], rel=2e-4, abs=1e-7), name
     for a, b in zip(jax.tree.leaves((one.ebm_params, one.gen_params)),
                     jax.tree.leaves((two.ebm_params, two.gen_params)), strict=True):
@@ -138,7 +147,14 @@ def test_command_line_writes_the_epochs_table(tmp_path, capsys):
                 "grad_var_gen", "kid_rbf_inf", "kid_poly_inf", "fid_inf", "epoch_time_s"]:
         assert col in table.columns, col
     assert np.all(np.isfinite(table["grad_var"])) and table["kid_rbf_inf"].isna().all()
-    assert table["chain_gradient"].tolist() == [True, True]  # recorded with every reading
+    assert table["ebm_gradient"].tolist() == ["chains", "chains"]  # recorded with every reading
+    assert table["ti_rule"].tolist() == ["kl_batch", "kl_batch"]
+    # the TI curve of every epoch: N_t temperatures, weights that sum to 1, E_i rising with t
+    temps, weights, e = (np.asarray(table[c].iloc[-1]) for c in ("ti_temps", "ti_weights",
+                                                                 "ti_expected_loglik"))
+    np.testing.assert_allclose(temps, (np.arange(5) / 4) ** 6, rtol=1e-5)
+    assert weights.sum() == pytest.approx(1.0) and len(e) == 5 and e[-1] > e[0]
+    assert len(table["ti_kl_forward"].iloc[0]) == 4 and table["kl_identity_error"].notna().all()
     assert table["objective"].tolist() == ["thermo", "thermo"] and table["temp_power"].tolist() == [6.0, 6.0]
 
 
