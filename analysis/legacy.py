@@ -9,7 +9,8 @@ the vanilla model) and writes `DIR/results/trials.parquet` and `DIR/results/epoc
 Choices (docs/analysis.md): the CSVs number epochs 0..49 and each row holds that epoch's training averages,
 so `epoch = Epoch + 1` (1..50; the final reading is epoch 50 = `epochs`). Parameters not in the path take
 the paper's defaults (Table 3 for CelebA; Table 4, the CIFAR-10 family, for SVHN and CIFAR-10).
-`chain_gradient` is False for thermo trials: the published code stopped gradients at the chain outputs.
+`ebm_gradient` is `none` for thermo trials: the published code stopped gradients at the chain outputs
+(`gen_gradient` `ti`, `ti_rule` `kl_batch`, one chain per example).
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ def parse_path(rel: Path) -> dict:
         objective="thermo" if thermo else "vanilla",
         batch_size=int(params["batch"]),
         temp_power=params["p"] if thermo else np.nan,
-        chain_gradient=False if thermo else pd.NA,
+        ebm_gradient="none" if thermo else pd.NA,
+        gen_gradient="ti" if thermo else pd.NA,
+        ti_rule="kl_batch" if thermo else pd.NA,
+        chains_per_example=1 if thermo else pd.NA,
     )
     if not thermo:
         row["num_temps"] = np.nan
@@ -197,13 +201,18 @@ def convert_readings(src: str | Path, run: str = "paper") -> tuple[pd.DataFrame,
         "error",
         "wall_time_s",
         "devices",
-        "chain_gradient",
+        "ti_rule",
+        "chains_per_example",
+        "ebm_gradient",
+        "gen_gradient",
         "wall_time_source",
         "source",
     ]
     t = pd.DataFrame(trials)[order]
     t["seed"] = t["seed"].astype("Int64")
-    t["chain_gradient"] = t["chain_gradient"].astype("boolean")
+    for col in ("ti_rule", "ebm_gradient", "gen_gradient"):
+        t[col] = t[col].astype("string")
+    t["chains_per_example"] = t["chains_per_example"].astype("Int64")
     for col in ("batch_size", "prior_steps", "posterior_steps", "repetition", "epochs", "devices"):
         t[col] = t[col].astype("int64")
     for col in ("temp_power", "num_temps", "kl_weight", "wall_time_s"):

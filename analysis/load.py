@@ -89,6 +89,28 @@ def latest_samples(run_dir: Path, run: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "trial_id", "epoch", "path"])
 
 
+def estimator_columns(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials written before `ebm_gradient`/`gen_gradient` replaced `chain_gradient`: the old column mapped
+    (true -> chains/ti, false -> none/ti) and the estimator fields those runs used (kl_batch, M = 1) filled
+    in for thermo rows. Tables that already have `ebm_gradient` are returned unchanged."""
+    if "chain_gradient" not in trials.columns or "ebm_gradient" in trials.columns:
+        return trials
+    t = trials.drop(columns=["chain_gradient"])
+    thermo = (t["objective"] == "thermo") if "objective" in t.columns else trials["chain_gradient"].notna()
+    old = trials["chain_gradient"].astype("boolean")
+    t["ebm_gradient"] = pd.Series(pd.NA, index=t.index, dtype="string")
+    t.loc[thermo, "ebm_gradient"] = old[thermo].map({True: "chains", False: "none"}).fillna("chains")
+    t["gen_gradient"] = pd.Series(pd.NA, index=t.index, dtype="string")
+    t.loc[thermo, "gen_gradient"] = "ti"
+    if "ti_rule" not in t.columns:
+        t["ti_rule"] = pd.Series(pd.NA, index=t.index, dtype="string")
+        t.loc[thermo, "ti_rule"] = "kl_batch"
+    if "chains_per_example" not in t.columns:
+        t["chains_per_example"] = pd.Series(pd.NA, index=t.index, dtype="Int64")
+        t.loc[thermo, "chains_per_example"] = 1
+    return t
+
+
 def _read_one(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     trials = pd.read_parquet(results_dir / TRIALS_FILE)
     if "trial_id" not in trials.columns:
@@ -100,6 +122,7 @@ def _read_one(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
         trials.insert(0, "run", name)
     trials["run"] = trials["run"].fillna(name).astype(str)
     trials["trial_id"] = trials["trial_id"].astype(str)
+    trials = estimator_columns(trials)
     epochs_path = results_dir / EPOCHS_FILE
     epochs = (
         pd.read_parquet(epochs_path) if epochs_path.exists() else pd.DataFrame(columns=["trial_id", "epoch"])

@@ -219,12 +219,12 @@ def build_report(
             rep.p(
                 f"**{len(short)} trials stopped before their configured epochs**; their last epoch is used."
             )
-    if "chain_gradient" in final.columns:
-        stopped = final[(final["objective"] == "thermo") & ~final["chain_gradient"].fillna(True).astype(bool)]
+    if "ebm_gradient" in final.columns:
+        stopped = final[(final["objective"] == "thermo") & (final["ebm_gradient"].astype("string") == "none")]
         if len(stopped):
             rep.p(
-                f"{len(stopped)} thermo trials ran with `chain_gradient` false (stop-gradient chains, as the "
-                "paper's published code did): their EBM prior received no gradient (docs/model.md)."
+                f"{len(stopped)} thermo trials ran with `ebm_gradient` none (stop-gradient chains, as the "
+                "paper's published code did): their EBM prior received no gradient (docs/estimators.md)."
             )
     if "wall_time_source" in results.trials.columns:
         for src in results.trials["wall_time_source"].dropna().unique():

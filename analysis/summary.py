@@ -24,7 +24,7 @@ CELL_PARAMS = [
     "kl_weight",
     "prior_steps",
     "posterior_steps",
-    "chain_gradient",
+    "ebm_gradient",
 ]
 # Settings that, besides p, define a thermo cell; cells off the run's most common setting are the
 # "extra" cells of the paper's Section 4 / Fig. 6.
@@ -66,11 +66,11 @@ def normalise_trials(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     for col in CELL_PARAMS:
         if col not in t.columns:
             t[col] = pd.NA
-            if col != "chain_gradient":
+            if col != "ebm_gradient":
                 notes.append(f"trials have no `{col}` column: figures and fits that need it are skipped")
     for col in ("batch_size", "temp_power", "num_temps", "kl_weight", "prior_steps", "posterior_steps"):
         t[col] = pd.to_numeric(t[col], errors="coerce").astype("float64")
-    t["chain_gradient"] = t["chain_gradient"].astype("boolean")
+    t["ebm_gradient"] = t["ebm_gradient"].astype("string")
     if "cell" not in t.columns:
         t["cell"] = [_param_label(r) for r in t.to_dict("records")]
         notes.append("trials have no `cell` column: cells named from their parameters")
@@ -311,7 +311,7 @@ def quadratic_fits(
         "run",
         "dataset",
         "regime",
-        "chain_gradient",
+        "ebm_gradient",
         "metric",
         "x",
         "n_cells",
@@ -330,7 +330,7 @@ def quadratic_fits(
     main = summary[~summary["extra"].astype(bool)]
     for (run, ds), grp in main.groupby(["run", "dataset"], sort=False):
         use_log = spans_decades(grp[mx]) if log_x is None else log_x
-        cg = grp["chain_gradient"].astype("string").fillna("-") if "chain_gradient" in grp else "-"
+        cg = grp["ebm_gradient"].astype("string").fillna("-") if "ebm_gradient" in grp else "-"
         for (regime, chain), sub in grp.groupby([grp["regime"], cg], sort=False):
             if regime not in REGIMES:
                 continue
@@ -342,7 +342,7 @@ def quadratic_fits(
                 "run": run,
                 "dataset": ds,
                 "regime": regime,
-                "chain_gradient": chain,
+                "ebm_gradient": chain,
                 "metric": metric,
                 "x": f"log10({x})" if use_log else x,
                 "n_cells": len(ok),

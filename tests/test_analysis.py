@@ -146,7 +146,7 @@ def synthetic_tables(
                     error=None,
                     wall_time_s=(100.0 if c["objective"] == "vanilla" else 100.0 * c["num_temps"]) + r,
                     devices=1,
-                    chain_gradient=(True if c["objective"] == "thermo" else None),
+                    ebm_gradient=("chains" if c["objective"] == "thermo" else None),
                 )
             )
             for e in range(1, EPOCHS + 1):
@@ -243,6 +243,26 @@ def test_load_accepts_run_results_dirs_and_files_and_keeps_run_names(tmp_path):
     assert len(analysis.load(a, a / "results", a / "results" / "epochs.parquet").trials) == len(t1)
 
 
+def test_load_maps_the_old_chain_gradient_column(tmp_path):
+    """Runs written before ebm_gradient/gen_gradient: true -> (chains, ti), false -> (none, ti), with the
+    estimator those runs used (kl_batch, one chain per example); vanilla rows stay null."""
+    trials, epochs = synthetic_tables(run="old")
+    thermo = trials["objective"] == "thermo"
+    trials = trials.drop(columns="ebm_gradient")
+    trials["chain_gradient"] = pd.array([None] * len(trials), dtype="boolean")
+    trials.loc[thermo, "chain_gradient"] = [i % 2 == 0 for i in range(int(thermo.sum()))]
+    res = analysis.load(write_run(tmp_path, trials, epochs))
+    t = res.trials
+    assert "chain_gradient" not in t.columns
+    old = trials["chain_gradient"]
+    assert (t.loc[thermo & (old == True), "ebm_gradient"] == "chains").all()  # noqa: E712
+    assert (t.loc[thermo & (old == False), "ebm_gradient"] == "none").all()  # noqa: E712
+    assert (t.loc[thermo, "gen_gradient"] == "ti").all() and (t.loc[thermo, "ti_rule"] == "kl_batch").all()
+    assert (t.loc[thermo, "chains_per_example"] == 1).all()
+    assert t.loc[~thermo, ["ebm_gradient", "gen_gradient", "ti_rule"]].isna().all().all()
+    assert (old == False).any() and (old == True).any()  # noqa: E712
+
+
 def test_load_errors_name_the_bad_value_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; pass a run directory"):
         analysis.load(tmp_path / "nope")
@@ -325,7 +345,7 @@ def test_fits_switch_to_log10_when_variances_span_decades():
             "cell": [f"c{i}" for i in range(4)],
             "regime": "vanilla",
             "extra": False,
-            "chain_gradient": pd.NA,
+            "ebm_gradient": pd.NA,
             "grad_var_mean": [1e-3, 1e-2, 1e-1, 1.0],
         }
     )
