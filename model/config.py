@@ -167,6 +167,33 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("sample_every", cfg.sample_every, "must be >= 0 (0 saves no image grids)")
 
 
+def inert_fields(cfg: ExperimentConfig) -> dict[str, str]:
+    """The config fields that cannot change what `cfg` trains (its parameters after every step), each with
+    the reason. Cells that differ only in these train identically (they may still read differently: the
+    loss value, or images generated for evaluation)."""
+    if not cfg.is_thermo:
+        why = "vanilla has no temperatures and no TI estimate"
+        return {f: why for f in ("temp_power", "num_temps", "kl_weight", "kl_ridge", "ti_rule",
+                                 "chains_per_example", "ebm_gradient", "gen_gradient")}
+    inert: dict[str, str] = {}
+    if cfg.ebm_gradient != "ml":
+        why = f"with ebm_gradient={cfg.ebm_gradient} the prior chain runs only to make evaluation images"
+        inert |= {"prior_steps": why, "prior_step_size": why}
+    if cfg.ebm_gradient != "chains":
+        why = (f"with ebm_gradient={cfg.ebm_gradient} the chains are stop-gradient, so the KL term is a "
+               "constant")
+        inert |= {"kl_weight": why, "kl_ridge": why}
+        if cfg.gen_gradient == "ml":
+            why = (f"with ebm_gradient={cfg.ebm_gradient} and gen_gradient=ml no gradient depends on the TI "
+                   "estimate")
+            inert |= {f: why for f in ("temp_power", "ti_rule", "kl_weight", "kl_ridge")}
+    if cfg.ti_rule not in ("kl_batch", "kl_example"):
+        inert.setdefault("kl_weight", f"ti_rule={cfg.ti_rule} has no KL term")
+    if cfg.ti_rule != "kl_batch":
+        inert.setdefault("kl_ridge", f"only ti_rule=kl_batch uses it, not {cfg.ti_rule}")
+    return inert
+
+
 # Paper Table 3 (CelebA) and Table 4 (CIFAR-10); SVHN uses the CIFAR-10 family at 32x32.
 _PAPER_COMMON = dict(
     num_train=12000, num_val=4500, ebm_width=100, gen_width=64, epochs=50, batch_size=75,

@@ -15,7 +15,15 @@ from typing import Any
 from model.config import ExperimentConfig, parse_set_args
 from model.schema import EPOCHS_FILE, TRIALS_FILE
 from sweep import launch
-from sweep.grid_file import GridError, TrialPlan, check_plan_devices, expand, load_grid, trial_table
+from sweep.grid_file import (
+    GridError,
+    TrialPlan,
+    check_plan_devices,
+    expand,
+    identical_cells,
+    load_grid,
+    trial_table,
+)
 from sweep.results import ResultsTables, config_columns, format_summary, summarize
 from sweep.storage import storage_join, write_json_uri
 from sweep.trainable import make_trainable, resolve_trial, trial_spec
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except (GridError, launch.LaunchError) as err:
         parser.error(str(err))
 
+    for line in identical_cells(plans):
+        print(f"warning: {line}", file=sys.stderr)
     if args.dry_run:
         print(f"grid {grid_name} ({grid_source}): {len(plans)} trials, "
               f"{len({p.cell for p in plans})} cells, {n_dev} device(s) per trial")

@@ -25,7 +25,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from model.config import ExperimentConfig, apply_overrides, check_devices, config_fields, get_preset
+from model.config import (
+    ExperimentConfig,
+    apply_overrides,
+    check_devices,
+    config_fields,
+    get_preset,
+    inert_fields,
+)
 from sweep.text import text_table
 
 GRID_KEYS = ("description", "preset", "base", "repetitions", "cells")
@@ -247,6 +254,26 @@ def expand(
     return plans
 
 
+def identical_cells(plans: list[TrialPlan]) -> list[str]:
+    """One line per pair of cells that train identically: their configs (at the same repetition) differ
+    only in fields that `model.config.inert_fields` says neither of them can use, named with why."""
+    first = {}
+    for plan in plans:
+        first.setdefault(plan.cell, plan.config)
+    cells = list(first.items())
+    lines = []
+    for i, (cell_a, a) in enumerate(cells):
+        inert_a = inert_fields(a)
+        for cell_b, b in cells[i + 1:]:
+            inert_b = inert_fields(b)
+            differ = [f.name for f in fields(ExperimentConfig) if getattr(a, f.name) != getattr(b, f.name)]
+            if differ and all(f in inert_a and f in inert_b for f in differ):
+                why = "; ".join(dict.fromkeys(inert_a[f] for f in differ))
+                lines.append(f"cells {cell_a!r} and {cell_b!r} train identically: they differ only in "
+                             f"{', '.join(differ)} ({why})")
+    return lines
+
+
 def check_plan_devices(plans: list[TrialPlan], devices_per_trial: int, fix: str) -> None:
     """Refuse a plan whose batch size cannot be split over each trial's devices, before anything runs."""
     for plan in plans:
@@ -259,8 +286,8 @@ def check_plan_devices(plans: list[TrialPlan], devices_per_trial: int, fix: str)
 def trial_table(plans: list[TrialPlan], resources: dict[str, float]) -> str:
     """The plain-text table `--dry-run` prints: one line per trial with its seed, key fields and resources."""
     res = " ".join(f"{k}={v:g}" for k, v in resources.items() if v)
-    header = ["#", "trial_id", "cell", "rep", "seed", "objective", "batch", "p", "N_t", "eta", "K_post",
-              "K_prior", "epochs", "resources"]
+    header = ["#", "trial_id", "cell", "rep", "seed", "objective", "batch", "p", "N_t", "eta", "rule/M",
+              "ebm/gen", "K_post", "K_prior", "epochs", "resources"]
     rows = []
     for i, p in enumerate(plans):
         c = p.config
@@ -268,7 +295,9 @@ def trial_table(plans: list[TrialPlan], resources: dict[str, float]) -> str:
         rows.append([
             str(i), p.trial_id, p.cell, str(p.repetition), str(p.seed), c.objective, str(c.batch_size),
             f"{c.temp_power:g}" if thermo else "-", str(c.num_temps) if thermo else "-",
-            f"{c.kl_weight:g}" if thermo else "-", str(c.posterior_steps), str(c.prior_steps),
-            str(c.epochs), res,
+            f"{c.kl_weight:g}" if thermo else "-",
+            f"{c.ti_rule}/{c.chains_per_example}" if thermo else "-",
+            f"{c.ebm_gradient}/{c.gen_gradient}" if thermo else "-",
+            str(c.posterior_steps), str(c.prior_steps), str(c.epochs), res,
         ])
     return text_table(header, rows)

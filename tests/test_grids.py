@@ -91,3 +91,43 @@ def test_batch_not_divisible_by_devices_refused(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["--grid", "paper-celeba", "--dry-run", "--cpus-per-trial", "2"])
     assert "batch_size 25 is not divisible by 2 devices" in capsys.readouterr().err
+
+
+def test_dry_run_names_cells_that_train_identically(capsys: pytest.CaptureFixture[str]) -> None:
+    """Finding 2: with stop-gradient chains eta is inert, so the paper's eta cells train like thermo-p0.1;
+    K_prior enters thermo only at evaluation unless ebm_gradient=ml."""
+    assert main(["--grid", "paper-celeba", "--dry-run", "--set", "ebm_gradient=none"]) == 0
+    err = capsys.readouterr().err
+    assert ("cells 'thermo-p0.1' and 'thermo-p0.1-eta2' train identically: they differ only in kl_weight "
+            "(with ebm_gradient=none the chains are stop-gradient, so the KL term is a constant)") in err
+    assert "'thermo-p0.1' and 'thermo-p0.1-eta4'" in err
+    assert "'thermo-p0.1-eta2' and 'thermo-p0.1-eta4'" in err
+    assert "'thermo-p0.1' and 'thermo-p0.1-kprior80' train identically: they differ only in prior_steps" \
+        in err
+    assert main(["--grid", "paper-celeba", "--dry-run"]) == 0  # chains: eta changes the gradient
+    err = capsys.readouterr().err
+    assert "eta2" not in err and "'thermo-p0.1' and 'thermo-p0.1-kprior80'" in err
+    assert main(["--grid", "paper-celeba", "--dry-run", "--set", "ebm_gradient=ml"]) == 0
+    err = capsys.readouterr().err  # ml: the prior chain trains the EBM, eta is still inert
+    assert "kprior80" not in err and "'thermo-p0.1' and 'thermo-p0.1-eta2'" in err
+
+
+def test_identical_cells_by_estimator() -> None:
+    from sweep.grid_file import identical_cells
+
+    grid = parse_grid_text(json.dumps({
+        "preset": "digits", "repetitions": 1,
+        "cells": [{"name": "v1", "objective": "vanilla", "kl_weight": 1.0},
+                  {"name": "v2", "objective": "vanilla", "kl_weight": 2.0, "temp_power": 3},
+                  {"name": "trap-eta1", "objective": "thermo", "ti_rule": "trapezoid", "kl_weight": 1.0},
+                  {"name": "trap-eta2", "objective": "thermo", "ti_rule": "trapezoid", "kl_weight": 2.0},
+                  {"name": "mlml-p1", "objective": "thermo", "ebm_gradient": "ml", "gen_gradient": "ml"},
+                  {"name": "mlml-p3", "objective": "thermo", "ebm_gradient": "ml", "gen_gradient": "ml",
+                   "temp_power": 3},
+                  {"name": "ml-kprior", "objective": "thermo", "ebm_gradient": "ml", "gen_gradient": "ml",
+                   "prior_steps": 7}],
+    }), "json", "t")
+    lines = identical_cells(expand(grid))
+    pairs = {tuple(line.split("'")[1:4:2]) for line in lines}
+    assert pairs == {("v1", "v2"), ("trap-eta1", "trap-eta2"), ("mlml-p1", "mlml-p3")}, lines
+    assert any("ti_rule=trapezoid has no KL term" in line for line in lines)
