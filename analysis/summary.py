@@ -182,6 +182,7 @@ def reading_columns(final: pd.DataFrame) -> list[str]:
         "optuna_trial",
         "final_epoch",
         "extra",
+        "chains_per_example",
     }
     readings = [
         "train_loss",
