@@ -1,4 +1,4 @@
-"""Train-step benchmark: `python -m model.bench [--json] [--only NAME] [--steps N]`.
+"""Train-step benchmark: `python -m model.bench [--json] [--only NAME] [--steps N] [--interleave ROUNDS]`.
 
 Times the real pmapped train step (model.step.compiled_train_step) per workload: images/s, compile time,
 XLA's static peak-memory estimate, FLOPs per step counted with loop trip counts, and the achieved FLOP rate
@@ -151,6 +151,33 @@ def run_workload(name: str, config: ExperimentConfig, steps: int, devices: list[
     return row
 
 
+def interleaved(names: list[str], configs: dict[str, ExperimentConfig], rounds: int,
+                devices: list[Any]) -> dict[str, float]:
+    """Median images/s of each workload timed one step per round in turn, so a machine whose load moves
+    affects them alike (for ratios on a shared machine). Compiles each step before the first round."""
+    runs = {}
+    for name in names:
+        config = configs[name]
+        step = compiled_train_step(StepSpec.from_config(config), tuple(devices))
+        state = loop.init_state(config)
+        carry, lrs = loop.step_inputs(config, state, 1, devices)
+        x = np.random.default_rng(0).uniform(
+            -1, 1, (len(devices), config.batch_size // len(devices)) + config.image_shape).astype(np.float32)
+        hp = Hyper.from_config(config)
+        carry, stats = step(carry, x, state.key, hp, lrs)
+        jax.block_until_ready(stats)
+        runs[name] = {"step": step, "carry": carry, "x": x, "hp": hp, "lrs": lrs, "key": state.key,
+                      "times": []}
+    for _ in range(rounds):
+        for r in runs.values():
+            r["key"], sub = jax.random.split(r["key"])
+            start = time.perf_counter()
+            r["carry"], stats = r["step"](r["carry"], r["x"], sub, r["hp"], r["lrs"])
+            jax.block_until_ready(stats)
+            r["times"].append(time.perf_counter() - start)
+    return {n: configs[n].batch_size / float(np.median(r["times"])) for n, r in runs.items()}
+
+
 def _peak_bytes(step: Any, *args: Any) -> int | None:
     """XLA's static estimate of the step's device memory: arguments + outputs + temporaries."""
     try:
@@ -179,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per workload (median reported)")
     parser.add_argument("--devices", type=int, default=1, help="local devices to pmap over")
     parser.add_argument("--list", action="store_true", help="list workload names and exit")
+    parser.add_argument("--interleave", type=int, metavar="ROUNDS",
+                        help="time the --only workloads one step each per round for ROUNDS rounds and print "
+                             "median images/s and ratios to the first (for a machine whose load moves)")
     args = parser.parse_args(argv)
     all_workloads = workloads()
     if args.list:
@@ -189,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; use --list to see them")
     devices = jax.local_devices()[: args.devices]
+    if args.interleave:
+        rates = interleaved(names, all_workloads, args.interleave, devices)
+        for name, rate in rates.items():
+            print(f"{name:30s} {rate:8.2f} img/s  ({rate / rates[names[0]]:.2f}x {names[0]})", flush=True)
+        return 0
     machine = matmul_gflops()
     if not args.json:
         print(f"{jax.default_backend()} x{len(devices)}; float32 2048^2 matmul: {machine:.0f} GFLOP/s",
