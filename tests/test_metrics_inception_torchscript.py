@@ -176,7 +176,8 @@ def _fake_globals():
         obj.__module__, obj.__qualname__ = module, name
         objects[module, name] = obj
     names = {".".join(m.split(".")[: i + 1]) for m, _ in objects for i in range(m.count(".") + 1)}
-    saved = {n: sys.modules.get(n) for n in names}
+    absent = object()
+    saved = {n: sys.modules.get(n, absent) for n in names}
     try:
         for n in names:
             sys.modules[n] = types.ModuleType(n)
@@ -185,7 +186,7 @@ def _fake_globals():
         yield
     finally:
         for n, mod in saved.items():
-            if mod is None:
+            if mod is absent:
                 sys.modules.pop(n, None)
             else:
                 sys.modules[n] = mod
