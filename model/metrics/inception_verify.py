@@ -190,12 +190,17 @@ def verify(
             feats = {n: fid_helper_features(str(path), sets[n], batch_size, name) for n in (a, b)}
             report["conventions"][f"fid_helper_{name}"] = fid_sample_space(feats[a], feats[b])
     report["tolerances"] = {"max_rel_diff": MAX_REL_FEATURE_DIFF, "fid_rel_diff": MAX_REL_FID_DIFF}
-    report["ok"] = bool(
+    report["ok"] = within_tolerances(report)
+    report["versions"] = _versions()
+    return report
+
+
+def within_tolerances(report: dict[str, Any]) -> bool:
+    """True when every set's `max_rel_diff` is <= 1e-3 and every FID pair's `rel_diff` <= 0.1% (NaN fails)."""
+    return bool(
         all(f["max_rel_diff"] <= MAX_REL_FEATURE_DIFF for f in report["features"].values())
         and all(f["rel_diff"] <= MAX_REL_FID_DIFF for f in report["fid"].values())
     )
-    report["versions"] = _versions()
-    return report
 
 
 def summary(report: dict[str, Any]) -> list[str]:
