@@ -285,6 +285,9 @@ def save_npz(path: str | os.PathLike, variables_flat: dict[str, np.ndarray], sou
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
         np.savez(tmp, __format__=np.array(NPZ_FORMAT), __source_sha256__=np.array(source_sha256),
                  **variables_flat)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)  # like any new file: a shared cache stays readable to its group
     os.replace(tmp.name, path)
 
 
