@@ -76,6 +76,14 @@ def test_tiny_grid_end_to_end(reference_run: Path) -> None:
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     assert np.isfinite(epochs["grad_var"]).all() and (epochs["grad_var"] > 0).all()
     assert epochs["kid_rbf_inf"].isna().all()  # eval_every=0: not evaluated
+    thermo = trials[trials["objective"] == "thermo"]
+    assert (thermo["ebm_gradient"] == "chains").all() and vanilla["ebm_gradient"].isna().all()
+    # the TI curve of every thermo epoch, through Ray's reporting into Parquet list columns
+    by_trial = epochs.set_index("trial_id")
+    curves = by_trial.loc[list(thermo["trial_id"]), "ti_expected_loglik"]
+    assert all(len(c) == 3 for c in curves)
+    assert by_trial.loc[list(vanilla["trial_id"]), "ti_temps"].isna().all()
+    assert np.isfinite(by_trial.loc[list(thermo["trial_id"]), "kl_identity_error"]).all()
     assert json.loads(trials["config_json"].iloc[0])["z_dim"] == 4
     for trial_id in trials["trial_id"]:
         assert (reference_run / "samples" / trial_id / "epoch_0002.png").is_file()
