@@ -85,7 +85,8 @@ class Evaluator:
         return np.concatenate(feats)
 
     def __call__(self, generate: Callable[[jax.Array, int], np.ndarray], key: jax.Array) -> dict[str, Any]:
-        """{fid_inf, fid_slope, fid_inf_stderr, kid_rbf_inf, ..., kid_poly_inf_stderr, feature_extractor}
+        """{fid_inf, fid_slope, fid_inf_stderr, kid_rbf_inf, ..., kid_poly_inf_stderr, kid_rbf_nmax,
+        kid_rbf_nmax_stderr, kid_poly_nmax, kid_poly_nmax_stderr, feature_extractor}
         for N_max generated images against the real features; the same key gives the same numbers."""
         gen_key, draw_key = jax.random.split(key)
         gen = self.generated_features(generate, gen_key)
