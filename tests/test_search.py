@@ -21,7 +21,8 @@ from sweep.search import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"z_dim": 4, "ebm_width": 8, "gen_width": 1, "prior_steps": 2, "posterior_steps": 2, "num_temps": 3,
         "num_train": 64, "num_val": 48, "batch_size": 16, "eval_every": 1, "eval_num_min": 16,
-        "eval_num_max": 48, "eval_num_points": 3, "sample_every": 0}
+        "eval_num_max": 48, "eval_num_points": 3, "sample_every": 0, "val_ll_examples": 4, "val_ll_temps": 5,
+        "val_ll_chains": 2, "val_ll_prior_chains": 8, "grad_noise_draws": 2}
 TINY_SET = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 
 
