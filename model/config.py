@@ -68,7 +68,7 @@ class ExperimentConfig:
     eval_num_max: int = 4500  # largest sample size
     eval_num_points: int = 10
     # readings taken every eval_every epochs beside FID/KID (model.readings); 0 turns one off
-    val_ll_examples: int = 32  # fixed validation subset of the AIS log-likelihood (0: off)
+    val_ll_examples: int = 16  # fixed validation subset of the AIS log-likelihood (0: off)
     val_ll_temps: int = 100  # AIS temperatures per stage (f on, then the likelihood on)
     val_ll_chains: int = 4  # AIS chains per validation example
     val_ll_prior_chains: int = 256  # AIS chains of the shared log Z_alpha path
