@@ -67,6 +67,7 @@ class ExperimentConfig:
     eval_num_min: int = 1000  # smallest sample size of the infinity extrapolation
     eval_num_max: int = 4500  # largest sample size
     eval_num_points: int = 10
+    eval_with_replacement: bool = False  # each N drawn with replacement from the N_max pools (paper's code)
     # readings taken every eval_every epochs beside FID/KID (model.readings); 0 turns one off
     val_ll_examples: int = 16  # fixed validation subset of the AIS log-likelihood (0: off)
     val_ll_temps: int = 100  # AIS temperatures per stage (f on, then the likelihood on)

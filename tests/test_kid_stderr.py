@@ -124,3 +124,24 @@ def test_refuses_a_bad_kernel_or_size():
         kid_with_stderr(x, y, "cubic")
     with pytest.raises(ValueError, match="num=11"):
         kid_with_stderr(x, y, num=11)
+
+
+def test_the_evaluator_draws_with_replacement_when_the_config_asks():
+    from types import SimpleNamespace
+
+    from model.metrics.evaluator import FeatureExtractor, make_evaluator
+
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, (60, 4, 4, 1)).astype(np.float32)
+    extractor = FeatureExtractor("flat", lambda x: np.asarray(x).reshape(len(x), -1), 20)
+    dataset = SimpleNamespace(val=images, train=images)
+    gen = extractor(rng.uniform(-1, 1, (60, 4, 4, 1)).astype(np.float32) * 0.8)
+    readings = {}
+    for replace in (False, True):
+        config = SimpleNamespace(eval_num_min=20, eval_num_max=60, eval_num_points=3, dataset="digits",
+                                 image_size=4, channels=1, eval_with_replacement=replace)
+        evaluator = make_evaluator(config, dataset, extractor=extractor)
+        assert evaluator.replace is replace
+        readings[replace] = evaluator.metrics_from_features(gen, np.uint32([0, 1]))
+    assert readings[True]["kid_rbf_inf"] != readings[False]["kid_rbf_inf"]
+    assert readings[True]["kid_rbf_nmax"] == readings[False]["kid_rbf_nmax"]  # N_max: never resampled
