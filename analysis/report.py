@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures as F
+from analysis import readings as R
 from analysis.load import Results, load
 from analysis.render import Report, fmt, render_html, render_markdown
 from analysis.summary import (
@@ -47,7 +48,8 @@ def _pm(summary: pd.DataFrame, col: str) -> pd.Series:
 def summary_view(summary: pd.DataFrame) -> pd.DataFrame:
     """The per-cell table as shown in the report: mean ± std of the key final readings."""
     view = summary[["run", "dataset", "cell", "label", "regime", "n_trials"]].copy()
-    for col in ("grad_var", "kid_rbf_inf", "kid_poly_inf", "fid_inf", "train_loss", "wall_time_s"):
+    for col in ("grad_var", "grad_noise_gen", "val_ll", "kid_rbf_nmax", "kid_rbf_inf", "kid_poly_inf",
+                "fid_inf", "train_loss", "wall_time_s"):
         if f"{col}_mean" in summary.columns and summary[f"{col}_mean"].notna().any():
             view[col] = _pm(summary, col)
     return view
@@ -184,6 +186,17 @@ DATASET_FIGURES: list[FigureSpec] = [
                "{name} Fig. 9 (training curves): no per-epoch train_loss/grad_var/kid_rbf_inf",
                lambda c: F.fig_training_curves(c.epochs, c.final, c.dataset),
                section="5. Training curves (Fig. 9)"),
+    FigureSpec("fig15_val_ll_{tag}.png",
+               "{name}: validation log-likelihood by AIS per cell, the same estimate for every model "
+               "(docs/readings.md); per epoch (mean over repetitions) and final (mean ± std)",
+               "{name} val_ll figure: no val_ll readings (evaluation off, or runs older than the reading)",
+               lambda c: R.fig_val_ll(c.epochs, c.final, c.dataset),
+               section="5b. Log-likelihood and gradient noise, the same for every model"),
+    FigureSpec("fig16_grad_noise_vs_grad_var_{tag}.png",
+               "{name}: gradient noise (over minibatches and chains) against grad_var (the spread of one "
+               "gradient's entries), per network, one point per trial",
+               "{name} gradient-noise figure: no grad_noise readings",
+               lambda c: R.fig_grad_noise_vs_grad_var(c.final, c.dataset)),
     FigureSpec("fig14_training_time_{tag}.png",
                "{name}: training wall time per model type, mean and min-max over trials ({time_col}; "
                "Fig. 14)",
@@ -287,6 +300,16 @@ def build_report(
         "per trial in `final_readings.csv`."
     )
     rep.table(summary_view(summary))
+    paired = R.paired_differences(final)
+    paired.to_csv(out / "paired_differences.csv", index=False)
+    if len(paired):
+        rep.h(3, "Paired comparisons between cells")
+        rep.p(
+            "Repetition r of every cell shares its seed, so each cell is compared with the reference cell "
+            "through the differences of its final readings repetition by repetition: mean difference and "
+            "its 95% t interval (cell - reference; val_ll higher is better, KID and noise lower)."
+        )
+        rep.table(paired)
     rep.h(3, "Controllability of the final gradient variance")
     rep.p(
         "cv = std/mean over repetitions; rel_range = (max-min)/mean. The paper calls batch size "

@@ -82,6 +82,13 @@ class ExperimentConfig:
     eval_num_min: int = 1000  # smallest sample size of the infinity extrapolation
     eval_num_max: int = 4500  # largest sample size
     eval_num_points: int = 10
+    eval_with_replacement: bool = False  # each N drawn with replacement from the N_max pools (paper's code)
+    # readings taken every eval_every epochs beside FID/KID (model.readings); 0 turns one off
+    val_ll_examples: int = 16  # fixed validation subset of the AIS log-likelihood (0: off)
+    val_ll_temps: int = 100  # AIS temperatures per stage (f on, then the likelihood on)
+    val_ll_chains: int = 4  # AIS chains per validation example
+    val_ll_prior_chains: int = 256  # AIS chains of the shared log Z_alpha path
+    grad_noise_draws: int = 8  # G minibatches (two chain keys each) of the gradient-noise reading (0: off)
     sample_every: int = 5  # save an image grid every this many epochs (0: never)
 
     def __post_init__(self) -> None:
@@ -163,6 +170,13 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("batch_size", cfg.batch_size, f"exceeds num_train={cfg.num_train}")
     if cfg.eval_every < 0:
         _fail("eval_every", cfg.eval_every, "must be >= 0 (0 disables evaluation)")
+    if cfg.val_ll_examples < 0 or cfg.val_ll_examples == 1:
+        _fail("val_ll_examples", cfg.val_ll_examples, "must be 0 (off) or >= 2 (a standard error needs two)")
+    for name in ("val_ll_temps", "val_ll_chains", "val_ll_prior_chains"):
+        if getattr(cfg, name) < 1:
+            _fail(name, getattr(cfg, name), "must be >= 1")
+    if cfg.grad_noise_draws < 0 or cfg.grad_noise_draws == 1:
+        _fail("grad_noise_draws", cfg.grad_noise_draws, "must be 0 (off) or >= 2 (a variance needs two)")
     if cfg.sample_every < 0:
         _fail("sample_every", cfg.sample_every, "must be >= 0 (0 saves no image grids)")
 

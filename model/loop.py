@@ -19,6 +19,7 @@ import numpy as np
 from model.config import ExperimentConfig, check_devices
 from model.data import Dataset, load_dataset
 from model.objectives import Hyper
+from model.readings import READING_NAMES, evaluation_readings
 from model.step import (
     StepSpec,
     compiled_eval_step,
@@ -192,14 +193,18 @@ def generate_images(config: ExperimentConfig, state: TrainState, key: jax.Array,
 def run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
               devices: Sequence[Any] | None = None, evaluator: Callable[..., dict] | None = None
               ) -> tuple[TrainState, dict[str, Any]]:
-    """train_epoch, then (every config.eval_every epochs, if an evaluator is given) KID_inf and FID_inf
-    of generated images. Metric columns are NaN on epochs without evaluation."""
+    """train_epoch, then every config.eval_every epochs val_ll and the gradient noise (model.readings) and,
+    if an evaluator is given, KID_inf and FID_inf of generated images. Those columns are NaN on epochs
+    without evaluation."""
     state, readings = train_epoch(config, state, dataset, devices=devices)
-    for name in METRIC_COLUMNS:
+    for name in (*METRIC_COLUMNS, *READING_NAMES):
         readings[name] = float("nan")
     epoch = readings["epoch"]
-    if evaluator is not None and config.eval_every and (epoch % config.eval_every == 0
-                                                        or epoch == config.epochs):
+    due = bool(config.eval_every) and (epoch % config.eval_every == 0 or epoch == config.epochs)
+    if due:  # val_ll and gradient noise, the same for every model (model.readings)
+        readings.update(evaluation_readings(config, {"ebm": state.ebm_params, "gen": state.gen_params},
+                                            dataset.train, dataset.val, epoch))
+    if evaluator is not None and due:
         start = time.perf_counter()
         eval_key = jax.random.fold_in(jax.random.key(config.seed), 2_000_000 + epoch)
         readings.update(evaluator(lambda k, n: generate_images(config, state, k, n), eval_key))
@@ -225,6 +230,8 @@ def format_readings(r: dict[str, Any]) -> str:
     line = (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4g}  val {r['val_loss']:.4g}  "
             f"grad mean {r['grad_mean']:.3e} var {r['grad_var']:.3e} "
             f"(ebm {r['grad_var_ebm']:.2e}, gen {r['grad_var_gen']:.2e})  {r['epoch_time_s']:.1f}s")
+    if not math.isnan(r.get("val_ll", float("nan"))):
+        line += f"  val_ll {r['val_ll']:.4g} +- {r['val_ll_stderr']:.2g}"
     if not math.isnan(r.get("kid_rbf_inf", float("nan"))):
         line += f"  KID_inf {r['kid_rbf_inf']:.4g} FID_inf {r['fid_inf']:.4g}"
     return line

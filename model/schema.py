@@ -74,6 +74,7 @@ TRIAL_COLUMNS: Columns = {
     "final_grad_var": (pa.float64(), "grad_var of the last completed epoch"),
     "final_kid_rbf_inf": (pa.float64(), "the latest evaluated kid_rbf_inf (null if never evaluated)"),
     "final_fid_inf": (pa.float64(), "the latest evaluated fid_inf (null if never evaluated)"),
+    "final_val_ll": (pa.float64(), "the latest evaluated val_ll (null if never evaluated)"),
     "checkpoint": (pa.string(), "path/URI of the trial's latest checkpoint (Orbax state + history)"),
     "ray_trial_id": (pa.string(), "Ray Tune's internal trial id"),
     "config_json": (pa.string(), "the trial's full ExperimentConfig as JSON"),
@@ -96,6 +97,28 @@ READING_COLUMNS: Columns = {
     "kid_rbf_inf": (pa.float64(), "KID_inf with the RBF kernel (paper's metric); NaN when not evaluated"),
     "kid_poly_inf": (pa.float64(), "KID_inf with the cubic polynomial kernel; NaN when not evaluated"),
     "fid_inf": (pa.float64(), "FID_inf; NaN when not evaluated"),
+    "val_ll": (pa.float64(), "validation log-likelihood log p(x) by AIS, nats per image (higher is "
+                             "better), on a fixed validation subset, the same for every model; NaN when not "
+                             "evaluated"),
+    "val_ll_stderr": (pa.float64(), "standard error of val_ll over the subset's examples"),
+    **{f"grad_noise_{net}": (pa.float64(), f"gradient noise of the {name}: mean per-entry variance of its "
+                                           "gradient over minibatches and chain keys (units of grad_var)")
+       for net, name in (("ebm", "EBM prior"), ("gen", "generator"))},
+    **{f"grad_noise_data_{net}": (pa.float64(), f"the data part of grad_noise_{net} (across minibatches), "
+                                                "measured from its own draws")
+       for net in ("ebm", "gen")},
+    **{f"grad_noise_langevin_{net}": (pa.float64(), f"the Langevin part of grad_noise_{net} (same batch, "
+                                                    "different chain keys), measured from its own draws")
+       for net in ("ebm", "gen")},
+    **{f"grad_snr_{net}": (pa.float64(), f"signal-to-noise ratio of the {net} gradient, (||mean g||^2 - "
+                                         "trace(Cov)/G) / trace(Cov); ~0 for pure noise, inf if noiseless")
+       for net in ("ebm", "gen")},
+    **{f"kid_{k}_nmax": (pa.float64(), f"KID ({k} kernel) of the N_max generated and real features, "
+                                       "unbiased; NaN when not evaluated") for k in ("rbf", "poly")},
+    **{f"kid_{k}_nmax_stderr": (pa.float64(), f"jackknife standard error of kid_{k}_nmax over the pooled "
+                                              "rows") for k in ("rbf", "poly")},
+    "val_ll_time_s": (pa.float64(), "wall time of the val_ll reading, seconds"),
+    "grad_noise_time_s": (pa.float64(), "wall time of the gradient-noise reading, seconds"),
     "epoch_time_s": (pa.float64(), "wall time of the epoch's training and validation, seconds"),
     "ebm_lr": (pa.float64(), "EBM learning rate used in the epoch"),
     "gen_lr": (pa.float64(), "generator learning rate used in the epoch"),

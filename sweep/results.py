@@ -125,7 +125,7 @@ def final_columns(history: list[dict[str, Any]]) -> dict[str, Any]:
         "final_val_loss": last.get("val_loss"),
         "final_grad_var": last.get("grad_var"),
     }
-    for name in ("kid_rbf_inf", "fid_inf"):
+    for name in ("kid_rbf_inf", "fid_inf", "val_ll"):
         evaluated = [r[name] for r in history if r.get(name) is not None and not math.isnan(r[name])]
         out[f"final_{name}"] = evaluated[-1] if evaluated else None
     return out

@@ -3,7 +3,7 @@
 Optuna (TPE, fixed seed) proposes (p, eta); Ray Tune runs each proposal as a trial exactly like a grid trial
 (the same trainable, Orbax checkpoints and Parquet rows in `<storage>/<run>/results/`), with the extra
 columns `search` (the study name) and `optuna_trial` (the Optuna trial number). The objective told to Optuna
-is the metric (default `kid_rbf_inf`, minimised) at the trial's last epoch.
+is the metric (default `kid_rbf_inf`, minimised; `val_ll` is maximised) at the trial's last epoch.
 
 The study lives in a real database (`sqlite:///<storage>/<run>/optuna.db` by default, any SQLAlchemy URL
 with `--optuna-storage`), and that database is the source of truth for resuming: `--resume` counts the
@@ -42,7 +42,9 @@ from sweep.trainable import make_trainable, resolve_trial
 
 MANIFEST_FILE = "search.json"
 STUDY_DB_FILE = "optuna.db"
-METRICS = ("kid_rbf_inf", "kid_poly_inf", "fid_inf")
+# Readings a search can optimise, and which way: the fidelity metrics are distances, val_ll a log-likelihood.
+METRICS = {"kid_rbf_inf": "min", "kid_poly_inf": "min", "fid_inf": "min", "kid_rbf_nmax": "min",
+           "kid_poly_nmax": "min", "val_ll": "max"}
 DEFAULT_P = (0.1, 10.0)
 DEFAULT_ETA = (0.5, 4.0)
 DEFAULT_SAMPLER_SEED = 0
@@ -66,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="range of the temperature power p, sampled log-uniformly (default 0.1 10)")
     p.add_argument("--eta", type=float, nargs=2, default=list(DEFAULT_ETA), metavar=("LOW", "HIGH"),
                    help="range of the KL weight eta, sampled uniformly (default 0.5 4)")
-    p.add_argument("--metric", default="kid_rbf_inf", choices=METRICS,
-                   help="objective, minimised at the last epoch (default kid_rbf_inf)")
+    p.add_argument("--metric", default="kid_rbf_inf", choices=list(METRICS),
+                   help="objective at the last epoch (default kid_rbf_inf); val_ll is maximised, the "
+                        "others minimised")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the preset's)")
     p.add_argument("--scheduler", default="none", choices=("none", "asha"),
                    help="asha: stop weak trials early on the per-epoch metric (evaluates every epoch)")
@@ -190,7 +193,7 @@ def _main(args: argparse.Namespace) -> int:
     optuna_storage = open_storage(url)
     study = load_study_or_none(optuna_storage, study_name)
     if study is not None:
-        check_study(study, space, args.metric, masked(url))
+        check_study(study, space, args.metric, masked(url), maximise=METRICS[args.metric] == "max")
         if not args.resume and study.get_trials(deepcopy=False):
             raise SearchError(f"study {study_name!r} in {masked(url)} already has "
                               f"{len(study.get_trials(deepcopy=False))} trials; continue it with --resume "
@@ -209,7 +212,8 @@ def run_search(args: argparse.Namespace, *, run: str, storage: str, study_name: 
 
     run_uri = storage_join(storage, run)
     results_uri = f"{run_uri}/results"
-    study = optuna.create_study(storage=optuna_storage, study_name=study_name, direction="minimize",
+    direction = "maximize" if METRICS[args.metric] == "max" else "minimize"
+    study = optuna.create_study(storage=optuna_storage, study_name=study_name, direction=direction,
                                 load_if_exists=True)
     study.set_user_attr("metric", args.metric)
     study.set_user_attr("search_space", {k: optuna.distributions.distribution_to_json(v)
@@ -229,7 +233,7 @@ def run_search(args: argparse.Namespace, *, run: str, storage: str, study_name: 
     sync_results(tables, study, run_uri)
     remaining = args.trials - len(finished_trials(study))
     print(f"search {run}: study {study_name!r} in {masked(url)} ({state_counts(study)}); "
-          f"{max(remaining, 0)} of {args.trials} trials to run; minimising final {args.metric} over "
+          f"{max(remaining, 0)} of {args.trials} trials to run; {direction[:-1]}ing final {args.metric} over "
           f"p in [{space['p'].low:g}, {space['p'].high:g}] (log) and eta in [{space['eta'].low:g}, "
           f"{space['eta'].high:g}]; {config.epochs} epochs per trial", flush=True)
     start = time.perf_counter()
@@ -272,11 +276,13 @@ def _fit(args: argparse.Namespace, *, run: str, storage: str, study: Any, study_
     # (random start-up points) of its first run; TPE reads the whole history from the database.
     sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + len(study.get_trials(deepcopy=False)),
                                          constant_liar=True)
-    searcher = searcher_class()(space=space, metric=args.metric, mode="min", sampler=sampler,
+    searcher = searcher_class()(space=space, metric=args.metric, mode=METRICS[args.metric],
+                                 sampler=sampler,
                                  study_name=study_name, storage=optuna_storage, experiment=config.to_dict())
     scheduler = None
     if args.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", metric=args.metric, mode="min", max_t=config.epochs,
+        scheduler = ASHAScheduler(time_attr="epoch", metric=args.metric, mode=METRICS[args.metric],
+                                  max_t=config.epochs,
                                   grace_period=1, reduction_factor=2)
     launch.init_ray(args, n_dev)
     try:

@@ -57,19 +57,22 @@ def _range_flag(name: str, dist: Any) -> str:
     return f"{flag} {dist.low:g} {dist.high:g}" + (" (log)" if getattr(dist, "log", False) else "")
 
 
-def check_study(study: optuna.Study, space: dict[str, Any], metric: str, where: str) -> None:
+def check_study(study: optuna.Study, space: dict[str, Any], metric: str, where: str, *,
+                maximise: bool = False) -> None:
     """Refuse an existing study whose direction, metric or search space differs from what is asked."""
     import optuna
 
     name = study.study_name
     fix = "or start a new study with --study NAME (or a new --name)"
-    if study.direction != optuna.study.StudyDirection.MINIMIZE:
-        raise SearchError(f"study {name!r} in {where} maximises its objective; this search minimises "
-                          f"{metric}; {fix}")
+    wanted = optuna.study.StudyDirection.MAXIMIZE if maximise else optuna.study.StudyDirection.MINIMIZE
+    verb = {True: "maximises", False: "minimises"}
+    if study.direction != wanted:
+        raise SearchError(f"study {name!r} in {where} {verb[not maximise]} its objective; this search "
+                          f"{verb[maximise]} {metric}; {fix}")
     stored_metric = study.user_attrs.get("metric")
     if stored_metric not in (None, metric):
-        raise SearchError(f"study {name!r} in {where} minimises {stored_metric}, not {metric}; rerun with "
-                          f"--metric {stored_metric} {fix}")
+        raise SearchError(f"study {name!r} in {where} {verb[maximise]} {stored_metric}, not {metric}; rerun "
+                          f"with --metric {stored_metric} {fix}")
     stored = study.user_attrs.get("search_space")
     spaces = []
     if stored:
@@ -193,10 +196,12 @@ def sync_results(tables: ResultsTables, study: optuna.Study, run_uri: str) -> No
 
 def format_top(study: optuna.Study, metric: str, top: int = 5) -> str:
     """Best p, eta and objective, and the `top` best trials, as text."""
+    import optuna
     from optuna.trial import TrialState
 
+    best_first = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
     done = sorted((t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE),
-                  key=lambda t: t.value)
+                  key=lambda t: best_first * t.value)
     if not done:
         return "no trial completed yet"
     best = done[0]

@@ -173,6 +173,10 @@ def synthetic_tables(
                         fid_inf=(fid + UNIT[r] if final_eval else 400.0)
                         if evaluated or final_eval
                         else np.nan,
+                        val_ll=-200.0 - 10 * kid + r if evaluated or final_eval else np.nan,
+                        val_ll_stderr=3.0 if evaluated or final_eval else np.nan,
+                        grad_noise_gen=v_final / 5 if evaluated or final_eval else np.nan,
+                        grad_noise_ebm=v_final / 20 if evaluated or final_eval else np.nan,
                         epoch_time_s=10.0,
                     )
                 )
@@ -384,6 +388,8 @@ EXPECTED_FIGURES = [
     "fig09_training_curves_digits.png",
     "fig10_kid_vs_grad_var_digits.png",
     "fig10b_kid_poly_vs_grad_var_digits.png",
+    "fig15_val_ll_digits.png",
+    "fig16_grad_noise_vs_grad_var_digits.png",
     "fig12_fid_vs_grad_var_digits.png",
     "fig14_training_time_digits.png",
 ]
@@ -396,7 +402,8 @@ def test_report_writes_every_figure_table_and_sample(synth_report):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     assert sorted(p.name for p in synth_report.glob("fig*.png")) == sorted(EXPECTED_FIGURES)
-    for table in ("cell_summary.csv", "controllability.csv", "fits.csv", "table1.csv", "final_readings.csv"):
+    for table in ("cell_summary.csv", "controllability.csv", "fits.csv", "table1.csv", "final_readings.csv",
+                  "paired_differences.csv"):
         assert len(pd.read_csv(synth_report / table)) > 0, table
     samples = sorted(p.name for p in (synth_report / "samples" / "synth").iterdir())
     assert samples == ["thermo-p2_r1_epoch_0004.png", "vanilla-b16_r0_epoch_0004.png"]  # latest per trial

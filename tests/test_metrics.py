@@ -12,6 +12,7 @@ from model.metrics.core import metric_readings
 
 PAPER_SIZES = (1000, 1389, 1778, 2167, 2556, 2944, 3333, 3722, 4111, 4500)  # appendix 7.6
 KEYS = {"fid_inf", "fid_slope", "fid_inf_stderr", "kid_rbf_inf", "kid_rbf_slope", "kid_rbf_inf_stderr",
+        "kid_rbf_nmax", "kid_rbf_nmax_stderr", "kid_poly_nmax", "kid_poly_nmax_stderr",
         "kid_poly_inf", "kid_poly_slope", "kid_poly_inf_stderr", "feature_extractor"}
 
 

@@ -14,7 +14,8 @@ from model.metrics import digits_net, kid, make_evaluator
 from model.metrics.evaluator import digits_extractor
 
 KEYS = {"fid_inf", "fid_slope", "fid_inf_stderr", "kid_rbf_inf", "kid_rbf_slope", "kid_rbf_inf_stderr",
-        "kid_poly_inf", "kid_poly_slope", "kid_poly_inf_stderr", "feature_extractor"}
+        "kid_poly_inf", "kid_poly_slope", "kid_poly_inf_stderr", "kid_rbf_nmax", "kid_rbf_nmax_stderr",
+        "kid_poly_nmax", "kid_poly_nmax_stderr", "feature_extractor"}
 
 
 @pytest.fixture(scope="module")

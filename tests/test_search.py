@@ -21,7 +21,8 @@ from sweep.search import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"z_dim": 4, "ebm_width": 8, "gen_width": 1, "prior_steps": 2, "posterior_steps": 2, "num_temps": 3,
         "num_train": 64, "num_val": 48, "batch_size": 16, "eval_every": 1, "eval_num_min": 16,
-        "eval_num_max": 48, "eval_num_points": 3, "sample_every": 0}
+        "eval_num_max": 48, "eval_num_points": 3, "sample_every": 0, "val_ll_examples": 4, "val_ll_temps": 5,
+        "val_ll_chains": 2, "val_ll_prior_chains": 8, "grad_noise_draws": 2}
 TINY_SET = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 
 
@@ -203,6 +204,20 @@ def test_study_with_another_space_refused(tmp_path: Path, capsys: pytest.Capture
     assert "minimises fid_inf, not kid_rbf_inf" in err and "--metric fid_inf" in err
     err = _refused([*common, "--metric", "fid_inf"], capsys)
     assert "already has 1 trials; continue it with --resume" in err
+    err = _refused([*common, "--metric", "val_ll"], capsys)  # a log-likelihood is maximised
+    assert "minimises its objective; this search maximises val_ll" in err
+
+
+def test_a_maximised_metric_ranks_the_largest_value_first() -> None:
+    from sweep.study import format_top
+
+    study = optuna.create_study(direction="maximize")
+    space = {"p": optuna.distributions.FloatDistribution(0.1, 10, log=True),
+             "eta": optuna.distributions.FloatDistribution(0.5, 4)}
+    for p, value in ((1.0, -250.0), (2.0, -180.0), (3.0, -300.0)):
+        study.add_trial(optuna.trial.create_trial(params={"p": p, "eta": 1.0}, distributions=space,
+                                                  value=value))
+    assert format_top(study, "val_ll").startswith("best: p = 2, eta = 1, val_ll = -180")
 
 
 def test_searcher_tells_optuna_the_final_epoch_rule(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_BASE = {"epochs": 2, "z_dim": 4, "ebm_width": 8, "gen_width": 2, "prior_steps": 2, "posterior_steps": 2,
              "num_train": 64, "num_val": 32, "batch_size": 16, "eval_every": 0, "sample_every": 2,
              "num_temps": 3}
-TIMING_COLUMNS = {"epoch_time_s", "eval_time_s"}
+TIMING_COLUMNS = {"epoch_time_s", "eval_time_s", "val_ll_time_s", "grad_noise_time_s"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

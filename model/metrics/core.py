@@ -125,6 +125,83 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, kernel: str = "rbf") -> 
     return float(sums[0] / (m * (m - 1)) + sums[1] / (n * (n - 1)) - 2.0 * sums[2] / (m * n))
 
 
+def _kernel_row_sums(a: np.ndarray, b: np.ndarray, kernels: Sequence[str]
+                     ) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per kernel, float64 row sums: (sum_{j!=i} k(a_i,a_j), sum_{j!=i} k(b_i,b_j), sum_j k(a_i,b_j),
+    sum_i k(a_i,b_j)), built in row chunks so memory stays at ~chunk * N rows."""
+    dim = a.shape[1]
+    dtype = np.result_type(a.dtype, b.dtype, np.float32)
+    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    sq_a = np.einsum("ij,ij->i", a, a, dtype=np.float64)
+    sq_b = np.einsum("ij,ij->i", b, b, dtype=np.float64)
+    out = {k: (np.zeros(len(a)), np.zeros(len(b)), np.zeros(len(a)), np.zeros(len(b))) for k in kernels}
+    for rows, cols, sq_r, sq_c, same, slot in ((a, a, sq_a, sq_a, True, 0), (b, b, sq_b, sq_b, True, 1),
+                                               (a, b, sq_a, sq_b, False, 2)):
+        for start in range(0, len(rows), _CHUNK_ROWS):
+            stop = min(start + _CHUNK_ROWS, len(rows))
+            gram = rows[start:stop] @ cols.T
+            for k in kernels:
+                block = _kernel_from_gram(gram, sq_r[start:stop], sq_c, dim, k)
+                row = block.sum(1)
+                if same:
+                    row -= block[np.arange(stop - start), np.arange(start, stop)]
+                out[k][slot][start:stop] = row
+                if not same:
+                    out[k][3][:] += block.sum(0)
+    return out
+
+
+def _kid_and_jackknife(rxx: np.ndarray, ryy: np.ndarray, cxy: np.ndarray, cyx: np.ndarray
+                       ) -> tuple[float, float]:
+    """The unbiased KID from row sums and its two-sample jackknife standard error: leaving out row i of
+    one set changes its within-set sum by 2 r_i and the cross sum by c_i, so each leave-one-out value
+    costs O(1). Var = (m-1)/m sum_i (theta_-i - mean)^2 + the same over the other set (Arvesen 1969)."""
+    m, n = len(rxx), len(ryy)
+    xx, yy, xy = rxx.sum(), ryy.sum(), cxy.sum()
+
+    def value(sxx, syy, sxy, mm, nn):
+        return sxx / (mm * (mm - 1)) + syy / (nn * (nn - 1)) - 2.0 * sxy / (mm * nn)
+
+    drop_x = value(xx - 2.0 * rxx, yy, xy - cxy, m - 1, n)
+    drop_y = value(xx, yy - 2.0 * ryy, xy - cyx, m, n - 1)
+    var = ((m - 1) / m * ((drop_x - drop_x.mean()) ** 2).sum()
+           + (n - 1) / n * ((drop_y - drop_y.mean()) ** 2).sum())
+    return float(value(xx, yy, xy, m, n)), float(np.sqrt(var))
+
+
+def kid_stderrs(features_a: np.ndarray, features_b: np.ndarray, kernels: Sequence[str] = KERNELS
+                ) -> dict[str, tuple[float, float]]:
+    """{kernel: (KID, standard error)} for the whole of both sets, the kernel matrices built once."""
+    a, b = _check_pair(features_a, features_b, min_rows=3)
+    sums = _kernel_row_sums(a, b, kernels)
+    return {k: _kid_and_jackknife(*sums[k]) for k in kernels}
+
+
+def kid_with_stderr(features_a: np.ndarray, features_b: np.ndarray, kernel: str = "rbf", *,
+                    num: int | None = None, replace: bool = False,
+                    seed: int | np.random.Generator | None = 0) -> tuple[float, float]:
+    """KID between two feature sets with a standard error that accounts for the shared pool.
+
+    By default all rows of both sets are used (KID at N_max): the unbiased MMD^2 of `kid`, and the
+    jackknife standard error of that U-statistic over the rows of both sets, i.e. the error of KID as an
+    estimate of the population MMD^2 (every pair of rows shares the pool, so readings at several N drawn
+    from it are not independent). `num` draws that many rows of each set first (seeded by `seed`);
+    `replace=True` draws them with replacement, as the paper's code did: a row drawn twice then pairs
+    with itself, which adds about (k(x,x) - E k) / P per pool of P rows, a bias that does not shrink
+    with `num`; the standard error is then about that biased value. Returns (kid, stderr) as floats."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is unknown; use one of {', '.join(KERNELS)}")
+    a, b = _check_pair(features_a, features_b, min_rows=3)
+    if num is not None:
+        if num < 3 or (not replace and num > min(len(a), len(b))):
+            raise ValueError(f"num={num} must be >= 3 and, without replacement, at most the smaller set "
+                             f"({min(len(a), len(b))} rows); lower num or pass replace=True")
+        rng = np.random.default_rng(seed)
+        a = a[rng.choice(len(a), num, replace=replace)]
+        b = b[rng.choice(len(b), num, replace=replace)]
+    return kid_stderrs(a, b, (kernel,))[kernel]
+
+
 def extrapolate(sample_sizes: Sequence[int], values: Sequence[float]) -> tuple[float, float, float]:
     """Least-squares line `value = intercept + slope / N`; returns (intercept, slope, intercept_stderr).
 
@@ -170,9 +247,11 @@ def sample_sizes(num_min: int, num_max: int, num_points: int) -> tuple[int, ...]
 
 
 def metric_readings(
-    real: np.ndarray, gen: np.ndarray, real_idx: Sequence[np.ndarray], gen_idx: Sequence[np.ndarray]
+    real: np.ndarray, gen: np.ndarray, real_idx: Sequence[np.ndarray], gen_idx: Sequence[np.ndarray],
+    *, replace: bool = False,
 ) -> dict[str, np.ndarray]:
-    """FID_N, KID_N(rbf), KID_N(poly) for each pair of row selections (equal sizes N_p, no repeats).
+    """FID_N, KID_N(rbf), KID_N(poly) for each pair of row selections (equal sizes N_p; no repeats
+    unless `replace`, where a repeated row counts as a distinct sample, as in the paper's code).
 
     Returns {"fid": (P,), "kid_rbf": (P,), "kid_poly": (P,)}: what `fid` and `kid` give on
     (real[real_idx[p]], gen[gen_idx[p]]), with the kernel matrices built once for all selections."""
@@ -182,9 +261,9 @@ def metric_readings(
     mask_r = np.zeros((len(n), len(real)))
     mask_g = np.zeros((len(n), len(gen)))
     for p, (ri, gi) in enumerate(zip(real_idx, gen_idx, strict=True)):
-        mask_r[p, ri] = 1.0
-        mask_g[p, gi] = 1.0
-    if mask_r.sum(1).tolist() != n.tolist() or mask_g.sum(1).tolist() != n.tolist():
+        np.add.at(mask_r[p], ri, 1.0)  # counts: the masked sums then leave out only each position's self-pair
+        np.add.at(mask_g[p], gi, 1.0)
+    if not replace and (mask_r.max() > 1 or mask_g.max() > 1):
         raise ValueError("row selections must not repeat rows (draw without replacement)")
     sums = _masked_kernel_sums(real, gen, mask_r, mask_g, KERNELS)
     readings = {f"kid_{k}": _mmd2_from_sums(sums[k], n) for k in KERNELS}
@@ -204,14 +283,18 @@ def extrapolated_metrics(
     seed: int | np.random.Generator,
     *,
     feature_extractor: str = "unknown",
+    replace: bool = False,
 ) -> dict[str, float | str]:
-    """FID_inf, KID_inf (rbf and poly) from one real and one generated feature set.
+    """FID_inf, KID_inf (rbf and poly) from one real and one generated feature set, and KID at N_max.
 
-    For each N in `sizes`, N real and N generated rows are drawn without replacement (seeded by `seed`),
-    FID_N and both KID_N are computed, and each metric is fitted against 1/N with `extrapolate`.
+    Pools of N_max rows are drawn from each set; for each N in `sizes`, N rows of each pool are drawn
+    without replacement (`replace=True`: with replacement, as the paper's code did), FID_N and both KID_N
+    are computed, and each metric is fitted against 1/N with `extrapolate`. KID at N_max is the unbiased
+    KID of the two whole pools with its jackknife standard error (`kid_stderrs`), whatever `replace`.
     Returns {fid_inf, fid_slope, fid_inf_stderr, kid_rbf_inf, kid_rbf_slope, kid_rbf_inf_stderr,
-    kid_poly_inf, kid_poly_slope, kid_poly_inf_stderr, feature_extractor}. Non-finite generated features
-    (a diverged model) give nan readings rather than an exception."""
+    kid_poly_inf, kid_poly_slope, kid_poly_inf_stderr, kid_rbf_nmax, kid_rbf_nmax_stderr, kid_poly_nmax,
+    kid_poly_nmax_stderr, feature_extractor}. Non-finite generated features (a diverged model) give nan
+    readings rather than an exception."""
     real, gen = _check_pair(real_features, generated_features, min_rows=2)
     sizes = [int(n) for n in sizes]
     if len(sizes) < 2:
@@ -226,6 +309,8 @@ def extrapolated_metrics(
     if not (np.isfinite(gen).all() and np.isfinite(real).all()):
         for name in ("fid", "kid_rbf", "kid_poly"):
             result.update({f"{name}_inf": np.nan, f"{name}_slope": np.nan, f"{name}_inf_stderr": np.nan})
+        for k in KERNELS:
+            result.update({f"kid_{k}_nmax": np.nan, f"kid_{k}_nmax_stderr": np.nan})
         result["feature_extractor"] = feature_extractor
         return result
     rng = np.random.default_rng(seed)
@@ -233,11 +318,13 @@ def extrapolated_metrics(
     # N-subset of a uniform N_max-subset is a uniform N-subset, so each reading keeps its distribution.
     real = real[np.sort(rng.choice(len(real), largest, replace=False))] if len(real) > largest else real
     gen = gen[np.sort(rng.choice(len(gen), largest, replace=False))] if len(gen) > largest else gen
-    real_idx = [rng.choice(largest, n, replace=False) for n in sizes]
-    gen_idx = [rng.choice(largest, n, replace=False) for n in sizes]
-    readings = metric_readings(real, gen, real_idx, gen_idx)
+    real_idx = [rng.choice(largest, n, replace=replace) for n in sizes]
+    gen_idx = [rng.choice(largest, n, replace=replace) for n in sizes]
+    readings = metric_readings(real, gen, real_idx, gen_idx, replace=replace)
     for name in ("fid", "kid_rbf", "kid_poly"):
         intercept, slope, stderr = extrapolate(sizes, readings[name])
         result.update({f"{name}_inf": intercept, f"{name}_slope": slope, f"{name}_inf_stderr": stderr})
+    for k, (value, err) in kid_stderrs(real, gen).items():
+        result.update({f"kid_{k}_nmax": value, f"kid_{k}_nmax_stderr": err})
     result["feature_extractor"] = feature_extractor
     return result

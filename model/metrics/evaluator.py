@@ -65,6 +65,7 @@ class Evaluator:
     sizes: tuple[int, ...]
     image_shape: tuple[int, int, int]
     real_split: str = field(default="val")
+    replace: bool = False  # each N drawn with replacement from the N_max pools, as the paper's code did
 
     @property
     def num_generated(self) -> int:
@@ -85,7 +86,8 @@ class Evaluator:
         return np.concatenate(feats)
 
     def __call__(self, generate: Callable[[jax.Array, int], np.ndarray], key: jax.Array) -> dict[str, Any]:
-        """{fid_inf, fid_slope, fid_inf_stderr, kid_rbf_inf, ..., kid_poly_inf_stderr, feature_extractor}
+        """{fid_inf, fid_slope, fid_inf_stderr, kid_rbf_inf, ..., kid_poly_inf_stderr, kid_rbf_nmax,
+        kid_rbf_nmax_stderr, kid_poly_nmax, kid_poly_nmax_stderr, feature_extractor}
         for N_max generated images against the real features; the same key gives the same numbers."""
         gen_key, draw_key = jax.random.split(key)
         gen = self.generated_features(generate, gen_key)
@@ -94,7 +96,7 @@ class Evaluator:
     def metrics_from_features(self, generated_features: np.ndarray, key: jax.Array) -> dict[str, Any]:
         """The metrics dict for already extracted generated features; the draws are seeded by `key`."""
         return extrapolated_metrics(self.real_features, generated_features, self.sizes, numpy_seed(key),
-                                    feature_extractor=self.extractor.name)
+                                    feature_extractor=self.extractor.name, replace=self.replace)
 
 
 def digits_extractor(image_size: int, cache_dir: str | os.PathLike | None, batch_size: int = 500
@@ -121,10 +123,10 @@ def inception_extractor(cache_dir: str | os.PathLike | None, batch_size: int = 5
 
 def make_evaluator(config: Any, dataset: Any, *, cache_dir: str | os.PathLike | None = None,
                    extractor: FeatureExtractor | None = None) -> Evaluator:
-    """An `Evaluator` for `config` (dataset, image size, eval_num_min/max/points) and `dataset`
-    (`model.data.Dataset`). The extractor follows the data set (digits -> digits MLP, else InceptionV3-FID)
-    unless one is given; cache_dir defaults to $THERMOSWEEP_CACHE or ~/.cache/thermosweep. Real features are
-    computed here, once."""
+    """An `Evaluator` for `config` (dataset, image size, eval_num_min/max/points, eval_with_replacement)
+    and `dataset` (`model.data.Dataset`). The extractor follows the data set (digits -> digits MLP, else
+    InceptionV3-FID) unless one is given; cache_dir defaults to $THERMOSWEEP_CACHE or
+    ~/.cache/thermosweep. Real features are computed here, once."""
     from model.metrics.inception import default_cache_dir
 
     sizes = sample_sizes(config.eval_num_min, config.eval_num_max, config.eval_num_points)
@@ -150,4 +152,5 @@ def make_evaluator(config: Any, dataset: Any, *, cache_dir: str | os.PathLike | 
     image_shape = (config.image_size, config.image_size, config.channels)
     if tuple(real.shape[1:]) != image_shape:
         raise ValueError(f"real images have shape {real.shape[1:]}, config says {image_shape}")
-    return Evaluator(extractor, extractor(real), sizes, image_shape, split)
+    return Evaluator(extractor, extractor(real), sizes, image_shape, split,
+                     replace=bool(getattr(config, "eval_with_replacement", False)))
