@@ -56,7 +56,9 @@ def _summarise(acc: dict[str, jax.Array], shift: jax.Array, draws: int) -> dict[
     mean = shift + acc["s1"] / g
     trace = jnp.sum(var)
     signal = jnp.sum(mean**2) - trace / g
-    noiseless = jnp.where(signal > 0, jnp.inf, jnp.nan)  # 0 / 0 only for a gradient that is exactly 0
+    # Without noise: a signal reads inf; a gradient that is exactly 0 (e.g. the EBM's under stop-gradient
+    # chains) has no signal and reads 0, never NaN.
+    noiseless = jnp.where(signal > 0, jnp.inf, 0.0)
     snr = jnp.where(trace > 0, signal / jnp.where(trace > 0, trace, 1.0), noiseless)
     return {"total": jnp.mean(var), "data": jnp.mean(cross), "langevin": jnp.mean(langevin), "snr": snr}
 

@@ -148,17 +148,23 @@ def ti_estimate(rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axi
 
     loglik: (N_t, M, B) log p(x_b|z) per chain; z: (N_t, M, B, d). Returns (estimate, readings) with
     readings = {expected_loglik (N_t,), kl_forward, kl_backward, kl_identity (N_t - 1,)}; the KL readings
-    are NaN for rules that fit no Gaussians. kl_weight (eta) scales the KL correction of both KL rules.
+    are NaN for rules that fit no Gaussians. kl_identity is the residual of the KL identity per interval:
+    of the batch's Gaussians (kl_batch), or its absolute value per x averaged over x (kl_example). kl_weight (eta) scales the KL correction of both KL rules.
     """
     expected = jnp.mean(loglik, axis=(1, 2))
     nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
-    kl_forward = kl_backward = nan
+    kl_forward = kl_backward = identity = nan
     if rule == "kl_batch":
         n_t, m, b, d = z.shape
         mean, cov = fitted_gaussians(z.reshape(n_t, m * b, d), hp.kl_ridge, axis_name)
         kl_forward, kl_backward = adjacent_gaussian_kls(mean, cov)
+        identity = kl_identity_residual(temps, expected, kl_forward, kl_backward)
     elif rule == "kl_example":
-        kl_forward, kl_backward = (jnp.mean(k, axis=-1) for k in example_gaussian_kls(z))
+        per_example = example_gaussian_kls(z)
+        kl_forward, kl_backward = (jnp.mean(k, axis=-1) for k in per_example)
+        # The identity holds per x: residuals of opposite sign must not cancel across examples.
+        residual = kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example)
+        identity = jnp.mean(jnp.abs(residual), axis=-1)
     if rule in ("kl_batch", "kl_example"):
         estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
     elif rule == "variance":
@@ -171,7 +177,7 @@ def ti_estimate(rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axi
     else:
         raise ValueError(f"ti_rule={rule!r} is unknown; use one of {', '.join(TI_RULES)}")
     readings = {"expected_loglik": expected, "kl_forward": kl_forward, "kl_backward": kl_backward,
-                "kl_identity": kl_identity_residual(temps, expected, kl_forward, kl_backward)}
+                "kl_identity": identity}
     return estimate, readings
 
 

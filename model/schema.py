@@ -133,8 +133,9 @@ READING_COLUMNS: Columns = {
                                               "kl_example"),
     "ti_kl_backward": (pa.list_(pa.float64()), "fitted KL(p_i||p_{i-1}) per interval; null as ti_kl_forward"),
     "kl_identity_error": (pa.float64(), "sum_i |KL_f + KL_b - dt_i (E_i - E_{i-1})| of the fitted Gaussians "
-                                        "(0 for the exact posteriors), nats, averaged over the steps; null "
-                                        "unless ti_rule is kl_batch or kl_example"),
+                                        "(0 for the exact posteriors; for kl_example taken per x, then "
+                                        "averaged over x), nats, averaged over the steps; null unless "
+                                        "ti_rule is kl_batch or kl_example"),
 }
 
 EPOCH_COLUMNS: Columns = {

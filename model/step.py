@@ -126,7 +126,8 @@ def loss_fn(spec: StepSpec, axis_name: str | None = None, unroll: bool = False) 
 def temperature_statistics(aux: dict[str, jax.Array], axis_name: str) -> dict[str, jax.Array]:
     """The per-temperature readings of one thermodynamic step, averaged over the whole batch: E_i (N_t,),
     the fitted KLs (N_t - 1,) and `kl_identity_error`, sum_i |KL_f + KL_b - dt_i (E_i - E_{i-1})| in nats
-    (NaN where the rule fits no Gaussians). The residual is linear in batch means, so pmean keeps it exact."""
+    (NaN where the rule fits no Gaussians). kl_batch's residual is linear in batch means and kl_example's is
+    a mean over examples of per-x absolute residuals, so pmean over equal local batches keeps both exact."""
     names = ("expected_loglik", "kl_forward", "kl_backward", "kl_identity")
     mean = jax.lax.pmean({n: aux[n] for n in names}, axis_name)
     return {"ti_expected_loglik": mean["expected_loglik"], "ti_kl_forward": mean["kl_forward"],

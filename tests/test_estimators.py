@@ -221,3 +221,18 @@ def test_stepping_stone_is_unbiased_within_monte_carlo_error_and_its_bias_shrink
     assert mean_error[1] < mean_error[4] < mean_error[16] < 0  # Jensen: biased low, less with more chains
     assert mean_error[1] < -10 * standard_error[1]
     assert abs(mean_error[256]) < 4 * standard_error[256] + 0.01
+
+
+def test_kl_example_identity_check_is_taken_per_example_before_averaging() -> None:
+    """The KL identity holds per x, so kl_example's check averages |residual_x| over x: residuals of opposite
+    sign on two examples must not cancel (they did when the absolute value was taken of the batch mean)."""
+    from model.thermo import example_gaussian_kls, kl_identity_residual
+
+    rng = np.random.default_rng(0)
+    temps = jnp.asarray([0.0, 0.5, 1.0])
+    z = jnp.asarray(rng.normal(size=(3, 8, 2, 2)))  # (N_t, M, B, d)
+    loglik = jnp.asarray(rng.normal(size=(3, 8, 2)) * 5.0)
+    _, readings = ti_estimate("kl_example", temps, loglik, z, _hyper())
+    per_example = kl_identity_residual(temps, jnp.mean(loglik, axis=1), *example_gaussian_kls(z))
+    np.testing.assert_allclose(readings["kl_identity"], jnp.mean(jnp.abs(per_example), axis=-1), rtol=1e-6)
+    assert np.all(np.asarray(readings["kl_identity"]) >= np.abs(np.mean(per_example, axis=-1)) - 1e-9)

@@ -78,6 +78,13 @@ def test_pure_noise_reads_snr_near_zero_and_a_noiseless_gradient_reads_inf():
     assert 10 < strong["grad_snr_gen"] < np.inf
 
 
+def test_an_exactly_zero_gradient_reads_snr_zero_not_nan():
+    """The EBM's gradient under stop-gradient chains is exactly 0: no signal, no noise, SNR 0 (not NaN)."""
+    r = gradient_noise(lambda p, x, k: {"ebm": {"w": jnp.zeros(4)}, "gen": {"k": jnp.ones(3)}}, None,
+                       _data(3), jax.random.key(0), batch_size=10, draws=4)
+    assert r["grad_snr_ebm"] == 0.0 and r["grad_noise_ebm"] == 0.0
+
+
 def test_minibatches_are_without_replacement_and_refuse_a_batch_larger_than_the_data():
     batches = minibatches(20, 20, 3, 0)
     assert all(len(set(b.tolist())) == 20 for b in batches)
