@@ -55,8 +55,8 @@ class AisState(NamedTuple):
 class ValLL(NamedTuple):
     """The validation log-likelihood and what it is made of, in nats per image.
 
-    val_ll: mean over the subset of log Z_hat(x) - log Z_hat_alpha; val_ll_stderr: the standard error of
-    that mean over the subset's examples; log_z_x (n,) and log_z_prior the two AIS estimates;
+    val_ll: mean over the subset of log Z_hat(x) - log Z_hat_alpha; val_ll_stderr: its standard error
+    (spread over the subset's examples and the Monte Carlo error of log Z_hat_alpha, `val_ll_and_stderr`); log_z_x (n,) and log_z_prior the two AIS estimates;
     accept_x, accept_prior the mean MALA acceptance rates of the two paths."""
 
     val_ll: Array
@@ -144,17 +144,35 @@ def log_normaliser(state: AisState, num_pilots: int) -> Array:
     return jax.nn.logsumexp(log_w, axis=-1) - jnp.log(log_w.shape[-1])
 
 
+def log_normaliser_variance(state: AisState, num_pilots: int) -> Array:
+    """The delta-method variance of log Z_hat from its own weights: Var(w) / (C mean(w)^2) =
+    sum w^2 / (sum w)^2 - 1/C over the C estimating chains (shape lead)."""
+    log_w = state.log_w[..., :-num_pilots]
+    ratio = jnp.exp(jax.nn.logsumexp(2.0 * log_w, axis=-1) - 2.0 * jax.nn.logsumexp(log_w, axis=-1))
+    return jnp.maximum(ratio - 1.0 / log_w.shape[-1], 0.0)
+
+
+def val_ll_and_stderr(log_z_x: Array, log_z_prior: Array, log_z_prior_var: Array) -> tuple[Array, Array]:
+    """val_ll = mean_x log Z_hat(x) - log Z_hat_alpha, and its standard error: the spread of log Z_hat(x)
+    over the n >= 2 examples, plus the Monte Carlo variance of the one log Z_hat_alpha every x shares
+    (which the spread over examples cannot show)."""
+    n = log_z_x.shape[0]
+    stderr = jnp.sqrt(jnp.var(log_z_x, ddof=1) / n + log_z_prior_var)
+    return jnp.mean(log_z_x) - log_z_prior, stderr
+
+
 def log_z_prior(nets: Networks, ebm_params: Any, key: Array, *, prior_sigma: Array, z_dim: int,
                 num_temps: int, chains: int, num_pilots: int = 4, step_size: float = 0.5
-                ) -> tuple[Array, Array]:
+                ) -> tuple[Array, Array, Array]:
     """AIS estimate of log Z_alpha (the EBM prior's normaliser over N(0, sigma_0^2 I)) with `chains` chains
-    and `num_temps` linearly spaced temperatures. Returns (log Z_hat_alpha, acceptance rate)."""
+    and `num_temps` linearly spaced temperatures. Returns (log Z_hat_alpha, acceptance rate, the
+    delta-method variance of log Z_hat_alpha)."""
     state = initial_state(jax.random.fold_in(key, 0), (), chains, num_pilots, z_dim, prior_sigma, step_size)
     energy = functools.partial(nets.energy, ebm_params)
     zero = lambda z: jnp.zeros(z.shape[:-1], z.dtype)  # noqa: E731
     state, rate = anneal(zero, energy, power_schedule(num_temps, 1.0), state, jax.random.fold_in(key, 1),
                          prior_sigma, num_pilots)
-    return log_normaliser(state, num_pilots), rate
+    return log_normaliser(state, num_pilots), rate, log_normaliser_variance(state, num_pilots)
 
 
 def log_z_data(nets: Networks, params: Any, x: Array, key: Array, *, prior_sigma: Array,
@@ -183,14 +201,13 @@ def validation_log_likelihood(nets: Networks, params: Any, x: Array, key: Array,
                               lkhood_sigma: Array, z_dim: int, num_temps: int = 100, chains: int = 4,
                               prior_chains: int = 256, lkhood_power: Array | float = 4.0) -> ValLL:
     """val_ll = mean_x [log Z_hat(x)] - log Z_hat_alpha in nats per image, with its standard error over
-    the examples of x (n >= 2). Each of the two AIS estimates is a stochastic lower bound of its
+    the examples of x (n >= 2) and the Monte Carlo error of the shared log Z_hat_alpha. Each of the two AIS estimates is a stochastic lower bound of its
     log-normaliser; val_ll is consistent but not a bound (see the module docstring). Pure and jittable
     with nets, z_dim, num_temps, chains and prior_chains static."""
     k_prior, k_data = jax.random.split(key)
-    lz_prior, acc_prior = log_z_prior(nets, params["ebm"], k_prior, prior_sigma=prior_sigma, z_dim=z_dim,
+    lz_prior, acc_prior, lz_prior_var = log_z_prior(nets, params["ebm"], k_prior, prior_sigma=prior_sigma, z_dim=z_dim,
                                       num_temps=num_temps, chains=prior_chains)
     lz_x, acc_x = log_z_data(nets, params, x, k_data, prior_sigma=prior_sigma, lkhood_sigma=lkhood_sigma,
                              z_dim=z_dim, num_temps=num_temps, chains=chains, lkhood_power=lkhood_power)
-    n = lz_x.shape[0]
-    stderr = jnp.std(lz_x, ddof=1) / jnp.sqrt(n) if n > 1 else jnp.asarray(jnp.nan)
-    return ValLL(jnp.mean(lz_x) - lz_prior, stderr, lz_x, lz_prior, acc_x, acc_prior)
+    val_ll, stderr = val_ll_and_stderr(lz_x, lz_prior, lz_prior_var)
+    return ValLL(val_ll, stderr, lz_x, lz_prior, acc_x, acc_prior)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.ais import log_z_data, log_z_prior
+from model.ais import log_z_data, log_z_prior, val_ll_and_stderr
 from model.config import ExperimentConfig
 from model.gradnoise import NETWORKS, gradient_noise
 from model.objectives import Hyper
@@ -56,19 +56,20 @@ def _compiled_log_z_data(spec: StepSpec, num_temps: int, chains: int) -> Callabl
 def validation_log_likelihood(config: ExperimentConfig, params: dict[str, Any], images: np.ndarray,
                               key: jax.Array) -> dict[str, float]:
     """{val_ll, val_ll_stderr}: mean over the fixed validation subset of log Z_hat(x) - log Z_hat_alpha,
-    nats per image (higher is better), and its standard error over the subset's examples."""
+    nats per image (higher is better), and its standard error (over the subset's examples, plus the Monte
+    Carlo error of the shared log Z_hat_alpha)."""
     spec = StepSpec.from_config(config)
     hp = Hyper.from_config(config)
     x = validation_subset(images, config.val_ll_examples)
     k_prior, k_data = jax.random.split(key)
-    lz_prior, _ = _compiled_log_z_prior(spec, config.val_ll_temps, config.val_ll_prior_chains)(
+    lz_prior, _, lz_prior_var = _compiled_log_z_prior(spec, config.val_ll_temps, config.val_ll_prior_chains)(
         params["ebm"], k_prior, hp.prior_sigma)
     fn = _compiled_log_z_data(spec, config.val_ll_temps, config.val_ll_chains)
     lz_x = [fn(params, x[lo:lo + _CHUNK], jax.random.fold_in(k_data, i), hp.prior_sigma, hp.lkhood_sigma)[0]
             for i, lo in enumerate(range(0, len(x), _CHUNK))]
     lz_x = np.concatenate(jax.device_get(lz_x)).astype(np.float64)
-    return {"val_ll": float(lz_x.mean() - float(lz_prior)),
-            "val_ll_stderr": float(lz_x.std(ddof=1) / np.sqrt(len(lz_x)))}
+    val_ll, stderr = val_ll_and_stderr(lz_x, float(lz_prior), float(lz_prior_var))
+    return {"val_ll": float(val_ll), "val_ll_stderr": float(stderr)}
 
 
 @functools.lru_cache(maxsize=16)

@@ -93,6 +93,22 @@ def test_each_ais_estimate_is_below_its_closed_form_on_average():
     assert gap_x.mean() < -3 * gap_x.std(ddof=1) / np.sqrt(len(gap_x))
 
 
+def test_log_z_alpha_is_right_two_sided_and_its_reported_variance_is_honest():
+    """log Z_hat_alpha against the closed form from both sides, on a prior far from N(0, I) (|log Z_alpha|
+    >> 1, so leaving the prior path out of val_ll could not pass as noise), and the delta-method variance
+    it reports against its spread over independent keys."""
+    model = LinearGaussian(seed=3, n=16, b_scale=2.0)
+    assert abs(model.log_z_alpha) > 5
+    keys = jax.random.split(jax.random.key(11), 20)
+    lz, _, var = jax.device_get(jax.jit(jax.vmap(lambda k: log_z_prior(
+        NETS, model.params["ebm"], k, prior_sigma=PRIOR_SIGMA, z_dim=D_Z, num_temps=100, chains=256)))(keys))
+    err = np.asarray(lz, np.float64) - model.log_z_alpha
+    assert abs(err.mean()) < 3 * err.std(ddof=1) / np.sqrt(len(err)) + 0.01
+    assert 0.4 < np.mean(var) / err.var(ddof=1) < 2.5
+    r = _val_ll(model, 100)
+    assert abs(r.val_ll - model.log_px.mean()) < 3 * r.val_ll_stderr
+
+
 def test_val_ll_is_deterministic_for_a_key_and_finite_for_a_nonsense_model(model):
     a, b = _val_ll(model, 10, key=5), _val_ll(model, 10, key=5)
     np.testing.assert_array_equal(a.log_z_x, b.log_z_x)
