@@ -149,7 +149,8 @@ def ti_estimate(rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axi
     loglik: (N_t, M, B) log p(x_b|z) per chain; z: (N_t, M, B, d). Returns (estimate, readings) with
     readings = {expected_loglik (N_t,), kl_forward, kl_backward, kl_identity (N_t - 1,)}; the KL readings
     are NaN for rules that fit no Gaussians. kl_identity is the residual of the KL identity per interval:
-    of the batch's Gaussians (kl_batch), or its absolute value per x averaged over x (kl_example). kl_weight (eta) scales the KL correction of both KL rules.
+    of the batch's Gaussians (kl_batch), or its absolute value per x averaged over x (kl_example).
+    kl_weight (eta) scales the KL correction of both KL rules.
     """
     expected = jnp.mean(loglik, axis=(1, 2))
     nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
