@@ -57,7 +57,8 @@ class ValLL(NamedTuple):
 
     val_ll: mean over the subset of log Z_hat(x) - log Z_hat_alpha; val_ll_stderr: its standard error
     (spread over the subset's examples and the Monte Carlo error of log Z_hat_alpha, `val_ll_and_stderr`);
-    log_z_x (n,) and log_z_prior the two AIS estimates; accept_x, accept_prior the mean MALA acceptance rates of the two paths."""
+    log_z_x (n,) and log_z_prior the two AIS estimates; accept_x, accept_prior the mean MALA acceptance
+    rates of the two paths."""
 
     val_ll: Array
     val_ll_stderr: Array
@@ -202,8 +203,8 @@ def validation_log_likelihood(nets: Networks, params: Any, x: Array, key: Array,
                               prior_chains: int = 256, lkhood_power: Array | float = 4.0) -> ValLL:
     """val_ll = mean_x [log Z_hat(x)] - log Z_hat_alpha in nats per image, with its standard error over
     the examples of x (n >= 2) and the Monte Carlo error of the shared log Z_hat_alpha. Each of the two AIS
-    estimates is a stochastic lower bound of its log-normaliser; val_ll is consistent but not a bound (see the module docstring). Pure and jittable
-    with nets, z_dim, num_temps, chains and prior_chains static."""
+    estimates is a stochastic lower bound of its log-normaliser; val_ll is consistent but not a bound (see
+    the module docstring). Pure and jittable with nets, z_dim, num_temps, chains and prior_chains static."""
     k_prior, k_data = jax.random.split(key)
     lz_prior, acc_prior, lz_prior_var = log_z_prior(nets, params["ebm"], k_prior, prior_sigma=prior_sigma,
                                                     z_dim=z_dim, num_temps=num_temps, chains=prior_chains)
