@@ -208,6 +208,41 @@ def inert_fields(cfg: ExperimentConfig) -> dict[str, str]:
     return inert
 
 
+# ti_rule values that train alike when the chains are stop-gradient: their KL terms are then constants.
+_STOP_GRADIENT_TRAPEZOID_RULES = ("trapezoid", "kl_batch", "kl_example")
+
+
+def equivalent_values(cfg: ExperimentConfig) -> dict[str, tuple[str, str]]:
+    """The config fields whose value `cfg` trains like a whole class of values: name -> (class, reason).
+    Two configs that differ in such a field train identically when both map it to the same class (a
+    pairwise notion that `inert_fields` cannot express: ti_rule matters, but only up to its class)."""
+    if (cfg.is_thermo and cfg.ebm_gradient != "chains" and cfg.gen_gradient == "ti"
+            and cfg.ti_rule in _STOP_GRADIENT_TRAPEZOID_RULES):
+        why = (f"with ebm_gradient={cfg.ebm_gradient} and gen_gradient=ti the chains are stop-gradient, so "
+               "the KL terms of kl_batch and kl_example are constants and those rules train like trapezoid")
+        return {"ti_rule": ("trapezoid", why)}
+    return {}
+
+
+def training_differences(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, str] | None:
+    """The fields in which `a` and `b` differ, each with why it cannot change what either trains (see
+    `inert_fields` and `equivalent_values`); None when some difference can. Empty when they are equal."""
+    inert_a, inert_b = inert_fields(a), inert_fields(b)
+    same_a, same_b = equivalent_values(a), equivalent_values(b)
+    out: dict[str, str] = {}
+    for f in fields(ExperimentConfig):
+        name = f.name
+        if getattr(a, name) == getattr(b, name):
+            continue
+        if name in inert_a and name in inert_b:
+            out[name] = inert_a[name]
+        elif name in same_a and name in same_b and same_a[name][0] == same_b[name][0]:
+            out[name] = same_a[name][1]
+        else:
+            return None
+    return out
+
+
 # Paper Table 3 (CelebA) and Table 4 (CIFAR-10); SVHN uses the CIFAR-10 family at 32x32.
 _PAPER_COMMON = dict(
     num_train=12000, num_val=4500, ebm_width=100, gen_width=64, epochs=50, batch_size=75,

@@ -31,7 +31,7 @@ from model.config import (
     check_devices,
     config_fields,
     get_preset,
-    inert_fields,
+    training_differences,
 )
 from sweep.text import text_table
 
@@ -256,19 +256,18 @@ def expand(
 
 def identical_cells(plans: list[TrialPlan]) -> list[str]:
     """One line per pair of cells that train identically: their configs (at the same repetition) differ
-    only in fields that `model.config.inert_fields` says neither of them can use, named with why."""
+    only in fields that `model.config.training_differences` says cannot change what either trains (inert
+    in both, or values of one training class), named with why."""
     first = {}
     for plan in plans:
         first.setdefault(plan.cell, plan.config)
     cells = list(first.items())
     lines = []
     for i, (cell_a, a) in enumerate(cells):
-        inert_a = inert_fields(a)
         for cell_b, b in cells[i + 1:]:
-            inert_b = inert_fields(b)
-            differ = [f.name for f in fields(ExperimentConfig) if getattr(a, f.name) != getattr(b, f.name)]
-            if differ and all(f in inert_a and f in inert_b for f in differ):
-                why = "; ".join(dict.fromkeys(inert_a[f] for f in differ))
+            differ = training_differences(a, b)
+            if differ:
+                why = "; ".join(dict.fromkeys(differ.values()))
                 lines.append(f"cells {cell_a!r} and {cell_b!r} train identically: they differ only in "
                              f"{', '.join(differ)} ({why})")
     return lines

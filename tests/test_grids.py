@@ -131,3 +131,26 @@ def test_identical_cells_by_estimator() -> None:
     pairs = {tuple(line.split("'")[1:4:2]) for line in lines}
     assert pairs == {("v1", "v2"), ("trap-eta1", "trap-eta2"), ("mlml-p1", "mlml-p3")}, lines
     assert any("ti_rule=trapezoid has no KL term" in line for line in lines)
+
+
+def test_stop_gradient_chains_make_trapezoid_and_kl_rules_identical() -> None:
+    """With ebm_gradient in {none, ml} and gen_gradient=ti the chains are stop-gradient, so the KL terms of
+    kl_batch and kl_example are constants: at equal M those rules train like trapezoid. variance and
+    stepping_stone do not (their corrections depend on log p(x|z), which carries the generator's gradient),
+    nor do the KL rules when the chains carry the EBM's gradient."""
+    from sweep.grid_file import identical_cells
+
+    cells = []
+    for ebm in ("none", "ml", "chains"):
+        for rule in ("trapezoid", "kl_batch", "kl_example", "variance"):
+            cells.append({"name": f"{ebm}-{rule}", "objective": "thermo", "ebm_gradient": ebm,
+                          "ti_rule": rule, "chains_per_example": 6, "batch_size": 20})
+    cells.append({"name": "none-kl_batch-m7", "objective": "thermo", "ebm_gradient": "none",
+                  "ti_rule": "kl_batch", "chains_per_example": 7, "batch_size": 20})
+    grid = parse_grid_text(json.dumps({"preset": "digits", "repetitions": 1, "cells": cells}), "json", "t")
+    lines = identical_cells(expand(grid))
+    pairs = {tuple(line.split("'")[1:4:2]) for line in lines}
+    alike = (("trapezoid", "kl_batch"), ("trapezoid", "kl_example"), ("kl_batch", "kl_example"))
+    expected = {(f"{ebm}-{a}", f"{ebm}-{b}") for ebm in ("none", "ml") for a, b in alike}
+    assert pairs == expected, lines
+    assert all("differ only in ti_rule (" in line and "stop-gradient" in line for line in lines), lines
