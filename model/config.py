@@ -124,8 +124,10 @@ def _validate_estimators(cfg: ExperimentConfig) -> None:
         _fail("chains_per_example", m, "is too few for ti_rule=kl_example: the per-example KL's trace term "
               f"has no finite variance below {KL_EXAMPLE_MIN_CHAINS} chains; set chains_per_example="
               f"{KL_EXAMPLE_MIN_CHAINS} or more")
-    if cfg.is_thermo and cfg.ti_rule == "kl_batch" and cfg.batch_size <= cfg.z_dim:
-        warnings.warn(f"ti_rule=kl_batch with batch_size={cfg.batch_size} <= z_dim={cfg.z_dim}: the "
+    rows = cfg.batch_size * m  # kl_batch fits each temperature's Gaussian on every chain of the batch
+    if cfg.is_thermo and cfg.ti_rule == "kl_batch" and rows <= cfg.z_dim:
+        warnings.warn(f"ti_rule=kl_batch with batch_size * chains_per_example = {cfg.batch_size} * {m} = "
+                      f"{rows} <= z_dim={cfg.z_dim}: the "
                       "Gaussians fitted across the batch are rank-deficient and their KL is set by kl_ridge "
                       "(noise of hundreds of nats); use ti_rule=kl_example, variance or stepping_stone for a "
                       "correction that estimates something", UserWarning, stacklevel=3)

@@ -85,10 +85,21 @@ def test_chain_gradient_is_refused_naming_its_replacement():
 
 
 def test_kl_batch_warns_when_the_batch_cannot_span_z():
-    with pytest.warns(UserWarning, match="batch_size=75 <= z_dim=80.*rank-deficient"):
+    with pytest.warns(UserWarning, match=r"= 75 \* 1 = 75 <= z_dim=80.*rank-deficient"):
         get_preset("celeba", objective="thermo")
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_preset("celeba", objective="thermo", ti_rule="trapezoid")
         get_preset("celeba")  # vanilla fits no Gaussians
+
+
+def test_kl_batch_rank_counts_every_chain():
+    """kl_batch fits its Gaussians on batch_size * chains_per_example rows: 75 * 2 = 150 rows span
+    z_dim=80, while 8 * 2 = 16 rows do not span z_dim=16 (rank 15)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_preset("celeba", objective="thermo", chains_per_example=2)
+    with pytest.warns(UserWarning, match=r"batch_size \* chains_per_example = 8 \* 2 = 16 <= z_dim=16"):
+        get_preset("digits", objective="thermo", batch_size=8, chains_per_example=2)
