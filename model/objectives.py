@@ -150,8 +150,12 @@ def ti_estimate(rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axi
     readings = {expected_loglik (N_t,), kl_forward, kl_backward, kl_identity (N_t - 1,)}; the KL readings
     are NaN for rules that fit no Gaussians. kl_identity is the residual of the KL identity per interval:
     of the batch's Gaussians (kl_batch), or its absolute value per x averaged over x (kl_example).
-    kl_weight (eta) scales the KL correction of both KL rules.
+    kl_weight (eta) scales the KL correction of both KL rules. variance and stepping_stone need M >= 2 (with
+    M = 1 the variance is NaN and stepping-stone is the left Riemann sum), as the config does; M is static.
     """
+    if rule in ("variance", "stepping_stone") and loglik.shape[1] < 2:
+        raise ValueError(f"chains_per_example={loglik.shape[1]} is too few for ti_rule={rule}, which works "
+                         "from the spread of each example's chains; set chains_per_example=2 or more")
     expected = jnp.mean(loglik, axis=(1, 2))
     nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
     kl_forward = kl_backward = identity = nan

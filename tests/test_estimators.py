@@ -137,6 +137,20 @@ def test_example_gaussian_kls_refuse_too_few_chains():
         example_gaussian_kls(jnp.zeros((3, 5, 2, 16)))
 
 
+@pytest.mark.parametrize("rule", ["variance", "stepping_stone"])
+def test_ti_estimate_refuses_one_chain_for_the_spread_rules(rule):
+    """variance and stepping_stone work from the spread of each example's chains: with M = 1 a direct
+    caller got NaN silently (only the config refused M < 2)."""
+    model, rng = LinearGaussianBatch(B=3), np.random.default_rng(6)
+    temps = _schedule(4, 1.0)
+    z, loglik = model.samples(temps, 1, rng)
+    with pytest.raises(ValueError, match=f"chains_per_example=1 is too few for ti_rule={rule}.*"
+                                         "chains_per_example=2 or more"):
+        _estimate(rule, temps, z, loglik)
+    z, loglik = model.samples(temps, 2, rng)
+    assert np.isfinite(_estimate(rule, temps, z, loglik))
+
+
 def test_kl_identity_holds_to_1e9_on_exact_gaussians():
     """KL(p_{i-1}||p_i) + KL(p_i||p_{i-1}) = dt_i (E_i - E_{i-1}) for the exact tempered posteriors."""
     model = LinearGaussianBatch(B=5)
