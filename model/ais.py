@@ -68,6 +68,14 @@ class ValLL(NamedTuple):
     accept_prior: Array
 
 
+def _check_pilots(num_pilots: int) -> None:
+    """The pilots are the last `num_pilots` chains; with none, [..., :-0] would leave no estimating chain
+    and [..., -0:] would adapt on every chain, breaking the estimate's unbiasedness."""
+    if num_pilots < 1:
+        raise ValueError(f"num_pilots={num_pilots} leaves no pilot chain to adapt the step size on (the "
+                         "estimating chains must not adapt it); use num_pilots=1 or more")
+
+
 def power_schedule(num_temps: int, power: Array | float) -> Array:
     """b_k = (k / K)^p for k = 0..K (K = num_temps): num_temps + 1 inverse temperatures from 0 to 1."""
     frac = jnp.arange(num_temps + 1, dtype=jnp.float32) / num_temps
@@ -88,6 +96,8 @@ def anneal(fixed: Potential, annealed: Potential, betas: Array, state: AisState,
     gamma_k. The step size of each target (the leading axes) moves toward a 0.6 acceptance rate of its
     pilot chains (the last `num_pilots` along the chain axis). Returns the new state and the mean
     acceptance rate of the estimating chains."""
+    _check_pilots(num_pilots)
+
     def evaluate(z: Array) -> tuple[Array, Array, Array, Array]:
         h, gh = _value_and_grad(fixed, z)
         u, gu = _value_and_grad(annealed, z)
@@ -135,12 +145,14 @@ def anneal(fixed: Potential, annealed: Potential, betas: Array, state: AisState,
 def initial_state(key: Array, lead: tuple[int, ...], chains: int, num_pilots: int, z_dim: int,
                   prior_sigma: Array, step_size: Array | float) -> AisState:
     """z ~ N(0, sigma_0^2 I) exactly, shaped lead + (chains + pilots, d); zero log-weights."""
+    _check_pilots(num_pilots)
     z = prior_sigma * jax.random.normal(key, lead + (chains + num_pilots, z_dim))
     return AisState(z, jnp.zeros(z.shape[:-1]), jnp.full(lead, step_size, jnp.float32) * prior_sigma**2)
 
 
 def log_normaliser(state: AisState, num_pilots: int) -> Array:
     """log Z_hat = log mean_c exp(log w_c) over the estimating chains (pilots left out): shape lead."""
+    _check_pilots(num_pilots)
     log_w = state.log_w[..., :-num_pilots]
     return jax.nn.logsumexp(log_w, axis=-1) - jnp.log(log_w.shape[-1])
 
@@ -148,6 +160,7 @@ def log_normaliser(state: AisState, num_pilots: int) -> Array:
 def log_normaliser_variance(state: AisState, num_pilots: int) -> Array:
     """The delta-method variance of log Z_hat from its own weights: Var(w) / (C mean(w)^2) =
     sum w^2 / (sum w)^2 - 1/C over the C estimating chains (shape lead)."""
+    _check_pilots(num_pilots)
     log_w = state.log_w[..., :-num_pilots]
     ratio = jnp.exp(jax.nn.logsumexp(2.0 * log_w, axis=-1) - 2.0 * jax.nn.logsumexp(log_w, axis=-1))
     return jnp.maximum(ratio - 1.0 / log_w.shape[-1], 0.0)

@@ -116,3 +116,22 @@ def test_val_ll_is_deterministic_for_a_key_and_finite_for_a_nonsense_model(model
     bad.params["gen"]["W"] = bad.params["gen"]["W"] * 1e3  # a very sharp posterior: proposals rejected
     r = _val_ll(bad, 10)
     assert np.isfinite(r.val_ll) and np.isfinite(r.log_z_x).all()
+
+
+@pytest.mark.parametrize("num_pilots", [0, -1])
+def test_fewer_than_one_pilot_is_refused(model, num_pilots):
+    """With num_pilots=0 the slices [..., :-0] (no estimating chain) and [..., -0:] (every chain as a pilot)
+    would silently break the estimate and its unbiasedness."""
+    from model.ais import initial_state, log_normaliser, log_normaliser_variance
+
+    match = f"num_pilots={num_pilots} .*num_pilots=1 or more"
+    with pytest.raises(ValueError, match=match):
+        log_z_prior(NETS, model.params["ebm"], jax.random.key(0), prior_sigma=PRIOR_SIGMA, z_dim=D_Z,
+                    num_temps=3, chains=4, num_pilots=num_pilots)
+    with pytest.raises(ValueError, match=match):
+        log_z_data(NETS, model.params, model.x[:2], jax.random.key(0), prior_sigma=PRIOR_SIGMA,
+                   lkhood_sigma=LKHOOD_SIGMA, z_dim=D_Z, num_temps=3, chains=4, num_pilots=num_pilots)
+    state = initial_state(jax.random.key(0), (), 4, 1, D_Z, PRIOR_SIGMA, 0.5)
+    for fn in (log_normaliser, log_normaliser_variance):
+        with pytest.raises(ValueError, match=match):
+            fn(state, num_pilots)
