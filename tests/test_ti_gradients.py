@@ -129,6 +129,27 @@ def test_thermo_ml_ml_is_the_vanilla_gradient_on_the_same_samples():
         np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-7)
 
 
+def test_gen_ml_with_chain_gradients_does_not_flow_through_the_chains():
+    """ebm_gradient=chains, gen_gradient=ml: alpha's gradient is backpropagated through the chains, the
+    generator's is only -E_{t=1}[grad_W log p(x|z)] on the t = 1 chains held fixed."""
+    from model.nets import log_likelihood
+
+    params, x, hp = _problem(6)
+    key, ids, num_temps = jax.random.key(4), jnp.arange(6), 3
+    loss = functools.partial(thermo_loss, nets=QUADRATIC, num_temps=num_temps, posterior_steps=5, z_dim=D_Z,
+                             ebm_gradient="chains", ti_rule="trapezoid")
+    grads = jax.grad(lambda p: loss(p, x, key, ids, hp, gen_gradient="ml")[0])(params)
+    temps = temperature_schedule(num_temps, hp.temp_power)
+    z_post = sample_power_posteriors(QUADRATIC, params, x, temps, key, ids, 5, D_Z, hp)[-1]
+    expected = jax.grad(lambda g: -jnp.mean(log_likelihood(x, QUADRATIC.generate(g, z_post), hp.lkhood_sigma))
+                        )(params["gen"])
+    np.testing.assert_allclose(grads["gen"]["w"], expected["w"], rtol=1e-5, atol=1e-6)
+    ti = jax.grad(lambda p: loss(p, x, key, ids, hp, gen_gradient="ti")[0])(params)
+    for a, b in zip(jax.tree.leaves(grads["ebm"]), jax.tree.leaves(ti["ebm"]), strict=True):
+        np.testing.assert_array_equal(a, b)  # alpha's gradient through the chains, whatever gen_gradient
+    assert np.abs(np.asarray(grads["ebm"]["a"])).max() > 1e-3
+
+
 @pytest.mark.parametrize("ebm_gradient", ["none", "ml", "chains"])
 def test_eta_changes_training_only_through_the_chains(ebm_gradient):
     """Finding 2: with stop-gradient chains the KL term is a constant, so eta cannot change a gradient."""
