@@ -412,6 +412,74 @@ def fig_training_curves(
     return fig
 
 
+TI_CURVE_COLUMNS = ("ti_temps", "ti_expected_loglik")
+
+
+def _is_list(v: object) -> bool:
+    """A non-empty list reading (Parquet lists load as arrays; a missing one as None or NaN)."""
+    return isinstance(v, list | tuple | np.ndarray) and len(v) > 0
+
+
+def ti_curves(epochs: pd.DataFrame, final: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The TI curve at each thermo trial's last epoch that recorded one, one row per temperature:
+    run, cell, label, trial_id, i, t (t_i), e (E_i) and we (w_i E_i, NaN without `ti_weights`)."""
+    if any(c not in epochs.columns for c in TI_CURVE_COLUMNS) or "epoch" not in epochs.columns:
+        return pd.DataFrame()
+    mine = final[(final["dataset"] == dataset) & (final["objective"] == "thermo")]
+    meta = mine[["run", "trial_id", "cell"]].assign(label=[cell_label(r) for r in mine.to_dict("records")])
+    ep = meta.merge(epochs.drop(columns=["cell"], errors="ignore"), on=["run", "trial_id"])
+    has = ep["ti_temps"].map(_is_list) & ep["ti_expected_loglik"].map(_is_list)
+    last = ep[has].sort_values("epoch").groupby(["run", "trial_id"]).tail(1)
+    rows = []
+    for r in last.to_dict("records"):
+        w = r.get("ti_weights")
+        w = np.asarray(w, float) if _is_list(w) and len(w) == len(r["ti_temps"]) else None
+        for i, (t, e) in enumerate(zip(r["ti_temps"], r["ti_expected_loglik"], strict=True)):
+            rows.append(dict(run=r["run"], cell=r["cell"], label=r["label"], trial_id=r["trial_id"], i=i,
+                             t=float(t), e=float(e), we=float(w[i] * e) if w is not None else np.nan))
+    return pd.DataFrame(rows)
+
+
+def fig_ti_curve(epochs: pd.DataFrame, final: pd.DataFrame, dataset: str) -> Figure | None:
+    """The TI curve E_t = E_{p(z|x,t)}[log p(x|z)] against t (Eq. 16) from the epochs table's
+    `ti_temps` and `ti_expected_loglik` at each thermo trial's final epoch: one line per cell, the mean
+    over repetitions with a marker at each t_i, and their min-max range as a band. Right (when `ti_weights`
+    was recorded): the trapezium's terms w_i E_i, whose sum is the trapezoid estimate of log p(x), so the
+    temperatures that carry the estimate stand out. None without the columns or thermo trials."""
+    long = ti_curves(epochs, final, dataset)
+    if long.empty:
+        return None
+    weighted = long["we"].notna().any()
+    fig = Figure(figsize=(11.0 if weighted else 6.4, 4.2))
+    axes = fig.subplots(1, 2 if weighted else 1, squeeze=False)[0]
+    cells = list(dict.fromkeys(zip(long["run"], long["cell"], long["label"], strict=True)))
+    runs = list(dict.fromkeys(long["run"]))
+    colors = matplotlib.colormaps["tab10" if len(cells) <= 10 else "tab20"]
+    for ax, col, ylabel in zip(axes, ("e", "we"), ("E$_t$ = E$_{p(z|x,t)}$[log p(x|z)] (nats per image)",
+                                                   "w$_i$ E$_i$ (nats per image)"), strict=False):
+        for k, (run, cell, label) in enumerate(cells):
+            g = long[(long["run"] == run) & (long["cell"] == cell)].groupby("i")
+            t, m, lo, hi = g["t"].mean(), g[col].mean(), g[col].min(), g[col].max()
+            name = label + (f" [{run}]" if len(runs) > 1 else "")
+            ax.plot(t, m, color=colors(k % 20), ls="-" if runs.index(run) == 0 else "--", lw=1.2, marker=".",
+                    label=name)
+            ax.fill_between(t, lo, hi, color=colors(k % 20), alpha=0.15)
+        values = long[col].dropna().abs()  # E_0 can be orders of magnitude below E_1: symlog then
+        if col == "e" and values.min() > 0 and values.max() / values.min() >= 100:
+            ax.set_yscale("symlog", linthresh=float(values.min()))
+        ax.set_xlabel("temperature t")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("the TI curve: mean (line), min-max (band) over repetitions", fontsize=9)
+    if weighted:
+        axes[1].set_title("the trapezium's terms (they sum to the trapezoid estimate)", fontsize=9)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="thermo cells",
+                    title_fontsize=8)
+    fig.suptitle(f"{dataset_title(dataset)}: E_t against t at each thermo trial's final epoch")
+    fig.tight_layout()
+    return fig
+
+
 def temperature_schedule(num_temps: int, power: float) -> np.ndarray:
     """The schedule t_i = (i / (N_t - 1))^p, i = 0..N_t-1 (docs/model.md; both ends included)."""
     return (np.arange(num_temps) / (num_temps - 1)) ** power

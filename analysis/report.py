@@ -186,6 +186,13 @@ DATASET_FIGURES: list[FigureSpec] = [
                "{name} Fig. 9 (training curves): no per-epoch train_loss/grad_var/kid_rbf_inf",
                lambda c: F.fig_training_curves(c.epochs, c.final, c.dataset),
                section="5. Training curves (Fig. 9)"),
+    FigureSpec("fig17_ti_curve_{tag}.png",
+               "{name}: the TI curve E_t against t at each thermo trial's final epoch, one line per cell "
+               "(mean over repetitions, min-max band), and the trapezium's terms w_i E_i",
+               _why_no("thermo", "TI-curve figure", "E_t against t", "per-temperature ti_temps and "
+                       "ti_expected_loglik"),
+               lambda c: F.fig_ti_curve(c.epochs, c.final, c.dataset),
+               section="5a. The TI curve (per-temperature readings)"),
     FigureSpec("fig15_val_ll_{tag}.png",
                "{name}: validation log-likelihood by AIS per cell, the same estimate for every model "
                "(docs/readings.md); per epoch (mean over repetitions) and final (mean ± std)",

@@ -178,9 +178,27 @@ def synthetic_tables(
                         grad_noise_gen=v_final / 5 if evaluated or final_eval else np.nan,
                         grad_noise_ebm=v_final / 20 if evaluated or final_eval else np.nan,
                         epoch_time_s=10.0,
+                        **_ti_readings(c, r, e),
                     )
                 )
     return pd.DataFrame(trials), pd.DataFrame(epochs)
+
+
+def planted_ti_curve(temp_power: float, num_temps: int, repetition: int, epoch: int = EPOCHS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(t_i, w_i, E_i) of a thermo trial: E_t = -100 - 300 (1 - t)^2 + 2 r, 50 nats lower per epoch
+    before the last (so a figure that reads the wrong epoch is off)."""
+    t = (np.arange(num_temps) / (num_temps - 1)) ** temp_power
+    dt = np.diff(t)
+    w = np.concatenate([[dt[0] / 2], (dt[:-1] + dt[1:]) / 2, [dt[-1] / 2]])
+    return t, w, -100.0 - 300.0 * (1.0 - t) ** 2 + 2.0 * repetition - 50.0 * (EPOCHS - epoch)
+
+
+def _ti_readings(cell: dict, repetition: int, epoch: int) -> dict:
+    if cell["objective"] != "thermo":
+        return dict(ti_temps=None, ti_weights=None, ti_expected_loglik=None)
+    t, w, e = planted_ti_curve(cell["temp_power"], cell["num_temps"], repetition, epoch)
+    return dict(ti_temps=t.tolist(), ti_weights=w.tolist(), ti_expected_loglik=e.tolist())
 
 
 def write_run(root: Path, trials: pd.DataFrame, epochs: pd.DataFrame, name: str | None = None) -> Path:
@@ -389,6 +407,7 @@ EXPECTED_FIGURES = [
     "fig10_kid_vs_grad_var_digits.png",
     "fig10b_kid_poly_vs_grad_var_digits.png",
     "fig15_val_ll_digits.png",
+    "fig17_ti_curve_digits.png",
     "fig16_grad_noise_vs_grad_var_digits.png",
     "fig12_fid_vs_grad_var_digits.png",
     "fig14_training_time_digits.png",
@@ -417,6 +436,38 @@ def test_report_writes_every_figure_table_and_sample(synth_report):
     fits = pd.read_csv(synth_report / "fits.csv")
     kid = fits[fits["metric"] == "kid_rbf_inf"].set_index("regime")
     assert kid.loc["vanilla", "a"] == pytest.approx(PLANTED["vanilla"][0])
+
+
+def test_ti_curve_is_the_final_epoch_mean_over_repetitions_and_skipped_without_its_columns(synth_run,
+                                                                                          tmp_path):
+    """One line per thermo cell at its trials' final epoch: x the schedule, y the mean of E_i over the
+    repetitions (planted 2r apart, so min-max spans 6 nats); right panel w_i E_i."""
+    from analysis import figures as F
+
+    results = analysis.load(synth_run)
+    final = analysis.final_readings(results)
+    long = F.ti_curves(results.epochs, final, "digits")
+    cell = long[long["cell"] == "thermo-p0.3"]
+    assert cell["trial_id"].nunique() == REPS and len(cell) == REPS * 5
+    by_i = cell.groupby("i")["e"]
+    t, w, e0 = planted_ti_curve(0.3, 5, 0)
+    np.testing.assert_allclose(by_i.mean(), e0 + 3.0)  # reps 0..3: mean offset 2 * 1.5
+    np.testing.assert_allclose(by_i.max() - by_i.min(), 6.0)
+    fig = F.fig_ti_curve(results.epochs, final, "digits")
+    left, right = fig.axes[:2]
+    labels = [line.get_label() for line in left.lines]
+    k = labels.index("p=0.3")
+    np.testing.assert_allclose(left.lines[k].get_xdata(), t)
+    np.testing.assert_allclose(left.lines[k].get_ydata(), e0 + 3.0)
+    np.testing.assert_allclose(right.lines[k].get_ydata(), w * (e0 + 3.0))
+    assert len(left.lines) == final[final["objective"] == "thermo"]["cell"].nunique()
+
+    trials, epochs = synthetic_tables()
+    run = write_run(tmp_path, trials, epochs.drop(columns=["ti_temps", "ti_weights", "ti_expected_loglik"]))
+    out = tmp_path / "report"
+    skipped = R.build_report(analysis.load(run), out).read_text().split("## Skipped", 1)[1]
+    assert "TI-curve figure (E_t against t): no per-temperature ti_temps and ti_expected_loglik" in skipped
+    assert not (out / "fig17_ti_curve_digits.png").exists()
 
 
 def test_report_without_thermo_and_with_missing_columns_says_what_it_skipped(tmp_path):
