@@ -12,12 +12,27 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import Array
 
 from model.config import ExperimentConfig
 
 _KERNEL_INIT = nn.initializers.lecun_normal()
+
+# conv_impl="auto": the implementation `python -m model.bench --compare-conv` measured fastest per JAX
+# backend (docs/gpu.md has the runs). A backend without a measurement gets "lax" (the library's own
+# transposed convolution) until its first run settles it.
+MEASURED_FASTEST_CONV = {"cpu": "phases"}
+UNMEASURED_CONV = "lax"
+
+
+def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+    """The generator's transposed-convolution implementation: `conv_impl` itself, or for "auto" the
+    one measured fastest on `backend` (default: JAX's default backend)."""
+    if conv_impl != "auto":
+        return conv_impl
+    return MEASURED_FASTEST_CONV.get(backend or jax.default_backend(), UNMEASURED_CONV)
 
 
 class UpConv(nn.Module):
@@ -116,10 +131,10 @@ class Generator(nn.Module):
 
 
 def make_networks(config: ExperimentConfig) -> tuple[EnergyPrior, Generator]:
-    """The EBM prior and generator modules sized by `config`."""
+    """The EBM prior and generator modules sized by `config` (conv_impl "auto" resolved for this backend)."""
     ebm = EnergyPrior(width=config.ebm_width, leak=config.ebm_leak)
     gen = Generator(image_size=config.image_size, channels=config.channels, width=config.gen_width,
-                    leak=config.gen_leak, conv_impl=config.conv_impl)
+                    leak=config.gen_leak, conv_impl=resolve_conv_impl(config.conv_impl))
     return ebm, gen
 
 
