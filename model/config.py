@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -125,8 +126,10 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("image_size", size, "must be a power of two >= 4 (the generator doubles 4x4 up)")
     if cfg.batch_size > cfg.num_train:
         _fail("batch_size", cfg.batch_size, f"exceeds num_train={cfg.num_train}")
-    if cfg.eval_every < 0 or cfg.sample_every < 0:
+    if cfg.eval_every < 0:
         _fail("eval_every", cfg.eval_every, "must be >= 0 (0 disables evaluation)")
+    if cfg.sample_every < 0:
+        _fail("sample_every", cfg.sample_every, "must be >= 0 (0 saves no image grids)")
 
 
 # Paper Table 3 (CelebA) and Table 4 (CIFAR-10); SVHN uses the CIFAR-10 family at 32x32.
@@ -200,6 +203,16 @@ def get_preset(name: str, **overrides: Any) -> ExperimentConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
     return apply_overrides(ExperimentConfig(**PRESETS[name]), overrides)
+
+
+def check_devices(batch_size: int, devices: int | Sequence[Any], fix: str | None = None) -> None:
+    """Refuse a batch that cannot be split evenly over `devices` (a count or the devices themselves),
+    naming both numbers and `fix` (default: the nearest batch sizes that divide, or fewer devices)."""
+    n = devices if isinstance(devices, int) else len(devices)
+    if batch_size % n:
+        lower = batch_size - batch_size % n
+        fix = fix or f"use a multiple of {n} (e.g. {lower or n} or {lower + n}) or run on fewer devices"
+        raise ValueError(f"batch_size {batch_size} is not divisible by {n} devices; {fix}")
 
 
 def parse_set_args(items: list[str] | None) -> dict[str, str]:

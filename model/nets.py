@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from model.config import ExperimentConfig
-
 _KERNEL_INIT = nn.initializers.lecun_normal()
 
 # conv_impl="auto": the implementation `python -m model.bench --compare-conv` measured fastest per JAX
@@ -130,11 +128,13 @@ class Generator(nn.Module):
         return x.reshape(lead + x.shape[1:])
 
 
-def make_networks(config: ExperimentConfig) -> tuple[EnergyPrior, Generator]:
-    """The EBM prior and generator modules sized by `config` (conv_impl "auto" resolved for this backend)."""
-    ebm = EnergyPrior(width=config.ebm_width, leak=config.ebm_leak)
-    gen = Generator(image_size=config.image_size, channels=config.channels, width=config.gen_width,
-                    leak=config.gen_leak, conv_impl=resolve_conv_impl(config.conv_impl))
+def make_networks(*, ebm_width: int, ebm_leak: float, image_size: int, channels: int, gen_width: int,
+                  gen_leak: float, conv_impl: str = "auto") -> tuple[EnergyPrior, Generator]:
+    """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5); conv_impl "auto" is
+    resolved for the default backend (resolve_conv_impl)."""
+    ebm = EnergyPrior(width=ebm_width, leak=ebm_leak)
+    gen = Generator(image_size=image_size, channels=channels, width=gen_width, leak=gen_leak,
+                    conv_impl=resolve_conv_impl(conv_impl))
     return ebm, gen
 
 

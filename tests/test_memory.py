@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import memory, train
+from model import loop, memory
+from model import step as steps
 from model.bench import workloads
 from model.config import get_preset
 from model.objectives import Hyper
@@ -23,19 +24,19 @@ from model.objectives import Hyper
 TOLERANCE = 0.30
 
 
-def _compiled_bytes(step, *args) -> int:
-    mem = step.lower(*args).compile().memory_analysis()
+def _compiled_bytes(fn, *args) -> int:
+    mem = fn.lower(*args).compile().memory_analysis()
     mem = mem[0] if isinstance(mem, list) else mem
     return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
 
 
 def compiled_step_bytes(config, n_devices: int = 1) -> int:
     devices = jax.local_devices()[:n_devices]
-    step = train.compiled_train_step(train.StepSpec.from_config(config), tuple(devices))
-    state = train.init_state(config)
-    carry, lrs = train.step_inputs(config, state, 1, devices)
+    fn = steps.compiled_train_step(steps.StepSpec.from_config(config), tuple(devices))
+    state = loop.init_state(config)
+    carry, lrs = loop.step_inputs(config, state, 1, devices)
     x = np.zeros((n_devices, config.batch_size // n_devices) + config.image_shape, np.float32)
-    return _compiled_bytes(step, carry, x, state.key, Hyper.from_config(config), lrs)
+    return _compiled_bytes(fn, carry, x, state.key, Hyper.from_config(config), lrs)
 
 
 def _paper(preset: str, **kw):
@@ -85,17 +86,17 @@ def test_step_estimate_per_device_on_two_devices():
 def test_eval_and_generation_estimates_within_30_percent():
     for config in (CASES["ref-vanilla"], CASES["ref-thermo-nt5"]):
         devices = jax.local_devices()[:1]
-        spec = train.StepSpec.from_config(config)
-        state = train.init_state(config)
+        spec = steps.StepSpec.from_config(config)
+        state = loop.init_state(config)
         params = {"ebm": state.ebm_params, "gen": state.gen_params}
-        rep = train._replicate(params, devices)
+        rep = steps.replicate(params, devices)
         x = np.zeros((1, config.batch_size) + config.image_shape, np.float32)
-        compiled = _compiled_bytes(train.compiled_eval_step(spec, tuple(devices)), rep, x, state.key,
+        compiled = _compiled_bytes(steps.compiled_eval_step(spec, tuple(devices)), rep, x, state.key,
                                    Hyper.from_config(config))
         estimate = memory.estimate_eval_memory(config)
         assert abs(estimate - compiled) <= TOLERANCE * compiled, (config.objective, estimate, compiled)
     config = CASES["ref-vanilla"]
-    fn = train._compiled_generate(train.StepSpec.from_config(config), 200)
+    fn = steps.compiled_generate(steps.StepSpec.from_config(config), 200)
     compiled = _compiled_bytes(fn, state.ebm_params, state.gen_params, state.key, Hyper.from_config(config))
     estimate = memory.estimate_generate_memory(config, 200)
     assert abs(estimate - compiled) <= TOLERANCE * compiled, ("generate", estimate, compiled)
@@ -110,6 +111,6 @@ def test_absurd_num_temps_is_sized_without_compiling():
 
 def test_parameter_count_matches_the_networks():
     for config in (CASES["digits-vanilla"], CASES["ref-vanilla"], PAPER_CASES["celeba-vanilla-b75"]):
-        state = train.init_state(config)
+        state = loop.init_state(config)
         count = lambda tree: sum(int(np.prod(jnp.shape(x))) for x in jax.tree.leaves(tree))  # noqa: E731
         assert memory.parameter_count(config) == (count(state.ebm_params), count(state.gen_params))
