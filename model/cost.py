@@ -151,7 +151,7 @@ def _fits(config: ExperimentConfig, target: Target, devices: int, backend: str) 
 def suggest_fix(config: ExperimentConfig, target: Target, devices: int, backend: str) -> str:
     """What makes the step fit `target`: more devices per trial, a smaller batch, fewer temperatures."""
     options = []
-    for n in (2, 4, 8):
+    for n in range(2, 9):
         if n > devices and config.batch_size % n == 0 and _fits(config, target, n, backend):
             options.append(f"--gpus-per-trial {n}")
             break
@@ -165,7 +165,7 @@ def suggest_fix(config: ExperimentConfig, target: Target, devices: int, backend:
                 options.append(f"--set num_temps={nt} (or fewer)")
                 break
     if config.conv_impl != "lax":
-        options.append("conv_impl=lax (no phase patches; ~1/16 of the activations)")
+        options.append("--set conv_impl=lax (no phase patches: about 1/16 of the activations)")
     return "; or ".join(options) if options else "no single change fits; use a device with more memory"
 
 
@@ -220,5 +220,5 @@ def format_plan(plans: list[CellPlan], repetitions: int, target: Target | None) 
     rows.append(f"target {target.name}: {target.peak_flops / 1e12:.1f} TFLOP/s float32 peak x "
                 f"{UTILISATION:.0%} assumed utilisation, {target.usable_bytes / GIB:.1f} GiB usable")
     rows.append(f"whole run: {len(plans) * repetitions} trials, {device_hours:.1f} device-hours; "
-                f"suggested --gpus-per-trial {suggested_gpus_per_trial(plans):g}")
+                f"suggested --gpus-per-trial {suggested_gpus_per_trial(plans):.2f}")
     return "\n".join(rows)

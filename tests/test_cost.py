@@ -62,7 +62,7 @@ def test_a_cell_that_cannot_fit_is_refused_before_anything_is_scheduled(tmp_path
     err = capsys.readouterr().err
     assert "cell 'huge' needs" in err and "GiB" in err and "a10g" in err
     assert "'small'" not in err
-    assert "--set batch_size=" in err and "--set num_temps=" in err and "conv_impl=lax" in err
+    assert "--set batch_size=" in err and "--set num_temps=" in err and "--set conv_impl=lax" in err
     assert not storage.exists(), "nothing may be written or scheduled for a refused grid"
 
 
