@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from model.config import ExperimentConfig
 from model.memory import estimate_eval_memory, estimate_step_memory, generator_layers
+from model.nets import JOINT_PHASES_MAX_FEATURES
 
 GIB = 2**30
 # InceptionV3-FID feature pass per image (resize to 299x299 included): XLA's cost analysis of
@@ -70,11 +71,14 @@ def target_from(name: str | None, flops: float | None = None, memory_gib: float 
 
 
 def generator_flops(config: ExperimentConfig) -> float:
-    """G: forward FLOPs of the generator per latent (every transposed conv as its phase matmuls)."""
+    """G: forward FLOPs of the generator per latent, every transposed conv as the matmuls model.nets runs
+    for conv_impl=phases."""
     total = 0.0
     for size, cin, _, cout in generator_layers(config):
         if size == 1:
             total += 2 * cin * 16 * cout
+        elif cout <= JOINT_PHASES_MAX_FEATURES:  # one (h w) x (9 cin) @ (9 cin) x (4 cout) matmul
+            total += 2 * size * size * 9 * cin * 4 * cout
         else:  # four output phases, each (h w) x (4 cin) @ (4 cin) x cout
             total += 4 * 2 * size * size * 4 * cin * cout
     return total
@@ -165,7 +169,7 @@ def suggest_fix(config: ExperimentConfig, target: Target, devices: int, backend:
                 options.append(f"--set num_temps={nt} (or fewer)")
                 break
     if config.conv_impl != "lax":
-        options.append("--set conv_impl=lax (no phase patches: about 1/16 of the activations)")
+        options.append("--set conv_impl=lax (no phase patches: about 1/14 of the activations)")
     return "; or ".join(options) if options else "no single change fits; use a device with more memory"
 
 

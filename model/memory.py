@@ -23,8 +23,9 @@ GPU run records XLA's own figure (`python -m model.bench`).
 
 `conv_impl` changes the count: "phases" (model.nets.UpConv) materialises, per stride-2 layer, the padded
 input and four 2x2 patch matrices (4x the input channels at the input's resolution), 16x the layer's
-input; "lax" (the backend's transposed convolution) keeps about the layer outputs. At the paper's shapes
-that is 18 MB against 0.9 MB per latent: with "phases" the step needs ~20x the memory.
+input (9x for the image layer: one 3x3 patch matrix); "lax" (the backend's transposed convolution) keeps
+about the layer outputs. At the paper's shapes that is 14 MB against 1 MB per latent: with "phases" the
+step needs ~15x the memory.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import math
 from dataclasses import dataclass
 
 from model.config import ExperimentConfig
-from model.nets import resolve_conv_impl
+from model.nets import JOINT_PHASES_MAX_FEATURES, resolve_conv_impl
 
 FLOAT_BYTES = 4  # float32 throughout
 ADAM_COPIES = 3  # parameters, first and second moments
@@ -83,8 +84,16 @@ def activation_floats(config: ExperimentConfig, conv_impl: str = "phases") -> in
     for size, cin, out_size, cout in generator_layers(config):
         total += out_size * out_size * cout
         if size > 1 and conv_impl == "phases":
-            total += (size + 2) ** 2 * cin + 4 * size * size * 4 * cin
+            total += (size + 2) ** 2 * cin + _patch_floats(size, cin, cout)
     return total
+
+
+def _patch_floats(size: int, cin: int, cout: int) -> int:
+    """Floats of the patch matrices of a stride-2 "phases" layer: four 2x2 ones (4c wide each), or for a
+    layer with few outputs one 3x3 one (9c wide) and its interleaved 4-phase output (model.nets)."""
+    if cout <= JOINT_PHASES_MAX_FEATURES:
+        return size * size * (9 * cin + 4 * cout)
+    return 4 * size * size * 4 * cin
 
 
 def layer_peak_floats(config: ExperimentConfig, conv_impl: str = "phases") -> int:
@@ -94,7 +103,10 @@ def layer_peak_floats(config: ExperimentConfig, conv_impl: str = "phases") -> in
     for size, cin, out_size, cout in generator_layers(config):
         here = size * size * cin + out_size * out_size * cout
         if size > 1 and conv_impl == "phases":
-            here += (size + 2) ** 2 * cin + 4 * size * size * 4 * cin
+            # the one 3x3 patch matrix of a layer with few outputs is built from nine slices that XLA
+            # keeps alive beside it (fitted to XLA's CPU analysis of generation)
+            copies = 2 if cout <= JOINT_PHASES_MAX_FEATURES else 1
+            here += (size + 2) ** 2 * cin + copies * _patch_floats(size, cin, cout)
         peak = max(peak, here)
     return peak
 
