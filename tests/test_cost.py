@@ -67,11 +67,11 @@ def test_a_cell_that_cannot_fit_is_refused_before_anything_is_scheduled(tmp_path
 
 
 def test_refusal_suggests_more_gpus_when_they_fit():
-    config = get_preset("celeba", objective="thermo", conv_impl="phases", batch_size=80, num_temps=30)
+    config = get_preset("celeba", objective="thermo", conv_impl="phases", batch_size=100, num_temps=30)
     target = cost.target_from("h100")
-    plan = cost.plan_cell("thermo-b80", config, target, gpus_per_trial=1)
+    plan = cost.plan_cell("thermo-b100", config, target, gpus_per_trial=1)
     assert plan.trials_per_device == 0 and "--gpus-per-trial 2" in plan.fix
-    assert cost.plan_cell("thermo-b80", config, target, gpus_per_trial=2).trials_per_device >= 1
+    assert cost.plan_cell("thermo-b100", config, target, gpus_per_trial=2).trials_per_device >= 1
 
 
 def test_dry_run_prints_flops_memory_hours_and_the_suggested_fraction(tmp_path, capsys):
