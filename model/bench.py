@@ -1,9 +1,18 @@
-"""Train-step benchmark: `python -m model.bench [--json] [--only NAME] [--steps N] [--interleave ROUNDS]`.
+"""Train-step benchmark: `python -m model.bench [--suite S] [--only NAME] [--compare-conv] [--json]
+[--interleave ROUNDS]`.
 
 Times the real pmapped train step (model.step.compiled_train_step) per workload: images/s, compile time,
-XLA's static peak-memory estimate, FLOPs per step counted with loop trip counts, and the achieved FLOP rate
-next to this machine's float32 matmul rate. The `ref-*` workloads are the shapes at which the paper's
-public JAX code was measured on a 2-core machine of this kind (see docs/benchmarks.md).
+XLA's static peak-memory estimate beside the pre-compile one (model.memory), FLOPs per step counted with
+loop trip counts, the achieved FLOP rate and its fraction of the device's float32 peak (a GPU's vendor
+peak by its device kind; on a CPU this machine's measured matmul rate). Every row says which conv_impl
+ran and the load average it ran under.
+
+Suites: `small` (digits and the `ref-*` shapes, where the paper's public code can be run side by side:
+docs/gpu.md) runs by default on a CPU; `paper` (the paper's shapes at the grids' heaviest cells, CelebA
+64x64 and CIFAR-10 32x32) by default on a GPU. `--compare-conv` times each workload with both
+transposed-convolution implementations and names the faster one for `model.nets.MEASURED_FASTEST_CONV`.
+No ratio against another code base is printed: such a ratio only means something when both ran in one
+session on one machine.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,22 +29,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import loop
+from model import cost, loop, memory
 from model.config import ExperimentConfig, get_preset
+from model.nets import resolve_conv_impl
 from model.objectives import Hyper
 from model.step import StepSpec, compiled_train_step, loss_fn
 
-# The paper's code at these shapes, 2-core machine (images/s): the bar this implementation must clear 2x.
-REFERENCE_IMAGES_PER_S = {"ref-vanilla": 66.0, "ref-thermo-nt5": 8.6, "ref-thermo-nt10": 4.8,
-                          "ref-thermo-nt5-chain": 1.42}
 _REF = dict(batch_size=25, z_dim=32, ebm_width=64, gen_width=8, prior_steps=20, posterior_steps=10,
             num_temps=5, temp_power=1.0, kl_weight=1.0, eval_every=0)
 
 
-def workloads() -> dict[str, ExperimentConfig]:
-    """Every benchmark workload by name, in the order they run."""
+def workloads(suite: str = "small") -> dict[str, ExperimentConfig]:
+    """The benchmark workloads of `suite` (small, paper or all) by name, in the order they run."""
     digits = get_preset("digits", eval_every=0)
-    w = {
+    small = {
         "digits-vanilla": digits,
         "digits-thermo-nt5": get_preset("digits", eval_every=0, objective="thermo", num_temps=5),
         "digits-thermo-nt10": get_preset("digits", eval_every=0, objective="thermo", num_temps=10),
@@ -54,7 +62,33 @@ def workloads() -> dict[str, ExperimentConfig]:
                                                    ebm_gradient="none", ti_rule="kl_example",
                                                    chains_per_example=8),
     }
-    return w
+    # The heaviest cells of paper-celeba and paper-cifar10 (and the paper's own timed setting, stop-gradient
+    # thermo at N_t = 10), at the grids' shapes.
+    paper = {
+        "celeba-vanilla-b150": get_preset("celeba", eval_every=0, batch_size=150),
+        "celeba-thermo-nt30": get_preset("celeba", eval_every=0, objective="thermo", num_temps=30,
+                                         temp_power=0.1),
+        "celeba-thermo-nt10-stopgrad": get_preset("celeba", eval_every=0, objective="thermo",
+                                                  ebm_gradient="none"),
+        "cifar10-vanilla-b150": get_preset("cifar10", eval_every=0, batch_size=150),
+        "cifar10-thermo-nt10": get_preset("cifar10", eval_every=0, objective="thermo", temp_power=0.1),
+    }
+    return {"small": small, "paper": paper, "all": small | paper}[suite]
+
+
+# Vendor float32 peaks (no tensor cores) by a substring of the JAX device kind, most specific first.
+GPU_PEAK_FLOPS = (("H100 PCIe", 51e12), ("H100", 67e12), ("H200", 67e12), ("A100", 19.5e12),
+                  ("A10G", 31.2e12), ("L40S", 91.6e12), ("L4", 30.3e12), ("V100", 15.7e12), ("T4", 8.1e12))
+
+
+def device_peak_flops(device: Any, machine_gflops: float | None) -> tuple[float | None, str]:
+    """The device's float32 peak FLOP/s and where the figure comes from."""
+    if device.platform == "cpu":
+        return (machine_gflops * 1e9 if machine_gflops else None), "measured 2048^2 matmul"
+    for name, peak in GPU_PEAK_FLOPS:
+        if name.lower() in device.device_kind.lower():
+            return peak, f"vendor float32 peak of {name}"
+    return None, "unknown device kind"
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -98,7 +132,7 @@ def step_flops(config: ExperimentConfig) -> float:
 
 
 def run_workload(name: str, config: ExperimentConfig, steps: int, devices: list[Any],
-                 machine_gflops: float | None) -> dict[str, Any]:
+                 machine_gflops: float | None, xla_flops: bool = True) -> dict[str, Any]:
     """Time `steps` train steps after the compiling first one. Returns one result row."""
     compiles: list[float] = []
 
@@ -131,23 +165,24 @@ def run_workload(name: str, config: ExperimentConfig, steps: int, devices: list[
         jax.block_until_ready(stats)
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
-    memory = _peak_bytes(step, carry, x, key, hp, lrs)
-    flops = step_flops(config)
+    peak_bytes = _peak_bytes(step, carry, x, key, hp, lrs)
+    flops = step_flops(config) if xla_flops else cost.step_flops(config)
+    peak, peak_source = device_peak_flops(devices[0], machine_gflops)
     row = {
-        "name": name, "objective": config.objective,
+        "name": name, "backend": devices[0].platform, "device_kind": devices[0].device_kind,
+        "conv_impl": spec.conv_impl, "load_avg_1m": os.getloadavg()[0], "objective": config.objective,
         "num_temps": config.num_temps if config.is_thermo else None,
         **{f: getattr(config, f) if config.is_thermo else None
            for f in ("ti_rule", "chains_per_example", "ebm_gradient", "gen_gradient")},
         "batch_size": config.batch_size, "image_shape": list(config.image_shape), "devices": len(devices),
         "images_per_s": config.batch_size / step_s, "step_s": step_s,
         "compile_s": max(first - step_s, 0.0), "recompiled": bool(compiles), "compiles": len(compiles),
-        "peak_bytes": memory, "flops_per_step": flops, "gflops_per_s": flops / step_s / 1e9,
+        "peak_bytes": peak_bytes, "estimated_peak_bytes": memory.estimate_step_memory(config, len(devices)),
+        "flops_per_step": flops, "flops_counted_by": "xla" if xla_flops else "closed form (model.cost)",
+        "gflops_per_s": flops / step_s / 1e9, "peak_flops": peak, "peak_source": peak_source,
     }
-    if machine_gflops:
-        row["fraction_of_matmul_rate"] = row["gflops_per_s"] / machine_gflops
-    if name in REFERENCE_IMAGES_PER_S:
-        row["reference_images_per_s"] = REFERENCE_IMAGES_PER_S[name]
-        row["speedup_vs_reference"] = row["images_per_s"] / REFERENCE_IMAGES_PER_S[name]
+    if peak:
+        row["fraction_of_peak"] = flops / step_s / peak
     return row
 
 
@@ -191,33 +226,60 @@ def _peak_bytes(step: Any, *args: Any) -> int | None:
 
 
 def format_row(r: dict[str, Any]) -> str:
-    ref = f"  ({r['speedup_vs_reference']:.1f}x the paper's code)" if "speedup_vs_reference" in r else ""
     mem = f"{r['peak_bytes'] / 2**20:.0f} MiB" if r.get("peak_bytes") else "n/a"
-    frac = f" = {100 * r['fraction_of_matmul_rate']:.0f}% of matmul" if "fraction_of_matmul_rate" in r else ""
+    frac = f" = {100 * r['fraction_of_peak']:.0f}% of peak" if "fraction_of_peak" in r else ""
     return (f"{r['name']:30s} {r['images_per_s']:8.2f} img/s  step {r['step_s']:.3f}s  compile "
-            f"{r['compile_s']:.1f}s{' (recompiled)' if r['recompiled'] else ' (cached)'}  peak {mem}  "
-            f"{r['gflops_per_s']:.1f} GFLOP/s{frac}{ref}")
+            f"{r['compile_s']:.1f}s{' (recompiled)' if r['recompiled'] else ' (cached)'}  peak {mem} "
+            f"(est. {r['estimated_peak_bytes'] / 2**20:.0f})  {r['gflops_per_s']:.1f} GFLOP/s{frac}  "
+            f"{r['conv_impl']}  load {r['load_avg_1m']:.1f}")
+
+
+def compare_conv(names: list[str], all_workloads: dict[str, ExperimentConfig], steps: int,
+                 devices: list[Any], machine: float | None, emit: Any) -> str:
+    """Time every workload with conv_impl phases and lax; returns the verdict line."""
+    wins = {"phases": 0, "lax": 0}
+    for name in names:
+        rates = {}
+        for impl in ("phases", "lax"):
+            config = dataclasses.replace(all_workloads[name], conv_impl=impl)
+            row = run_workload(f"{name}[{impl}]", config, steps, devices, machine, xla_flops=False)
+            rates[impl] = row["images_per_s"]
+            emit(row)
+        best = max(rates, key=rates.get)
+        wins[best] += 1
+        other = "lax" if best == "phases" else "phases"
+        print(f"{name}: {best} is {rates[best] / rates[other]:.2f}x {other}", flush=True)
+    backend = devices[0].platform
+    best = max(wins, key=wins.get)
+    return (f"fastest on {backend}: {best} ({wins[best]} of {len(names)} workloads); "
+            f"model.nets.MEASURED_FASTEST_CONV[{backend!r}] is "
+            f"{resolve_conv_impl('auto', backend)!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--suite", choices=("auto", "small", "paper", "all"), default="auto",
+                        help="auto: small on a CPU, paper on a GPU")
     parser.add_argument("--only", action="append", help="run only this workload (repeatable)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per workload (median reported)")
     parser.add_argument("--devices", type=int, default=1, help="local devices to pmap over")
+    parser.add_argument("--compare-conv", action="store_true",
+                        help="time each workload with conv_impl phases and lax and name the faster")
     parser.add_argument("--list", action="store_true", help="list workload names and exit")
     parser.add_argument("--interleave", type=int, metavar="ROUNDS",
                         help="time the --only workloads one step each per round for ROUNDS rounds and print "
                              "median images/s and ratios to the first (for a machine whose load moves)")
     args = parser.parse_args(argv)
-    all_workloads = workloads()
+    suite = args.suite if args.suite != "auto" else ("small" if jax.default_backend() == "cpu" else "paper")
+    all_workloads = workloads("all")
     if args.list:
-        print("\n".join(all_workloads))
+        print("\n".join(workloads(suite)))
         return 0
-    names = args.only or list(all_workloads)
+    names = args.only or list(workloads(suite))
     unknown = [n for n in names if n not in all_workloads]
     if unknown:
-        parser.error(f"unknown workload(s) {unknown}; use --list to see them")
+        parser.error(f"unknown workload(s) {unknown}; use --list --suite all to see them")
     devices = jax.local_devices()[: args.devices]
     if args.interleave:
         rates = interleaved(names, all_workloads, args.interleave, devices)
@@ -226,13 +288,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     machine = matmul_gflops()
     if not args.json:
-        print(f"{jax.default_backend()} x{len(devices)}; float32 2048^2 matmul: {machine:.0f} GFLOP/s",
-              flush=True)
+        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        print(f"{jax.default_backend()} x{len(devices)} ({devices[0].device_kind}); float32 2048^2 matmul: "
+              f"{machine:.0f} GFLOP/s; load average {load}", flush=True)
+
+    def emit(row: dict[str, Any]) -> None:
+        print(json.dumps(row) if args.json else format_row(row), flush=True)
+
+    if args.compare_conv:
+        print(compare_conv(names, all_workloads, args.steps, devices, machine, emit), flush=True)
+        return 0
     rows = []
     for name in names:
         row = run_workload(name, all_workloads[name], args.steps, devices, machine)
         rows.append(row)
-        print(json.dumps(row) if args.json else format_row(row), flush=True)
+        emit(row)
     by = {r["name"]: r for r in rows}
     if not args.json and "digits-thermo-nt10" in by and "digits-thermo-nt20" in by:
         ratio = by["digits-thermo-nt20"]["step_s"] / by["digits-thermo-nt10"]["step_s"]

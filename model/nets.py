@@ -12,10 +12,25 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import Array
 
 _KERNEL_INIT = nn.initializers.lecun_normal()
+
+# conv_impl="auto": the implementation `python -m model.bench --compare-conv` measured fastest per JAX
+# backend (docs/gpu.md has the runs). A backend without a measurement gets "lax" (the library's own
+# transposed convolution) until its first run settles it.
+MEASURED_FASTEST_CONV = {"cpu": "phases"}
+UNMEASURED_CONV = "lax"
+
+
+def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+    """The generator's transposed-convolution implementation: `conv_impl` itself, or for "auto" the
+    one measured fastest on `backend` (default: JAX's default backend)."""
+    if conv_impl != "auto":
+        return conv_impl
+    return MEASURED_FASTEST_CONV.get(backend or jax.default_backend(), UNMEASURED_CONV)
 
 
 class UpConv(nn.Module):
@@ -51,6 +66,8 @@ class UpConv(nn.Module):
             return out + bias
         n, h, w, c = x.shape
         xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        if self.features <= JOINT_PHASES_MAX_FEATURES:
+            return _joint_phases(xp, kernel, h, w) + bias
         rows = []
         for py in (0, 1):
             cols = []
@@ -62,6 +79,27 @@ class UpConv(nn.Module):
             rows.append(jnp.stack(cols, axis=3))  # (n, h, w, 2, out)
         out = jnp.stack(rows, axis=2)  # (n, h, 2, w, 2, out): index (i, py, j, px) -> (2i+py, 2j+px)
         return out.reshape(n, 2 * h, 2 * w, self.features) + bias
+
+
+# A layer with this few output channels (the image layer) computes its four phases as one matmul over
+# the 3x3 neighbourhood: 2.25x the multiply-adds of four separate 2x2 matmuls, but one read of one patch
+# matrix (9c wide, not 4 x 4c) and one matmul 4x as wide; such a layer is bound by memory, not FLOPs.
+JOINT_PHASES_MAX_FEATURES = 8
+
+
+def _joint_phases(xp: Array, kernel: Array, h: int, w: int) -> Array:
+    """The stride-2 transposed conv of the padded input xp (n, h+2, w+2, c) as one matmul:
+    out[2i+py, 2j+px] = sum over the 3x3 window (r, q) of xp[i+r, j+q] @ K[r, q, py, px], where
+    K[r, q, py, px] = kernel[2r-py, 2q-px] when r - py and q - px are 0 or 1, else 0."""
+    n, c, out = xp.shape[0], xp.shape[-1], kernel.shape[-1]
+    patches = jnp.concatenate([xp[:, r:r + h, q:q + w, :] for r in range(3) for q in range(3)], axis=-1)
+    zero = jnp.zeros((c, out), kernel.dtype)
+    blocks = [jnp.concatenate([kernel[2 * r - py, 2 * q - px] if 0 <= r - py <= 1 and 0 <= q - px <= 1
+                               else zero for py in (0, 1) for px in (0, 1)], axis=-1)
+              for r in range(3) for q in range(3)]  # each (c, 4 out), phases ordered (py, px)
+    y = patches @ jnp.concatenate(blocks, axis=0)  # (n, h, w, 4 out)
+    y = y.reshape(n, h, w, 2, 2, out).transpose(0, 1, 3, 2, 4, 5)  # (n, h, py, w, px, out)
+    return y.reshape(n, 2 * h, 2 * w, out)
 
 
 class _ConvTransposeParams(nn.Module):
@@ -114,11 +152,12 @@ class Generator(nn.Module):
 
 
 def make_networks(*, ebm_width: int, ebm_leak: float, image_size: int, channels: int, gen_width: int,
-                  gen_leak: float, conv_impl: str = "phases") -> tuple[EnergyPrior, Generator]:
-    """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5)."""
+                  gen_leak: float, conv_impl: str = "auto") -> tuple[EnergyPrior, Generator]:
+    """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5); conv_impl "auto" is
+    resolved for the default backend (resolve_conv_impl)."""
     ebm = EnergyPrior(width=ebm_width, leak=ebm_leak)
     gen = Generator(image_size=image_size, channels=channels, width=gen_width, leak=gen_leak,
-                    conv_impl=conv_impl)
+                    conv_impl=resolve_conv_impl(conv_impl))
     return ebm, gen
 
 

@@ -67,6 +67,8 @@ TRIAL_COLUMNS: Columns = {
                                   "checkpointing, across restarts), seconds"),
     "devices": (pa.int64(), "devices the trial trained on data-parallel (pmap)"),
     "device_kind": (pa.string(), "JAX device kind, e.g. `cpu` or `NVIDIA H100 80GB HBM3`"),
+    "conv_impl": (pa.string(), "generator transposed convolutions the trial ran: `phases` or `lax` "
+                               "(`conv_impl=auto` resolved on the trial's backend)"),
     "node": (pa.string(), "host name of the node that ran the trial's latest epoch"),
     "node_id": (pa.string(), "Ray node id of that node (tells nodes apart on one host)"),
     "final_train_loss": (pa.float64(), "train_loss of the last completed epoch"),

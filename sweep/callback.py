@@ -88,6 +88,7 @@ class ResultsCallback(Callback):
             trial_id, **values, **final_columns(history), status="RUNNING",
             error=result.get("error"), wall_time_s=result.get("time_total_s"), devices=result.get("devices"),
             device_kind=result.get("device_kind"), node=result.get("node"), node_id=result.get("node_id"),
+            conv_impl=result.get("conv_impl"),
             checkpoint=checkpoint.path if checkpoint is not None else None,
         )
         self.tables.flush()
@@ -107,6 +108,7 @@ class ResultsCallback(Callback):
             trial_id, **values, **final_columns(history), status=status, error=error,
             wall_time_s=last.get("time_total_s"), devices=last.get("devices"),
             device_kind=last.get("device_kind"), node=last.get("node"), node_id=last.get("node_id"),
+            conv_impl=last.get("conv_impl"),
             checkpoint=checkpoint.path if checkpoint is not None else None,
         )
         self.tables.upsert_epochs(trial_id, [], **common)  # refresh epochs_completed

@@ -119,6 +119,7 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
 
     from model import loop as mt
     from model.data import load_dataset
+    from model.nets import resolve_conv_impl
     from sweep.checkpoint import TrialCheckpointer, mark_diverged
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one epoch line, not one per checkpoint
@@ -127,7 +128,7 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
     meta = {**meta, "trial_id": trial_id}
     devices = trial_devices(gpus_per_trial)
     static = {"devices": len(devices), "device_kind": devices[0].device_kind, "node": socket.gethostname(),
-              "node_id": _node_id()}
+              "node_id": _node_id(), "conv_impl": resolve_conv_impl(config.conv_impl, devices[0].platform)}
     dataset = load_dataset(config)
     template = mt.init_state(config)
     state, history = template, []
