@@ -1,0 +1,118 @@
+"""Hostile inputs and broken storage: damaged checkpoints, errors that a retry cannot cure, values that
+must be refused with one line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.config import get_preset
+from model.train import DivergenceError, init_state
+
+SMALL = dict(z_dim=4, ebm_width=8, gen_width=2)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture(scope="module")
+def trial_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trial directory as Ray leaves it: checkpoint_000000..2 holding epochs 1..3 (distinct params)."""
+    from sweep.checkpoint import TrialCheckpointer
+
+    root = tmp_path_factory.mktemp("trial") / "cell-r0"
+    state = init_state(get_preset("digits", **SMALL))
+    with TrialCheckpointer() as ckpt:
+        for index in range(3):
+            epoch = index + 1
+            directory = root / f"checkpoint_{index:06d}"
+            directory.mkdir(parents=True)
+            moved = state.replace(epoch=jnp.asarray(epoch, jnp.int32),
+                                  ebm_params=jax.tree.map(lambda a, e=epoch: a + e, state.ebm_params))
+            ckpt.save(directory, moved, [{"epoch": e} for e in range(1, epoch + 1)],
+                      {"trial_id": "cell-r0", "epoch": epoch})
+    return root
+
+
+def _restore(directory: Path, logs: list[str]):
+    from ray import tune
+
+    from sweep.checkpoint import TrialCheckpointer, restore_newest_readable
+
+    template = init_state(get_preset("digits", **SMALL))
+    with TrialCheckpointer() as ckpt:
+        return restore_newest_readable(ckpt, tune.Checkpoint.from_directory(str(directory)), template,
+                                       log=logs.append)
+
+
+def _first_leaf(state) -> float:
+    return float(np.asarray(jax.tree.leaves(state.ebm_params)[0]).reshape(-1)[0])
+
+
+@pytest.mark.parametrize("damaged", ["state/manifest.ocdbt", "state/_METADATA", "history.json"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(trial_dir: Path, tmp_path: Path,
+                                                                 damaged: str) -> None:
+    trial = tmp_path / "cell-r0"
+    shutil.copytree(trial_dir, trial)
+    intact: list[str] = []
+    state, _, _ = _restore(trial / "checkpoint_000002", intact)
+    assert int(state.epoch) == 3 and intact == []
+
+    _truncate(trial / "checkpoint_000002" / damaged)
+    logs: list[str] = []
+    state, history, meta = _restore(trial / "checkpoint_000002", logs)
+    assert int(state.epoch) == 2 and meta["epoch"] == 2 and len(history) == 2
+    assert _first_leaf(state) == pytest.approx(_first_leaf(_restore(trial_dir / "checkpoint_000001", [])[0]))
+    assert len(logs) == 1
+    assert "checkpoint_000002 cannot be read" in logs[0] and "fell back to checkpoint_000001 (epoch 2)" in logs[0]
+    assert "1 epoch(s) (3..3) will be trained again" in logs[0]
+
+
+def test_no_readable_checkpoint_names_them_and_the_fix(trial_dir: Path, tmp_path: Path) -> None:
+    from sweep.checkpoint import CheckpointError
+
+    trial = tmp_path / "cell-r0"
+    shutil.copytree(trial_dir, trial)
+    for index in range(3):
+        _truncate(trial / f"checkpoint_{index:06d}" / "state" / "manifest.ocdbt")
+    with pytest.raises(CheckpointError) as info:
+        _restore(trial / "checkpoint_000002", [])
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 800
+    for index in range(3):
+        assert f"checkpoint_{index:06d} (ValueError: " in message
+    assert f"delete them ({trial}/checkpoint_*)" in message and "epoch 0" in message
+
+    # Deleting them is the fix: the trial then restarts from scratch.
+    for index in range(3):
+        shutil.rmtree(trial / f"checkpoint_{index:06d}")
+    assert _restore(trial / "checkpoint_000002", []) is None
+
+
+def test_only_older_checkpoints_are_candidates(trial_dir: Path) -> None:
+    """Ray's snapshot may name an older checkpoint than the newest on disk: fall back from that one only
+    (Ray numbers the checkpoints it writes next from its own index)."""
+    from ray import tune
+
+    from sweep.checkpoint import trial_checkpoints
+
+    names = [c.path.rsplit("/", 1)[1]
+             for c in trial_checkpoints(tune.Checkpoint.from_directory(str(trial_dir / "checkpoint_000001")))]
+    assert names == ["checkpoint_000001", "checkpoint_000000"]
+
+
+def test_a_recorded_divergence_is_raised_not_skipped(trial_dir: Path, tmp_path: Path) -> None:
+    from sweep.checkpoint import mark_diverged
+
+    trial = tmp_path / "cell-r0"
+    shutil.copytree(trial_dir, trial)
+    (trial / "checkpoint_000003").mkdir()
+    mark_diverged(trial / "checkpoint_000003", "DivergenceError: loss is nan", {"epoch": 3}, [])
+    with pytest.raises(DivergenceError, match="loss is nan"):
+        _restore(trial / "checkpoint_000003", [])
