@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,7 @@ def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, te
     `CheckpointError`, naming every checkpoint and the fix, when none can be read."""
     from model.train import DivergenceError
 
+    _quiet_closed_loop_callbacks()
     candidates = trial_checkpoints(checkpoint)
     failed: list[tuple[Any, BaseException]] = []
     for candidate in candidates:
@@ -214,6 +216,26 @@ def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, te
     raise CheckpointError(
         f"no readable checkpoint in {where}: {names}; delete them ({where}/checkpoint_*) and resume the "
         "run again to restart this trial from epoch 0")
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drop the "Event loop is closed" errors that a failed Orbax restore leaves behind.
+
+    The TensorStore reads of an aborted restore complete later and call back into the asyncio loop Orbax
+    has already closed; each callback's RuntimeError reaches `sys.unraisablehook`, which would print a
+    traceback per array (dozens). They carry no information: the restore error itself is reported.
+    Every other unraisable exception still goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_closed_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _name(checkpoint: Any) -> str:
