@@ -6,10 +6,13 @@ Layout of one checkpoint (the directory handed to `tune.Checkpoint.from_director
     history.json    the list of per-epoch readings so far (the epochs rows of this trial)
     trial.json      who wrote it: trial_id, cell, repetition, epoch, config
     diverged.json   only in a checkpoint written when training diverged: the error message
+    unreadable.json only in a checkpoint written when no older checkpoint could be read: the error
 
 Ray keeps a trial's newest checkpoints side by side (`<trial dir>/checkpoint_NNNNNN/`, `num_to_keep`);
 `restore_newest_readable` falls back to an older one when the newest cannot be read (a truncated file
-after a crash), and raises `CheckpointError`, which retrying cannot cure, when none can.
+after a crash), and raises `CheckpointError`, which retrying cannot cure, when none can. The trial then
+reports an `unreadable.json` checkpoint, so that Ray, on a later `--retry-errored`, restores a checkpoint
+that exists: the trial retries the older ones, or starts from epoch 0 if the user deleted them.
 
 The state is restored against an abstract target built from a freshly initialised state, so optax
 states, typed PRNG keys and dtypes come back exactly (a restore without a target would turn optax
@@ -30,6 +33,7 @@ STATE_DIR = "state"
 HISTORY_FILE = "history.json"
 TRIAL_FILE = "trial.json"
 DIVERGED_FILE = "diverged.json"
+UNREADABLE_FILE = "unreadable.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)$")  # Ray's name for a trial's checkpoint directories
 
 
@@ -117,6 +121,12 @@ def mark_diverged(directory: str | os.PathLike, error: str, meta: dict[str, Any]
     write_json(directory / TRIAL_FILE, meta)
 
 
+def mark_unreadable(directory: str | os.PathLike, error: str, meta: dict[str, Any]) -> None:
+    """Write a checkpoint that records that none before it could be read (no state, no history)."""
+    write_json(Path(directory) / UNREADABLE_FILE, {"error": error})
+    write_json(Path(directory) / TRIAL_FILE, meta)
+
+
 def read_history(checkpoint: Any) -> list[dict[str, Any]] | None:
     """The readings history stored in a `ray.tune.Checkpoint` (local or remote), or None if absent."""
     fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{HISTORY_FILE}"
@@ -163,6 +173,13 @@ def trial_checkpoints(checkpoint: Any) -> list[Any]:
     return [tune.Checkpoint(found[i], filesystem=fs) for i in sorted(found, reverse=True)]
 
 
+def _exists(checkpoint: Any, name: str) -> bool:
+    from pyarrow import fs as pafs
+
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{name}")
+    return info.type != pafs.FileType.NotFound
+
+
 def _why(err: BaseException) -> str:
     """An exception as one short line (TensorStore errors run to hundreds of characters)."""
     text = " ".join(str(err).split()) or "no message"
@@ -185,7 +202,8 @@ def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, te
     `checkpoint` (the one Ray restores) and going back through the older ones beside it.
 
     Logs which checkpoints could not be read, which one it fell back to and how many epochs that costs.
-    Returns None when the trial has no checkpoint left (they were deleted: the trial starts again).
+    Skips `mark_unreadable` checkpoints. Returns None when the trial has no checkpoint with a state left
+    (they were deleted: the trial starts again).
     A recorded divergence is raised as the trial's `DivergenceError`, not skipped. Raises
     `CheckpointError`, naming every checkpoint and the fix, when none can be read."""
     from model.train import DivergenceError
@@ -194,6 +212,8 @@ def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, te
     candidates = trial_checkpoints(checkpoint)
     failed: list[tuple[Any, BaseException]] = []
     for candidate in candidates:
+        if _exists(candidate, UNREADABLE_FILE):
+            continue
         try:
             with candidate.as_directory() as directory:
                 restored = checkpointer.restore(directory, template)
@@ -214,8 +234,8 @@ def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, te
     where = checkpoint.path.rstrip("/").rpartition("/")[0] or checkpoint.path
     names = ", ".join(f"{_name(c)} ({_why(e)})" for c, e in failed)
     raise CheckpointError(
-        f"no readable checkpoint in {where}: {names}; delete them ({where}/checkpoint_*) and resume the "
-        "run again to restart this trial from epoch 0")
+        f"no readable checkpoint in {where}: {names}; delete {' '.join(_name(c) for c, _ in failed)} "
+        "there and resume the run with --retry-errored to restart this trial from epoch 0")
 
 
 def _quiet_closed_loop_callbacks() -> None:

@@ -78,7 +78,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(trial_dir: Path
 
 def test_no_readable_checkpoint_names_them_and_the_fix(trial_dir: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from sweep.checkpoint import CheckpointError
+    from sweep.checkpoint import CheckpointError, mark_unreadable
 
     trial = tmp_path / "cell-r0"
     shutil.copytree(trial_dir, trial)
@@ -93,12 +93,19 @@ def test_no_readable_checkpoint_names_them_and_the_fix(trial_dir: Path, tmp_path
     assert "\n" not in message and len(message) < 800
     for index in range(3):
         assert f"checkpoint_{index:06d} (ValueError: " in message
-    assert f"delete them ({trial}/checkpoint_*)" in message and "epoch 0" in message
+    assert f"in {trial}: " in message
+    assert "delete checkpoint_000002 checkpoint_000001 checkpoint_000000 there" in message
+    assert "--retry-errored" in message
 
-    # Deleting them is the fix: the trial then restarts from scratch.
+    # The trial records that in a checkpoint of its own, which Ray restores on a retry: it tries the old
+    # ones again, and once they are deleted (the fix) it starts from epoch 0.
+    (trial / "checkpoint_000003").mkdir()
+    mark_unreadable(trial / "checkpoint_000003", message, {"epoch": 0})
+    with pytest.raises(CheckpointError, match="checkpoint_000002"):
+        _restore(trial / "checkpoint_000003", [])
     for index in range(3):
         shutil.rmtree(trial / f"checkpoint_{index:06d}")
-    assert _restore(trial / "checkpoint_000002", []) is None
+    assert _restore(trial / "checkpoint_000003", []) is None
 
 
 def test_only_older_checkpoints_are_candidates(trial_dir: Path) -> None:
@@ -122,3 +129,58 @@ def test_a_recorded_divergence_is_raised_not_skipped(trial_dir: Path, tmp_path: 
     mark_diverged(trial / "checkpoint_000003", "DivergenceError: loss is nan", {"epoch": 3}, [])
     with pytest.raises(DivergenceError, match="loss is nan"):
         _restore(trial / "checkpoint_000003", [])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_errors_that_cannot_go_away_are_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """An invalid config inside a trial ends it at once with one line; a lost worker is still retried."""
+    import os
+
+    import ray
+    from ray import tune
+
+    from sweep.failures import TrialFailures
+    from sweep.trainable import make_trainable
+
+    def flaky_trial(config: dict) -> None:
+        """Dies like a lost worker (the process exits) on its first attempt, then finishes."""
+        attempts = Path(config["dir"]) / "attempts"
+        with attempts.open("a") as out:
+            out.write("x\n")
+        if len(attempts.read_text().splitlines()) == 1:
+            os._exit(1)
+        tune.report({"done_ok": 1})
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_worker_niceness", "0")
+    monkeypatch.setenv("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    bad = {"trial_id": "bad-r0", "cell": "bad", "repetition": 0, "grid": "g", "columns": {},
+           "experiment": {**get_preset("digits").to_dict(), "temp_power": -1.0}}
+
+    def run(trainable, param_space: dict, name: str):
+        tuner = tune.Tuner(trainable, param_space=param_space, run_config=tune.RunConfig(
+            name=name, storage_path=str(tmp_path), callbacks=[TrialFailures(2)], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=2)))
+        return tuner.fit()
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True)
+    try:
+        fatal = run(make_trainable(samples_uri=None), {"trial": bad}, "fatal")
+        flaky = run(flaky_trial, {"dir": str(tmp_path)}, "flaky")
+    finally:
+        ray.shutdown()
+    err = capfd.readouterr().err
+    [result] = list(fatal)
+    assert result.error is not None
+    [error_txt] = (tmp_path / "fatal").glob("*/error.txt")
+    assert error_txt.read_text().count("Failure #") == 1, "the config error was retried"
+    assert ("ended in ERROR: ValueError: temp_power=-1.0 must be a finite number > 0 (t_i = (i/(N_t-1))^p); "
+            "not retried") in err
+    assert "Traceback" not in err
+
+    [result] = list(flaky)
+    assert result.error is None and result.metrics["done_ok"] == 1
+    assert len((tmp_path / "attempts").read_text().splitlines()) == 2, "a lost worker is retried"
+    assert "retrying from its last checkpoint (retry 1 of 2)" in err
