@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -87,8 +88,23 @@ def _fail(name: str, value: Any, why: str) -> None:
     raise ValueError(f"{name}={value!r} {why}")
 
 
+def _check_types(cfg: ExperimentConfig) -> None:
+    """Integer fields hold integers and number fields finite numbers: NaN fails every `<`/`>` test, so
+    without this a NaN would slip through the range checks below."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(f.default, bool):
+            continue
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if isinstance(f.default, int) and not (number and isinstance(value, numbers.Integral)):
+            _fail(f.name, value, "must be an integer")
+        if isinstance(f.default, float) and not (number and math.isfinite(value)):
+            _fail(f.name, value, "must be a finite number")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Refuse values the maths or the shapes cannot take, naming the field and the fix."""
+    _check_types(cfg)
     if cfg.objective not in OBJECTIVES:
         _fail("objective", cfg.objective, f"is unknown; use one of {', '.join(OBJECTIVES)}")
     if cfg.dataset not in DATASETS:
@@ -116,15 +132,24 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("lr_decay", cfg.lr_decay, "must be in (0, 1]")
     if cfg.kl_weight < 0 or not math.isfinite(cfg.kl_weight):
         _fail("kl_weight", cfg.kl_weight, "must be a finite number >= 0 (eta in Eq. 22)")
-    if cfg.kl_ridge < 0:
-        _fail("kl_ridge", cfg.kl_ridge, "must be >= 0")
+    if not cfg.kl_ridge >= 0:
+        _fail("kl_ridge", cfg.kl_ridge, "must be a finite number >= 0 (added to each fitted covariance)")
+    if cfg.is_thermo and cfg.kl_ridge == 0 and cfg.batch_size <= cfg.z_dim:
+        _fail("kl_ridge", cfg.kl_ridge, f"with batch_size={cfg.batch_size} <= z_dim={cfg.z_dim} makes the "
+              "kl_batch rule fit a singular covariance (n samples span at most n-1 dimensions); set "
+              "kl_ridge > 0 (e.g. 1e-3) or batch_size > z_dim")
+    for name in ("ebm_beta1", "ebm_beta2", "gen_beta1", "gen_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            _fail(name, getattr(cfg, name), "must be in [0, 1) (an Adam decay rate)")
     size = cfg.image_size
     if size < 4 or size & (size - 1):
         _fail("image_size", size, "must be a power of two >= 4 (the generator doubles 4x4 up)")
     if cfg.batch_size > cfg.num_train:
         _fail("batch_size", cfg.batch_size, f"exceeds num_train={cfg.num_train}")
-    if cfg.eval_every < 0 or cfg.sample_every < 0:
+    if cfg.eval_every < 0:
         _fail("eval_every", cfg.eval_every, "must be >= 0 (0 disables evaluation)")
+    if cfg.sample_every < 0:
+        _fail("sample_every", cfg.sample_every, "must be >= 0 (0 saves no image grids)")
 
 
 # Paper Table 3 (CelebA) and Table 4 (CIFAR-10); SVHN uses the CIFAR-10 family at 32x32.

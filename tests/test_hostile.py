@@ -3,8 +3,10 @@ must be refused with one line."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import jax
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.config import get_preset
+from model.config import ExperimentConfig, apply_overrides, get_preset
 from model.train import DivergenceError, init_state
 
 SMALL = dict(z_dim=4, ebm_width=8, gen_width=2)
@@ -184,3 +186,47 @@ def test_errors_that_cannot_go_away_are_not_retried(tmp_path: Path, monkeypatch:
     assert result.error is None and result.metrics["done_ok"] == 1
     assert len((tmp_path / "attempts").read_text().splitlines()) == 2, "a lost worker is retried"
     assert "retrying from its last checkpoint (retry 1 of 2)" in err
+
+
+FLOAT_FIELDS = [f.name for f in fields(ExperimentConfig) if isinstance(f.default, float)]
+INT_FIELDS = [f.name for f in fields(ExperimentConfig)
+              if isinstance(f.default, int) and not isinstance(f.default, bool)]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_no_number_field_takes_nan_or_inf(name: str, bad: float) -> None:
+    """NaN fails every comparison, so `x < 0` checks let it through (kl_ridge=nan did, and diverged)."""
+    with pytest.raises(ValueError, match=f"^{name}=(nan|inf|-inf) must be a finite number"):
+        ExperimentConfig(**{name: bad})
+    with pytest.raises(ValueError, match=f"^{name}="):
+        apply_overrides(ExperimentConfig(), {name: str(bad)})
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+@pytest.mark.parametrize("bad", [math.nan, 2.5, True])
+def test_integer_fields_take_integers_only(name: str, bad: float) -> None:
+    with pytest.raises(ValueError, match=f"^{name}=.* must be an integer"):
+        ExperimentConfig(**{name: bad})
+
+
+def test_kl_ridge_zero_is_refused_where_the_batch_covariance_is_singular() -> None:
+    thermo = dict(objective="thermo", z_dim=16, kl_ridge=0.0)
+    with pytest.raises(ValueError, match=r"kl_ridge=0.0 with batch_size=16 <= z_dim=16 makes the kl_batch"):
+        ExperimentConfig(**thermo, batch_size=16)
+    ExperimentConfig(**thermo, batch_size=17)
+    ExperimentConfig(**{**thermo, "objective": "vanilla"}, batch_size=16)  # no covariance is fitted
+    ExperimentConfig(**{**thermo, "kl_ridge": 1e-6}, batch_size=4)
+
+
+@pytest.mark.parametrize("batch", [8, 9])
+def test_the_refused_case_is_the_singular_one(batch: int) -> None:
+    """Why the rule is batch_size <= z_dim: n samples give a covariance of rank n - 1, so the KL of Eq. 20
+    between the fitted Gaussians is NaN without a ridge for n <= d and finite for n > d."""
+    from model.objectives import fitted_gaussians
+    from model.thermo import adjacent_gaussian_kls
+
+    z = jax.random.normal(jax.random.key(0), (3, batch, 8))
+    kls = adjacent_gaussian_kls(*fitted_gaussians(z, jnp.float32(0.0)))
+    finite = bool(jnp.all(jnp.isfinite(jnp.stack(kls))))
+    assert finite == (batch > 8)
