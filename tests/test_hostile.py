@@ -230,3 +230,23 @@ def test_the_refused_case_is_the_singular_one(batch: int) -> None:
     kls = adjacent_gaussian_kls(*fitted_gaussians(z, jnp.float32(0.0)))
     finite = bool(jnp.all(jnp.isfinite(jnp.stack(kls))))
     assert finite == (batch > 8)
+
+
+def test_nothing_the_project_writes_is_read_back_with_pickle() -> None:
+    """The storage may be written by others (docs/security.md): the project reads JSON, Parquet, Orbax
+    and npz without pickles; the one unpickler (PyTorch weights, tensors only) lives in torch_pickle."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"\b(import (cloud)?pickle|from (cloud)?pickle|joblib|dill|shelve|marshal\.load|"
+                         r"torch\.load|allow_pickle\s*=\s*True|pd\.read_pickle|\.read_pickle\()")
+    offenders = {}
+    for path in sorted(root.glob("*/**/*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith(("tests/", ".")) or relative == "model/metrics/torch_pickle.py":
+            continue
+        found = pattern.findall(path.read_text())
+        if found:
+            offenders[relative] = found
+    assert offenders == {}
+    assert "allow_pickle=False" in (root / "model" / "metrics" / "inception.py").read_text()
