@@ -413,7 +413,7 @@ def fig_training_curves(
 
 
 def temperature_schedule(num_temps: int, power: float) -> np.ndarray:
-    """The schedule t_i = (i / (N_t - 1))^p, i = 0..N_t-1 (DESIGN.md §3; both ends included)."""
+    """The schedule t_i = (i / (N_t - 1))^p, i = 0..N_t-1 (docs/model.md; both ends included)."""
     return (np.arange(num_temps) / (num_temps - 1)) ** power
 
 

@@ -1,4 +1,4 @@
-"""Convert the paper's published per-epoch CSVs into the sweep's Parquet schema (DESIGN.md §6).
+"""Convert the paper's published per-epoch CSVs into the sweep's Parquet schema (`model.schema`).
 
 `python -m analysis.legacy SRC --out DIR [--run NAME]` reads
 `SRC/logs/<dataset>/p=<p>/batch=<b>/experiment<k>.csv` and
@@ -6,7 +6,7 @@
 the vanilla model) and writes `DIR/results/trials.parquet` and `DIR/results/epochs.parquet`, so that
 `python -m analysis.report DIR ...` can put the paper's readings beside a new run.
 
-Choices (see README): the CSVs number epochs 0..49 and each row holds that epoch's training averages,
+Choices (docs/analysis.md): the CSVs number epochs 0..49 and each row holds that epoch's training averages,
 so `epoch = Epoch + 1` (1..50; the final reading is epoch 50 = `epochs`). Parameters not in the path take
 the paper's defaults (Table 3 for CelebA; Table 4, the CIFAR-10 family, for SVHN and CIFAR-10).
 `chain_gradient` is False for thermo trials: the published code stopped gradients at the chain outputs.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.load import EPOCHS_FILE, TRIALS_FILE
+from model.schema import EPOCHS_FILE, TRIALS_FILE
 
 COLUMN_MAP = {
     "Train Loss": "train_loss",
@@ -141,7 +141,7 @@ def convert_readings(src: str | Path, run: str = "paper") -> tuple[pd.DataFrame,
     if not files:
         raise FileNotFoundError(
             f"no experiment<k>.csv under {src}; pass the folder holding logs/ and extra_logs/ "
-            "(e.g. ../shared/paper-readings)"
+            "(e.g. path/to/paper-readings)"
         )
     trials, epochs = [], []
     for f in files:
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert the paper's per-epoch CSVs (logs/, extra_logs/) into trials/epochs Parquet.",
     )
     ap.add_argument(
-        "src", type=Path, help="folder holding logs/ and/or extra_logs/ (e.g. ../shared/paper-readings)"
+        "src", type=Path, help="folder holding logs/ and/or extra_logs/ (e.g. path/to/paper-readings)"
     )
     ap.add_argument("--out", type=Path, required=True, help="run directory to write (results/ goes inside)")
     ap.add_argument(

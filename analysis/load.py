@@ -1,4 +1,4 @@
-"""Read the sweep's Parquet tables (DESIGN.md §6) into pandas, one or several runs at a time.
+"""Read the sweep's Parquet tables (`model.schema`) into pandas, one or several runs at a time.
 
 A run lives at `<storage>/<run>/results/{trials,epochs}.parquet`, with sample grids at
 `<storage>/<run>/samples/<trial_id>/epoch_XXXX.png`. Rows are keyed by (run, trial_id).
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-TRIALS_FILE = "trials.parquet"
-EPOCHS_FILE = "epochs.parquet"
+from model.schema import EPOCHS_FILE, TRIALS_FILE
+
 _SAMPLE_RE = re.compile(r"epoch_(\d+)\.png$")
 
 

@@ -8,19 +8,20 @@ Whatever cannot be drawn from the data given (a missing column, no thermo cells 
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from analysis import figures as F
 from analysis.load import Results, load
+from analysis.render import Report, fmt, render_html, render_markdown
 from analysis.summary import (
     cell_label,
     cell_summary,
@@ -35,123 +36,10 @@ from analysis.summary import (
 REQUIRED_EPOCH_COLUMNS = ["grad_var", "kid_rbf_inf", "fid_inf", "train_loss"]
 
 
-@dataclass
-class Report:
-    """The report's content as blocks (heading, paragraph, figure, table, list) plus what was skipped."""
-
-    blocks: list[tuple] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    figures: list[Path] = field(default_factory=list)
-
-    def h(self, level: int, text: str) -> None:
-        self.blocks.append(("h", level, text))
-
-    def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def items(self, items: list[str]) -> None:
-        if items:
-            self.blocks.append(("list", items))
-
-    def table(self, df: pd.DataFrame) -> None:
-        self.blocks.append(("table", df))
-
-    def image(self, path: Path, caption: str) -> None:
-        self.blocks.append(("img", path, caption))
-
-
-def _fmt(v: object) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)) or v is pd.NA:
-        return ""
-    if isinstance(v, bool | np.bool_):
-        return str(bool(v)).lower()
-    if isinstance(v, int | np.integer):
-        return str(v)
-    if isinstance(v, float | np.floating):
-        return str(int(v)) if float(v).is_integer() and abs(v) < 1e6 else f"{v:.4g}"
-    return str(v)
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "_(empty)_"
-    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    rows = [
-        "| " + " | ".join(_fmt(v).replace("|", "\\|").replace("\n", " ") for v in r) + " |"
-        for r in df.itertuples(index=False)
-    ]
-    return "\n".join([head, sep, *rows])
-
-
-def _html_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "<p><em>(empty)</em></p>"
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>"
-        for r in df.itertuples(index=False)
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def render_markdown(rep: Report, out: Path) -> str:
-    """The report as Markdown; figures are linked by their path relative to `out`."""
-    lines: list[str] = []
-    for b in rep.blocks:
-        if b[0] == "h":
-            lines += ["#" * b[1] + " " + b[2], ""]
-        elif b[0] == "p":
-            lines += [b[1], ""]
-        elif b[0] == "list":
-            lines += [f"- {i}" for i in b[1]] + [""]
-        elif b[0] == "table":
-            lines += [_md_table(b[1]), ""]
-        elif b[0] == "img":
-            lines += [f"![{b[2]}]({b[1].relative_to(out).as_posix()})", "", f"*{b[2]}*", ""]
-    return "\n".join(lines)
-
-
-def _inline(text: str) -> str:
-    s = html.escape(text)
-    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
-
-
-def render_html(rep: Report, title: str) -> str:
-    """The report as one self-contained HTML page with every figure inline (base64 PNG)."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>",
-        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-        "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}"
-        "img{max-width:100%}figure{margin:1em 0}figcaption{font-style:italic;font-size:13px}",
-        "</style></head><body>",
-    ]
-    for b in rep.blocks:
-        if b[0] == "h":
-            parts.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
-        elif b[0] == "p":
-            parts.append(f"<p>{_inline(b[1])}</p>")
-        elif b[0] == "list":
-            parts.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b[1]) + "</ul>")
-        elif b[0] == "table":
-            parts.append(_html_table(b[1]))
-        elif b[0] == "img":
-            data = base64.b64encode(b[1].read_bytes()).decode("ascii")
-            parts.append(
-                f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b[2])}'>"
-                f"<figcaption>{html.escape(b[2])}</figcaption></figure>"
-            )
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def _pm(summary: pd.DataFrame, col: str) -> pd.Series:
     m, s = summary.get(f"{col}_mean"), summary.get(f"{col}_std")
     return pd.Series(
-        [f"{_fmt(a)} ± {_fmt(b)}" if np.isfinite(b) else _fmt(a) for a, b in zip(m, s, strict=True)],
+        [f"{fmt(a)} ± {fmt(b)}" if np.isfinite(b) else fmt(a) for a, b in zip(m, s, strict=True)],
         index=summary.index,
     )
 
@@ -198,6 +86,113 @@ def _copy_samples(results: Results, final: pd.DataFrame, out: Path, rep: Report)
         rep.image(dst, f"{r.run} / {r.trial_id} ({where}), epoch {r.epoch}".replace(" ()", ""))
 
 
+@dataclass
+class DatasetContext:
+    """What the figures of one data set are drawn from; `drawn` records which figures were drawn."""
+
+    dataset: str
+    name: str
+    final: pd.DataFrame
+    summary: pd.DataFrame
+    fits: pd.DataFrame
+    epochs: pd.DataFrame
+    drawn: dict[str, bool] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.drawn = {}
+
+    @property
+    def time_col(self) -> str:
+        """The training-time column of Fig. 14: Ray's wall time, else the sum of epoch times."""
+        wall = self.final["wall_time_s"] if "wall_time_s" in self.final else None
+        return "wall_time_s" if wall is not None and wall.notna().any() else "train_time_s"
+
+    def has(self, objective: str) -> bool:
+        return bool(((self.final["dataset"] == self.dataset) & (self.final["objective"] == objective)).any())
+
+    def fits_of(self, metric: str) -> pd.DataFrame:
+        return self.fits[(self.fits["dataset"] == self.dataset) & (self.fits["metric"] == metric)]
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of a data set's section: its file (`{tag}`: the data set), caption (`{name}`), the
+    reason given under Skipped when it cannot be drawn (a template or a function of the context; "" means
+    skip silently), an optional precondition, and the function that draws it (None: nothing to draw)."""
+
+    file: str
+    caption: str
+    why_skipped: str | Callable[[DatasetContext], str]
+    draw: Callable[[DatasetContext], Any]
+    needs: Callable[[DatasetContext], bool] | None = None
+    section: str | None = None  # a heading printed before this figure
+
+
+def _metric_figure(metric: str, by_regime: bool = False) -> Callable[[DatasetContext], Any]:
+    def draw(c: DatasetContext) -> Any:
+        return F.fig_metric_vs_grad_var(c.summary, c.fits_of(metric), c.dataset, metric, by_regime=by_regime)
+    return draw
+
+
+def _why_no(objective: str, fig: str, what: str, readings: str) -> Callable[[DatasetContext], str]:
+    return lambda c: (f"{c.name} {fig} ({what}): "
+                      + (f"no {objective} cells" if not c.has(objective) else f"no {readings} readings"))
+
+
+_FIDELITY = "quadratic fit per regime"
+DATASET_FIGURES: list[FigureSpec] = [
+    FigureSpec("fig03_grad_var_vs_batch_{tag}.png",
+               "{name}: final gradient variance of vanilla cells vs batch size; "
+               "boxes over repetitions (Fig. 3)",
+               _why_no("vanilla", "Fig. 3", "variance vs batch size", "grad_var or batch_size"),
+               lambda c: F.fig_grad_var_vs_batch(c.final, c.dataset),
+               needs=lambda c: c.has("vanilla") and "grad_var" in c.final,
+               section="1-2. Gradient variance vs batch size and vs p (Figs. 3-4)"),
+    FigureSpec("fig04_grad_var_vs_p_{tag}.png",
+               "{name}: final gradient variance of main thermo cells vs p; boxes over repetitions (Fig. 4)",
+               _why_no("thermo", "Fig. 4", "variance vs p", "grad_var or temp_power"),
+               lambda c: F.fig_grad_var_vs_p(c.final, c.dataset),
+               needs=lambda c: c.has("thermo") and "grad_var" in c.final),
+    FigureSpec("fig10_kid_vs_grad_var_{tag}.png",
+               f"{{name}}: kid_rbf_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 10)",
+               "{name} Fig. 10 (kid_rbf_inf vs variance): no kid_rbf_inf or grad_var readings",
+               _metric_figure("kid_rbf_inf"), needs=lambda c: "grad_var_mean" in c.summary,
+               section="3. Image fidelity vs gradient variance, quadratic fits per regime (Figs. 5, 10, 12)"),
+    FigureSpec("fig05_kid_vs_grad_var_regimes_{tag}.png",
+               "{name}: the same, one panel per regime (Fig. 5)", "",
+               _metric_figure("kid_rbf_inf", by_regime=True),
+               needs=lambda c: c.drawn.get("fig10_kid_vs_grad_var_{tag}.png", False)),
+    FigureSpec("fig10b_kid_poly_vs_grad_var_{tag}.png",
+               f"{{name}}: kid_poly_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 10, cubic "
+               "kernel)",
+               "{name} Fig. 10, cubic kernel (kid_poly_inf vs variance): "
+               "no kid_poly_inf or grad_var readings",
+               _metric_figure("kid_poly_inf"), needs=lambda c: "grad_var_mean" in c.summary),
+    FigureSpec("fig12_fid_vs_grad_var_{tag}.png",
+               f"{{name}}: fid_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 12)",
+               "{name} Fig. 12 (fid_inf vs variance): no fid_inf or grad_var readings",
+               _metric_figure("fid_inf"), needs=lambda c: "grad_var_mean" in c.summary),
+    FigureSpec("fig06_extras_{tag}.png",
+               "{name}: cells varying N_t, K or eta overlaid on the 0 < p <= 1 regime; "
+               "baseline circled (Fig. 6)",
+               "{name} Fig. 6 (extra cells): no thermo cells off the main setting, or no kid_rbf_inf",
+               lambda c: F.fig_extras(c.summary, c.fits_of("kid_rbf_inf"), c.dataset),
+               section="4. Extra thermo cells on the 0 < p <= 1 regime (Fig. 6)"),
+    FigureSpec("fig09_training_curves_{tag}.png",
+               "{name}: training loss, gradient variance and KID_inf per epoch; mean line, min-max band over "
+               "repetitions (Fig. 9)",
+               "{name} Fig. 9 (training curves): no per-epoch train_loss/grad_var/kid_rbf_inf",
+               lambda c: F.fig_training_curves(c.epochs, c.final, c.dataset),
+               section="5. Training curves (Fig. 9)"),
+    FigureSpec("fig14_training_time_{tag}.png",
+               "{name}: training wall time per model type, mean and min-max over trials ({time_col}; "
+               "Fig. 14)",
+               "{name} Fig. 14 (training time): no wall_time_s or epoch_time_s readings",
+               lambda c: F.fig_training_time(c.final, c.dataset, c.time_col),
+               section="6. Training time (Fig. 14)"),
+]
+
+
 def build_report(
     results: Results, out: str | Path, title: str = "thermosweep report", log_x: bool | None = None
 ) -> Path:
@@ -229,7 +224,7 @@ def build_report(
         if len(stopped):
             rep.p(
                 f"{len(stopped)} thermo trials ran with `chain_gradient` false (stop-gradient chains, as the "
-                "paper's published code did): their EBM prior received no gradient (DESIGN.md §3)."
+                "paper's published code did): their EBM prior received no gradient (docs/model.md)."
             )
     if "wall_time_source" in results.trials.columns:
         for src in results.trials["wall_time_source"].dropna().unique():
@@ -262,87 +257,15 @@ def build_report(
         name = F.dataset_title(ds)
         tag = re.sub(r"[^A-Za-z0-9]+", "_", ds)
         rep.h(2, f"{name} (`{ds}`)")
-        have_vanilla = ((final["dataset"] == ds) & (final["objective"] == "vanilla")).any()
-        have_thermo = ((final["dataset"] == ds) & (final["objective"] == "thermo")).any()
-        rep.h(3, "1-2. Gradient variance vs batch size and vs p (Figs. 3-4)")
-        why3 = "no vanilla cells" if not have_vanilla else "no grad_var or batch_size readings"
-        _save(
-            rep,
-            F.fig_grad_var_vs_batch(final, ds) if have_vanilla and "grad_var" in final else None,
-            out,
-            f"fig03_grad_var_vs_batch_{tag}.png",
-            f"{name}: final gradient variance of vanilla cells vs batch size; "
-            "boxes over repetitions (Fig. 3)",
-            f"{name} Fig. 3 (variance vs batch size): {why3}",
-        )
-        why4 = "no thermo cells" if not have_thermo else "no grad_var or temp_power readings"
-        _save(
-            rep,
-            F.fig_grad_var_vs_p(final, ds) if have_thermo and "grad_var" in final else None,
-            out,
-            f"fig04_grad_var_vs_p_{tag}.png",
-            f"{name}: final gradient variance of main thermo cells vs p; boxes over repetitions (Fig. 4)",
-            f"{name} Fig. 4 (variance vs p): {why4}",
-        )
-        rep.h(3, "3. Image fidelity vs gradient variance, quadratic fits per regime (Figs. 5, 10, 12)")
-        for metric, fname, fig_no in (
-            ("kid_rbf_inf", "fig10_kid_vs_grad_var", "Fig. 10"),
-            ("kid_poly_inf", "fig10b_kid_poly_vs_grad_var", "Fig. 10, cubic kernel"),
-            ("fid_inf", "fig12_fid_vs_grad_var", "Fig. 12"),
-        ):
-            f_ds = fits[(fits["dataset"] == ds) & (fits["metric"] == metric)]
-            fig = F.fig_metric_vs_grad_var(summary, f_ds, ds, metric) if "grad_var_mean" in summary else None
-            _save(
-                rep,
-                fig,
-                out,
-                f"{fname}_{tag}.png",
-                f"{name}: {metric} vs gradient variance, cell means ± std, "
-                f"quadratic fit per regime ({fig_no})",
-                f"{name} {fig_no} ({metric} vs variance): no {metric} or grad_var readings",
-            )
-            if metric == "kid_rbf_inf" and fig is not None:
-                _save(
-                    rep,
-                    F.fig_metric_vs_grad_var(summary, f_ds, ds, metric, by_regime=True),
-                    out,
-                    f"fig05_kid_vs_grad_var_regimes_{tag}.png",
-                    f"{name}: the same, one panel per regime (Fig. 5)",
-                    "",
-                )
-        rep.h(3, "4. Extra thermo cells on the 0 < p <= 1 regime (Fig. 6)")
-        f_kid = fits[(fits["dataset"] == ds) & (fits["metric"] == "kid_rbf_inf")]
-        _save(
-            rep,
-            F.fig_extras(summary, f_kid, ds),
-            out,
-            f"fig06_extras_{tag}.png",
-            f"{name}: cells varying N_t, K or eta overlaid on the 0 < p <= 1 regime; "
-            "baseline circled (Fig. 6)",
-            f"{name} Fig. 6 (extra cells): no thermo cells off the main setting, or no kid_rbf_inf",
-        )
-        rep.h(3, "5. Training curves (Fig. 9)")
-        _save(
-            rep,
-            F.fig_training_curves(results.epochs, final, ds),
-            out,
-            f"fig09_training_curves_{tag}.png",
-            f"{name}: training loss, gradient variance and KID_inf per epoch; "
-            "mean line, min-max band over repetitions (Fig. 9)",
-            f"{name} Fig. 9 (training curves): no per-epoch train_loss/grad_var/kid_rbf_inf",
-        )
-        rep.h(3, "6. Training time (Fig. 14)")
-        time_col = (
-            "wall_time_s" if "wall_time_s" in final and final["wall_time_s"].notna().any() else "train_time_s"
-        )
-        _save(
-            rep,
-            F.fig_training_time(final, ds, time_col),
-            out,
-            f"fig14_training_time_{tag}.png",
-            f"{name}: training wall time per model type, mean and min-max over trials ({time_col}; Fig. 14)",
-            f"{name} Fig. 14 (training time): no wall_time_s or epoch_time_s readings",
-        )
+        ctx = DatasetContext(ds, name, final, summary, fits, results.epochs)
+        for spec in DATASET_FIGURES:
+            if spec.section:
+                rep.h(3, spec.section)
+            fig = spec.draw(ctx) if spec.needs is None or spec.needs(ctx) else None
+            ctx.drawn[spec.file] = fig is not None
+            why = spec.why_skipped(ctx) if callable(spec.why_skipped) else spec.why_skipped.format(name=name)
+            caption = spec.caption.format(name=name, time_col=ctx.time_col)
+            _save(rep, fig, out, spec.file.format(tag=tag), caption, why)
     rep.skipped = [s for s in rep.skipped if s]
 
     rep.h(2, "Temperature schedules (Figs. 1-2)")

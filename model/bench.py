@@ -1,9 +1,9 @@
 """Train-step benchmark: `python -m model.bench [--json] [--only NAME] [--steps N]`.
 
-Times the real pmapped train step (model.train.compiled_train_step) per workload: images/s, compile time,
+Times the real pmapped train step (model.step.compiled_train_step) per workload: images/s, compile time,
 XLA's static peak-memory estimate, FLOPs per step counted with loop trip counts, and the achieved FLOP rate
 next to this machine's float32 matmul rate. The `ref-*` workloads are the shapes at which the paper's
-public JAX code was measured on a 2-core machine of this kind (see README).
+public JAX code was measured on a 2-core machine of this kind (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import train
+from model import loop
 from model.config import ExperimentConfig, get_preset
 from model.objectives import Hyper
+from model.step import StepSpec, compiled_train_step, loss_fn
 
 # The paper's code at these shapes, 2-core machine (images/s): the bar this implementation must clear 2x.
 REFERENCE_IMAGES_PER_S = {"ref-vanilla": 66.0, "ref-thermo-nt5": 8.6, "ref-thermo-nt10": 4.8,
@@ -73,9 +74,9 @@ def step_flops(config: ExperimentConfig) -> float:
     and posterior chains. The optimiser update (a few FLOPs per parameter) is left out."""
     def flops(prior_steps: int, posterior_steps: int) -> float:
         cfg = dataclasses.replace(config, prior_steps=prior_steps, posterior_steps=posterior_steps)
-        spec = train.StepSpec.from_config(cfg)
-        loss = train.loss_fn(spec, None, unroll=True)
-        state = train.init_state(cfg)
+        spec = StepSpec.from_config(cfg)
+        loss = loss_fn(spec, None, unroll=True)
+        state = loop.init_state(cfg)
         params = {"ebm": state.ebm_params, "gen": state.gen_params}
         x = jnp.zeros((cfg.batch_size,) + cfg.image_shape, jnp.float32)
         fn = jax.jit(jax.value_and_grad(lambda p: loss(p, x, state.key, jnp.arange(cfg.batch_size),
@@ -99,10 +100,10 @@ def run_workload(name: str, config: ExperimentConfig, steps: int, devices: list[
         if "backend_compile" in event:
             compiles.append(duration)
 
-    spec = train.StepSpec.from_config(config)
-    step = train.compiled_train_step(spec, tuple(devices))
-    state = train.init_state(config)
-    carry, lrs = train.step_inputs(config, state, 1, devices)
+    spec = StepSpec.from_config(config)
+    step = compiled_train_step(spec, tuple(devices))
+    state = loop.init_state(config)
+    carry, lrs = loop.step_inputs(config, state, 1, devices)
     hp = Hyper.from_config(config)
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (len(devices), config.batch_size // len(devices)) + config.image_shape)

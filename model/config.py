@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -223,6 +224,16 @@ def get_preset(name: str, **overrides: Any) -> ExperimentConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
     return apply_overrides(ExperimentConfig(**PRESETS[name]), overrides)
+
+
+def check_devices(batch_size: int, devices: int | Sequence[Any], fix: str | None = None) -> None:
+    """Refuse a batch that cannot be split evenly over `devices` (a count or the devices themselves),
+    naming both numbers and `fix` (default: the nearest batch sizes that divide, or fewer devices)."""
+    n = devices if isinstance(devices, int) else len(devices)
+    if batch_size % n:
+        lower = batch_size - batch_size % n
+        fix = fix or f"use a multiple of {n} (e.g. {lower or n} or {lower + n}) or run on fewer devices"
+        raise ValueError(f"batch_size {batch_size} is not divisible by {n} devices; {fix}")
 
 
 def parse_set_args(items: list[str] | None) -> dict[str, str]:

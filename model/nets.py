@@ -15,8 +15,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import Array
 
-from model.config import ExperimentConfig
-
 _KERNEL_INIT = nn.initializers.lecun_normal()
 
 
@@ -115,11 +113,12 @@ class Generator(nn.Module):
         return x.reshape(lead + x.shape[1:])
 
 
-def make_networks(config: ExperimentConfig) -> tuple[EnergyPrior, Generator]:
-    """The EBM prior and generator modules sized by `config`."""
-    ebm = EnergyPrior(width=config.ebm_width, leak=config.ebm_leak)
-    gen = Generator(image_size=config.image_size, channels=config.channels, width=config.gen_width,
-                    leak=config.gen_leak, conv_impl=config.conv_impl)
+def make_networks(*, ebm_width: int, ebm_leak: float, image_size: int, channels: int, gen_width: int,
+                  gen_leak: float, conv_impl: str = "phases") -> tuple[EnergyPrior, Generator]:
+    """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5)."""
+    ebm = EnergyPrior(width=ebm_width, leak=ebm_leak)
+    gen = Generator(image_size=image_size, channels=channels, width=gen_width, leak=gen_leak,
+                    conv_impl=conv_impl)
     return ebm, gen
 
 

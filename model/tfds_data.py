@@ -4,7 +4,7 @@ Training reads data that was prepared once as ArrayRecord files, with `tfds.data
 TensorFlow. Preparing (`python -m model.data prepare NAME --data-dir DIR`) downloads and converts the data
 and needs TensorFlow: `pip install 'thermosweep[prepare]'`.
 
-Choices (the README repeats them):
+Choices (docs/data.md explains them):
 - Subsets are the first `num_train` examples of the train split and the first `num_val` examples of the
   validation split (the test split for cifar10 and svhn_cropped, which have no validation split; celeb_a's
   own validation split). "First" is TFDS's prepared order, the same examples as

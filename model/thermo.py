@@ -3,7 +3,7 @@ log p(x) with its KL correction (Eq. 19/22), and the Gaussian KL of Eq. 20.
 
 Eq. 19 prints `KL(p_{i-1}||p_i) + KL(p_i||p_{i-1})`; the identity it rests on is a difference:
     log Z_i - log Z_{i-1} = dt_i E_{i-1} + KL(p_{i-1}||p_i) = dt_i E_i - KL(p_i||p_{i-1}),
-whose mean is exact for any schedule. We implement the difference (DESIGN §3).
+whose mean is exact for any schedule. We implement the difference (docs/model.md).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ class TrialCheckpointer:
         directory = Path(directory).absolute()
         diverged = directory / DIVERGED_FILE
         if diverged.exists():
-            from model.train import DivergenceError
+            from model.loop import DivergenceError
 
             raise DivergenceError(read_json(diverged)["error"])
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template)
@@ -129,13 +129,22 @@ def mark_unreadable(directory: str | os.PathLike, error: str, meta: dict[str, An
 
 def read_history(checkpoint: Any) -> list[dict[str, Any]] | None:
     """The readings history stored in a `ray.tune.Checkpoint` (local or remote), or None if absent."""
-    fs, path = checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{HISTORY_FILE}"
-    try:
-        with fs.open_input_stream(path) as stream:
-            return json.loads(stream.readall().decode())
-    except (FileNotFoundError, OSError):
-        return None
+    from sweep.storage import read_json_at
 
+    return read_json_at(checkpoint.filesystem, f"{checkpoint.path.rstrip('/')}/{HISTORY_FILE}")
+
+
+def latest_history(run_uri: str, trial_id: str) -> list[dict[str, Any]] | None:
+    """The readings history in the newest readable checkpoint of `trial_id` under the run directory
+    (`<run>/<trial_id>/checkpoint_XXXXXX/history.json`), or None if there is none."""
+    from sweep.storage import read_json_uri, subdirectories
+
+    trial_uri = f"{run_uri.rstrip('/')}/{trial_id}"
+    for name in reversed(subdirectories(trial_uri, "checkpoint_")):
+        history = read_json_uri(f"{trial_uri}/{name}/{HISTORY_FILE}")
+        if history is not None:
+            return history
+    return None
 
 
 def _read_json_at(checkpoint: Any, name: str) -> Any:
@@ -206,7 +215,7 @@ def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, te
     (they were deleted: the trial starts again).
     A recorded divergence is raised as the trial's `DivergenceError`, not skipped. Raises
     `CheckpointError`, naming every checkpoint and the fix, when none can be read."""
-    from model.train import DivergenceError
+    from model.loop import DivergenceError
 
     _quiet_closed_loop_callbacks()
     candidates = trial_checkpoints(checkpoint)

@@ -23,7 +23,7 @@ FATAL_KEY = "fatal"  # in a trial's result: the error it reports cannot be cured
 def is_fatal(err: BaseException) -> bool:
     """True for errors that a retry from the last checkpoint would meet again: a divergence, an unreadable
     set of checkpoints, and the ValueError/TypeError of an invalid config or shape."""
-    from model.train import DivergenceError
+    from model.loop import DivergenceError
     from sweep.checkpoint import CheckpointError
 
     return isinstance(err, DivergenceError | CheckpointError | ValueError | TypeError)

@@ -8,27 +8,37 @@ is the metric (default `kid_rbf_inf`, minimised) at the trial's last epoch.
 The study lives in a real database (`sqlite:///<storage>/<run>/optuna.db` by default, any SQLAlchemy URL
 with `--optuna-storage`), and that database is the source of truth for resuming: `--resume` counts the
 finished trials there and runs a fresh Tune experiment for the rest, over the same study (see
-`prepare_resume` for why this is preferred to `Tuner.restore`).
+`sweep.study.prepare_resume` for why this is preferred to `Tuner.restore`). The searcher is
+`sweep.optuna_search`; the study handling `sweep.study`; the launch `sweep.launch`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model.config import ExperimentConfig, get_preset, parse_set_args, parse_value
-from sweep.grid import DEFAULT_STORAGE, add_ray_arguments, devices_per_trial, ray_trial_env
-from sweep.results import ResultsTables, filesystem_for, read_json_uri, write_json_uri
-from sweep.trainable import make_trainable, resolve_trial, storage_join, trial_spec
-
-if TYPE_CHECKING:
-    import optuna
+from sweep import launch
+from sweep.results import ResultsTables
+from sweep.storage import storage_join, write_json_uri
+from sweep.study import (
+    SearchError,
+    check_study,
+    finished_trials,
+    format_top,
+    load_study_or_none,
+    masked,
+    open_storage,
+    prepare_resume,
+    search_space,
+    state_counts,
+    sync_results,
+)
+from sweep.trainable import make_trainable, resolve_trial
 
 MANIFEST_FILE = "search.json"
 STUDY_DB_FILE = "optuna.db"
@@ -37,12 +47,6 @@ DEFAULT_P = (0.1, 10.0)
 DEFAULT_ETA = (0.5, 4.0)
 DEFAULT_SAMPLER_SEED = 0
 SEARCHED_FIELDS = {"temp_power": "--p", "kl_weight": "--eta"}
-INTERRUPTED_ATTR = "interrupted_trials"  # study user attr: numbers of trials a killed driver left behind
-FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why the trial was told to Optuna as failed
-
-
-class SearchError(ValueError):
-    """A search that cannot start as asked; the message names the value and the fix."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,35 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the search --name until --trials trials in total have finished")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the base preset (repeatable)")
-    add_ray_arguments(p)
+    launch.add_ray_arguments(p)
     p.add_argument("--sampler-seed", type=int, default=DEFAULT_SAMPLER_SEED,
                    help=f"seed of the TPE sampler (default {DEFAULT_SAMPLER_SEED})")
     return p
 
 
+
 # ---------------------------------------------------------------------------------------------- checks
-
-def search_space(p_range: tuple[float, float], eta_range: tuple[float, float]
-                 ) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The Optuna distributions of the search: p log-uniform, eta uniform. Raises SearchError on a bad
-    range."""
-    from optuna.distributions import FloatDistribution
-
-    for flag, (low, high) in (("--p", p_range), ("--eta", eta_range)):
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise SearchError(f"{flag} {low:g} {high:g}: both ends must be finite numbers")
-        if low >= high:
-            raise SearchError(f"{flag} {low:g} {high:g}: LOW must be smaller than HIGH; pass the range "
-                              f"as {flag} LOW HIGH with LOW < HIGH")
-    if p_range[0] <= 0:
-        raise SearchError(f"--p {p_range[0]:g} {p_range[1]:g}: p must be > 0 (it is sampled on a log scale "
-                          "and t_i = (i/(N_t-1))^p); e.g. --p 0.1 10")
-    if eta_range[0] < 0:
-        raise SearchError(f"--eta {eta_range[0]:g} {eta_range[1]:g}: eta (the KL weight) must be >= 0; "
-                          "e.g. --eta 0.5 4")
-    return {"p": FloatDistribution(float(p_range[0]), float(p_range[1]), log=True),
-            "eta": FloatDistribution(float(eta_range[0]), float(eta_range[1]))}
-
 
 def base_config(preset: str, sets: list[str], *, epochs: int | None, scheduler: str) -> ExperimentConfig:
     """The config every trial starts from: the preset with `--set`/`--epochs`, objective thermo, and
@@ -140,291 +123,6 @@ def base_config(preset: str, sets: list[str], *, epochs: int | None, scheduler: 
     return config
 
 
-def _range_flag(name: str, dist: Any) -> str:
-    flag = {"p": "--p", "eta": "--eta"}.get(name, name)
-    return f"{flag} {dist.low:g} {dist.high:g}" + (" (log)" if getattr(dist, "log", False) else "")
-
-
-def check_study(study: optuna.Study, space: dict[str, Any], metric: str, where: str) -> None:
-    """Refuse an existing study whose direction, metric or search space differs from what is asked."""
-    import optuna
-
-    name = study.study_name
-    fix = "or start a new study with --study NAME (or a new --name)"
-    if study.direction != optuna.study.StudyDirection.MINIMIZE:
-        raise SearchError(f"study {name!r} in {where} maximises its objective; this search minimises "
-                          f"{metric}; {fix}")
-    stored_metric = study.user_attrs.get("metric")
-    if stored_metric not in (None, metric):
-        raise SearchError(f"study {name!r} in {where} minimises {stored_metric}, not {metric}; rerun with "
-                          f"--metric {stored_metric} {fix}")
-    stored = study.user_attrs.get("search_space")
-    spaces = []
-    if stored:
-        spaces.append({k: optuna.distributions.json_to_distribution(v) for k, v in stored.items()})
-    # A trial a killed driver left RUNNING may hold only the parameters suggested before the kill.
-    spaces += [t.distributions for t in study.get_trials(deepcopy=False) if t.distributions]
-    for theirs in spaces:
-        if not set(theirs) <= set(space):
-            raise SearchError(f"study {name!r} in {where} searches {sorted(theirs)}, not {sorted(space)}; "
-                              f"it is not a p/eta search of this command: {fix}")
-        for key in theirs:
-            if theirs[key] != space[key]:
-                raise SearchError(
-                    f"study {name!r} in {where} searches {_range_flag(key, theirs[key])} but this command "
-                    f"asks for {_range_flag(key, space[key])}; rerun with "
-                    f"{_range_flag(key, theirs[key]).replace(' (log)', '')} to continue it, {fix}")
-
-
-# ---------------------------------------------------------------------------------------------- Optuna
-
-def _searcher_class() -> type:
-    """`ThermoOptunaSearch`, defined lazily so importing this module does not import Ray."""
-    global _SEARCHER
-    if _SEARCHER is not None:
-        return _SEARCHER
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class ThermoOptunaSearch(OptunaSearch):
-        """Ray's OptunaSearch with the search trial's whole Tune config built from each proposal, the
-        epoch (not Tune's iteration) as the report step, and the final-epoch rule: a trial is COMPLETE
-        with the metric at its last epoch, PRUNED if a scheduler stopped it earlier, FAIL if it crashed,
-        diverged or ended without a finite metric (the reason goes to the trial's user attrs)."""
-
-        def __init__(self, *, experiment: dict[str, Any], study_name: str, **kwargs: Any) -> None:
-            super().__init__(study_name=study_name, **kwargs)
-            self._experiment = experiment
-            self._epochs = int(experiment["epochs"])
-            self._reported: dict[str, set[int]] = {}
-
-        def _report(self, trial_id: str, value: Any, epoch: Any) -> None:
-            """The metric of `epoch` as the trial's intermediate value, once per epoch, if it is finite."""
-            if epoch is None or not (isinstance(value, int | float) and math.isfinite(value)):
-                return
-            steps = self._reported.setdefault(trial_id, set())
-            if int(epoch) not in steps:
-                self._ot_trials[trial_id].report(float(value), int(epoch))
-                steps.add(int(epoch))
-
-        def suggest(self, trial_id: str) -> dict[str, Any] | None:
-            params = super().suggest(trial_id)
-            if not isinstance(params, dict):
-                return params
-            number = self._ot_trials[trial_id].number
-            return search_trial_config(self._experiment, self._study_name, number, params["p"], params["eta"])
-
-        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            self._report(trial_id, result.get(self.metric), result.get("epoch"))
-
-        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
-                              error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            ot_trial = self._ot_trials[trial_id]
-            result = result or {}
-            value, epoch = result.get(self.metric), result.get("epoch")
-            # Tune hands a result that stops the trial (ASHA's decision, or its last epoch) to
-            # on_trial_complete only, so it is reported here.
-            self._report(trial_id, value, epoch)
-            state, reason = optuna.trial.TrialState.FAIL, None
-            if error:
-                reason = "the Ray Tune trial ended in ERROR (see the Parquet row's error)"
-            elif epoch is None:
-                reason = "stopped before its first epoch was reported"
-            elif int(epoch) < self._epochs:
-                state = optuna.trial.TrialState.PRUNED  # a scheduler (ASHA) stopped it early
-            elif not (isinstance(value, int | float) and math.isfinite(value)):
-                reason = f"{self.metric} is {value!r} at the last epoch {epoch}, not a finite number"
-            else:
-                state = optuna.trial.TrialState.COMPLETE
-            try:
-                if reason:
-                    ot_trial.set_user_attr(FAIL_REASON_ATTR, reason)
-                self._ot_study.tell(ot_trial, float(value) if state == optuna.trial.TrialState.COMPLETE
-                                    else None, state=state)
-            except Exception as exc:  # noqa: BLE001 - e.g. told already; never stop the whole search
-                print(f"warning: could not tell Optuna trial {ot_trial.number}: {exc}", file=sys.stderr)
-            self._completed_trials.add(trial_id)
-
-    _SEARCHER = ThermoOptunaSearch
-    return _SEARCHER
-
-
-_SEARCHER: type | None = None
-
-
-def trial_id_of(number: int) -> str:
-    """The Parquet `trial_id` (and trial directory) of Optuna trial `number`."""
-    return f"optuna-{number:04d}"
-
-
-def search_trial_config(experiment: dict[str, Any], study: str, number: int, p: float, eta: float
-                        ) -> dict[str, Any]:
-    """The Tune config of one search trial: a grid-like trial spec whose experiment is the base config with
-    temp_power = p and kl_weight = eta, plus the `search` and `optuna_trial` columns."""
-    config = ExperimentConfig(**{**experiment, "temp_power": float(p), "kl_weight": float(eta)})
-    trial_id = trial_id_of(number)
-    spec = trial_spec(config, trial_id=trial_id, cell=trial_id, repetition=0, grid="search",
-                      columns={"search": study, "optuna_trial": number})
-    return {"trial": spec, "p": float(p), "eta": float(eta), "optuna_trial": number}
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The study's database (created if new). Raises SearchError with the URL when it cannot be opened."""
-    import optuna
-
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds
-        raise SearchError(f"--optuna-storage {masked(url)}: cannot open the database ({err}); pass a "
-                          "SQLAlchemy URL such as sqlite:///path/optuna.db or postgresql://user@host/db"
-                          ) from None
-
-
-def load_study_or_none(storage: Any, name: str) -> optuna.Study | None:
-    """The study `name` in `storage`, or None if there is none of that name."""
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-
-
-def masked(url: str) -> str:
-    """`url` with any password hidden (for messages and the manifest)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: shown as given
-        return url
-
-
-def finished_trials(study: optuna.Study) -> list[Any]:
-    """Trials that count towards --trials: COMPLETE, PRUNED, and FAIL except those a killed driver left
-    behind (their proposals are re-enqueued instead)."""
-    from optuna.trial import TrialState
-
-    interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or (t.state == TrialState.FAIL and t.number not in interrupted)]
-
-
-def prepare_resume(study: optuna.Study) -> list[int]:
-    """Make the study consistent after a killed driver; returns the numbers of the interrupted trials.
-
-    The database, not Ray Tune's experiment snapshot, is the source of truth. Trials the killed driver left
-    RUNNING are marked FAIL (listed in the study's `interrupted_trials` user attr so they do not count) and
-    their parameters (when both were drawn) are enqueued again, so the next trials evaluate what the sampler
-    proposed.
-    The caller then runs a fresh Tune experiment with `--trials - finished` samples over the same study.
-    `Tuner.restore` is not used: its searcher snapshot lags the database (a trial told COMPLETE after the
-    last snapshot would be resumed and told twice, a trial asked after it would stay RUNNING forever), while
-    the fresh experiment only ever asks the database for new trials. The cost is that an interrupted trial
-    restarts from epoch 0 instead of its last checkpoint (at most --max-concurrent trials' work is lost).
-    Assumes no other driver is running on this study."""
-    from optuna.trial import TrialState
-
-    running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    interrupted = list(study.user_attrs.get(INTERRUPTED_ATTR, []))
-    for t in running:
-        study.tell(t.number, state=TrialState.FAIL)
-        interrupted.append(t.number)
-        study.set_user_attr(INTERRUPTED_ATTR, sorted(set(interrupted)))
-        if set(t.params) == {"p", "eta"}:  # a complete proposal (a kill may come between two suggestions)
-            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-    return [t.number for t in running]
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-def _latest_history(run_uri: str, trial_id: str) -> list[dict[str, Any]] | None:
-    """The readings history in the newest checkpoint of `trial_id` under the run directory, if any."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem_for(f"{run_uri}/{trial_id}")
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        return None
-    for info in sorted((i for i in infos if i.base_name.startswith("checkpoint_")),
-                       key=lambda i: i.base_name, reverse=True):
-        try:
-            with fs.open_input_stream(f"{info.path}/history.json") as stream:
-                return json.loads(stream.readall().decode())
-        except (FileNotFoundError, OSError):
-            continue
-    return None
-
-
-def sync_results(tables: ResultsTables, study: optuna.Study, run_uri: str) -> None:
-    """Bring the search's Parquet rows in line with the study: `optuna_state` and `search_value` columns,
-    the reason of every FAIL in `error`, and rows a killed driver left RUNNING closed as ERROR (with the
-    epochs their newest checkpoint recorded). Flushes the tables."""
-    from optuna.trial import TrialState
-
-    from sweep.results import final_columns
-
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
-    for trial_id, row in list(tables.trials.items()):
-        number = row.get("optuna_trial")
-        if row.get("search") != study.study_name or number is None or int(number) not in by_number:
-            continue
-        t = by_number[int(number)]
-        values: dict[str, Any] = {"optuna_state": t.state.name,
-                                  "search_value": t.value if t.state == TrialState.COMPLETE else None}
-        if row.get("status") not in ("TERMINATED", "ERROR") and t.state != TrialState.RUNNING:
-            history = _latest_history(run_uri, trial_id)
-            if history:
-                tables.upsert_epochs(trial_id, history, run=row.get("run"), cell=row.get("cell"),
-                                     repetition=row.get("repetition"))
-                values.update(final_columns(history))
-            ended = t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            values["status"] = "TERMINATED" if ended else "ERROR"
-        if t.state == TrialState.FAIL and not row.get("error"):
-            if t.number in interrupted:
-                values["error"] = ("interrupted: the search driver stopped before the trial finished; its p "
-                                   "and eta were enqueued again as a new Optuna trial")
-            else:
-                values["error"] = t.user_attrs.get(FAIL_REASON_ATTR, "Optuna trial failed")
-        tables.upsert_trial(trial_id, **values)
-        tables.trials[trial_id]["search_value"] = values["search_value"]  # a column even when all are null
-    tables.flush()
-
-
-def format_top(study: optuna.Study, metric: str, top: int = 5) -> str:
-    """Best p, eta and objective, and the `top` best trials, as text."""
-    from optuna.trial import TrialState
-
-    done = sorted((t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE),
-                  key=lambda t: t.value)
-    if not done:
-        return "no trial completed yet"
-    best = done[0]
-    lines = [f"best: p = {best.params['p']:.4g}, eta = {best.params['eta']:.4g}, {metric} = {best.value:.6g} "
-             f"(Optuna trial {best.number}, {trial_id_of(best.number)})", "",
-             f"top {min(top, len(done))} trials:"]
-    header = ["rank", "optuna_trial", "trial_id", "p", "eta", metric]
-    rows = [[str(i + 1), str(t.number), trial_id_of(t.number), f"{t.params['p']:.4g}",
-             f"{t.params['eta']:.4g}", f"{t.value:.6g}"] for i, t in enumerate(done[:top])]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
-
-
-def state_counts(study: optuna.Study) -> str:
-    """How many trials the study holds in each state, e.g. "3 COMPLETE, 1 FAIL"."""
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"
-
 
 # ---------------------------------------------------------------------------------------------- driver
 
@@ -446,35 +144,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    storage = args.storage or os.environ.get("THERMOSWEEP_STORAGE") or DEFAULT_STORAGE
+    storage = launch.storage_of(args)
     if args.trials < 1:
         raise SearchError(f"--trials {args.trials}: must be >= 1")
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise SearchError(f"--max-concurrent {args.max_concurrent}: must be >= 1 (or leave it out)")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        raise SearchError(f"--cpu-devices {args.cpu_devices}: must be >= 1")
-    if args.resume and not args.name:
-        raise SearchError("--resume needs --name RUN (the search to continue, a directory under --storage)")
+    try:
+        launch.check_ray_arguments(args)
+    except launch.LaunchError as err:
+        raise SearchError(str(err)) from None
     space = search_space(tuple(args.p), tuple(args.eta))
     config = base_config(args.base, args.set, epochs=args.epochs, scheduler=args.scheduler)
-    n_dev = devices_per_trial(args)
+    n_dev = launch.devices_per_trial(args)
     if config.batch_size % n_dev:
         raise SearchError(f"batch_size {config.batch_size} is not divisible by {n_dev} devices per trial; "
                           "use --set batch_size=N with N divisible by it, or fewer devices per trial")
+    try:
+        manifest = launch.existing_manifest(storage, args.name, MANIFEST_FILE, resume=args.resume,
+                                            what="search")
+    except launch.LaunchError as err:
+        raise SearchError(str(err)) from None
 
-    run = args.name or f"search-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    run = args.name or launch.default_run_name("search")
     run_uri = storage_join(storage, run)
     remote = "://" in run_uri
     if remote and args.optuna_storage is None:
         raise SearchError(f"--storage {storage} is remote; SQLite cannot live there: pass "
                           "--optuna-storage URL (e.g. postgresql://user@host/db)")
-    manifest = read_json_uri(f"{run_uri}/{MANIFEST_FILE}")
-    if args.resume and manifest is None:
-        raise SearchError(f"--resume: no search {run!r} under {storage} (no {MANIFEST_FILE}); start it "
-                          "without --resume, or pass the --storage it was started with")
-    if manifest is not None and not args.resume:
-        raise SearchError(f"run {run!r} already exists under {storage}; continue it with --resume or pick "
-                          "another --name")
     study_name = args.study or (manifest or {}).get("study") or run
     if manifest is not None and manifest.get("study") != study_name:
         raise SearchError(f"--study {study_name}: run {run!r} searches study {manifest.get('study')!r}; "
@@ -564,40 +258,27 @@ def run_search(args: argparse.Namespace, *, run: str, storage: str, study_name: 
 def _fit(args: argparse.Namespace, *, run: str, storage: str, study: Any, study_name: str,
          optuna_storage: Any, space: dict[str, Any], config: ExperimentConfig, n_dev: int,
          remaining: int) -> None:
+    launch.set_ray_defaults(args, storage)  # before Ray is imported
     import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from sweep.callback import ResultsCallback
+    from sweep.optuna_search import searcher_class
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # A diverged trial's last report carries the error, not the metric: let Tune accept it (the searcher
-    # tells Optuna FAIL and the results callback records the reason).
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    local = args.address is None
-    if local:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_worker_niceness", "0")
     run_uri = storage_join(storage, run)
-    env = ray_trial_env(args, n_dev, local)
     # The sampler's seed moves with the study's size, so a resumed search does not replay the proposals
     # (random start-up points) of its first run; TPE reads the whole history from the database.
     sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + len(study.get_trials(deepcopy=False)),
                                          constant_liar=True)
-    searcher = _searcher_class()(space=space, metric=args.metric, mode="min", sampler=sampler,
+    searcher = searcher_class()(space=space, metric=args.metric, mode="min", sampler=sampler,
                                  study_name=study_name, storage=optuna_storage, experiment=config.to_dict())
     scheduler = None
     if args.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", metric=args.metric, mode="min", max_t=config.epochs,
                                   grace_period=1, reduction_factor=2)
-    reporter = tune.CLIReporter(metric_columns={"epoch": "epoch", "train_loss": "loss",
-                                                args.metric: args.metric},
-                                parameter_columns={"optuna_trial": "optuna", "p": "p", "eta": "eta"},
-                                max_report_frequency=30)
-    ray.init(address=args.address, runtime_env={"env_vars": env}, include_dashboard=False if local else None,
-             log_to_driver=True)
+    launch.init_ray(args, n_dev)
     try:
         tuner = tune.Tuner(
             make_trainable(samples_uri=f"{run_uri}/samples", gpus_per_trial=args.gpus_per_trial,
@@ -605,16 +286,13 @@ def _fit(args: argparse.Namespace, *, run: str, storage: str, study: Any, study_
             param_space={},
             tune_config=tune.TuneConfig(
                 search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                max_concurrent_trials=args.max_concurrent, reuse_actors=False,
-                trial_name_creator=lambda t: str(t.config["trial"]["trial_id"]),
-                trial_dirname_creator=lambda t: str(t.config["trial"]["trial_id"]),
+                max_concurrent_trials=args.max_concurrent, reuse_actors=False, **launch.trial_naming(),
             ),
-            run_config=tune.RunConfig(
-                name=run, storage_path=storage_join(storage), progress_reporter=reporter, verbose=1,
+            run_config=launch.run_config(
+                args, run=run, storage=storage,
                 callbacks=[ResultsCallback(f"{run_uri}/results", run, resolve_trial)],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            ),
+                metric_columns={"epoch": "epoch", "train_loss": "loss", args.metric: args.metric},
+                parameter_columns={"optuna_trial": "optuna", "p": "p", "eta": "eta"}),
         )
         tuner.fit()
     finally:

@@ -3,7 +3,8 @@
 A trial's Tune config is `{"trial": trial_spec(...)}` (a grid) and may carry `ExperimentConfig` fields at
 its top level as per-trial overrides (a search space, e.g. `{"trial": spec, "temp_power": loguniform}`).
 `resolve_trial` turns it back into the config and the trial's identity; `make_trainable` builds the Ray
-trainable (with its resources) that both `sweep.grid` and `sweep.search` run.
+trainable (with its resources) that both `sweep.grid` and `sweep.search` run. The environment of the trial
+processes is `sweep.launch.trial_env`.
 
 Every epoch the trial saves its whole train state and its readings history into a temporary directory and
 reports both through `tune.report`, which copies the directory into the run's storage. A restarted trial
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import socket
 import tempfile
 from collections.abc import Callable
@@ -54,35 +54,6 @@ def resolve_trial(tune_config: dict[str, Any]) -> tuple[ExperimentConfig, dict[s
     return config, meta
 
 
-def trial_env(*, gpus_per_trial: float, cpus_per_trial: int, cpu_devices: int,
-              compilation_cache: str | None = None, base_xla_flags: str = "") -> dict[str, str]:
-    """Environment variables for the trial processes (passed with `ray.init(runtime_env=...)`).
-
-    - GPU trials: no memory preallocation, so trials sharing a GPU do not fail on the first allocation.
-    - CPU trials: JAX on the CPU only; `cpu_devices` > 1 splits the host into that many XLA devices (the
-      trial pmaps over them); with one device per CPU each device runs single-threaded. BLAS/OpenMP
-      threads are capped at the trial's CPUs, so concurrent trials do not fight over cores.
-    - A persistent compilation cache lets repetitions of a cell (same shapes) reuse compiled steps.
-    """
-    threads = str(max(1, int(cpus_per_trial)))
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "OMP_NUM_THREADS": threads,
-           "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    # The device count is this function's to set: drop one inherited from the driver's environment.
-    flags = [f for f in base_xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
-    if gpus_per_trial <= 0:
-        env["JAX_PLATFORMS"] = "cpu"
-        if cpu_devices > 1:
-            flags.append(f"--xla_force_host_platform_device_count={cpu_devices}")
-        if cpu_devices >= int(cpus_per_trial):
-            flags += ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-    if compilation_cache:
-        env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    return env
-
-
 def trial_devices(gpus_per_trial: float) -> list[Any]:
     """The JAX devices this trial trains on: the GPUs Ray assigned (CUDA_VISIBLE_DEVICES), or every CPU
     device of the process (several when XLA_FLAGS splits the host)."""
@@ -106,7 +77,7 @@ def save_image_grid(images: Any, uri: str) -> None:
     import numpy as np
     from PIL import Image
 
-    from sweep.results import filesystem_for
+    from sweep.storage import write_bytes_uri
 
     x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
     n, h, w, c = x.shape
@@ -121,10 +92,7 @@ def save_image_grid(images: Any, uri: str) -> None:
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    fs, path = filesystem_for(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(buffer.getvalue())
+    write_bytes_uri(uri, buffer.getvalue())
 
 
 def _node_id() -> str | None:
@@ -171,7 +139,7 @@ def _train_trial(tune_config: dict[str, Any], trial_id: str, *, samples_uri: str
                  gpus_per_trial: float) -> None:
     from ray import tune
 
-    from model import train as mt
+    from model import loop as mt
     from model.data import load_dataset
     from sweep.checkpoint import (
         CheckpointError,
@@ -263,11 +231,3 @@ def make_trainable(*, samples_uri: str | None, gpus_per_trial: float = 0.0, cpus
 
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     return tune.with_resources(thermosweep_trial, resources)
-
-
-def storage_join(*parts: str) -> str:
-    """Join a storage root (local path or URI) with path parts."""
-    head = parts[0].rstrip("/")
-    if "://" not in head:
-        head = os.path.abspath(head)
-    return "/".join([head, *(p.strip("/") for p in parts[1:])])

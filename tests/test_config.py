@@ -34,6 +34,7 @@ def test_digits_preset_is_small_and_offline():
     ("prior_step_size", -0.1, "prior_step_size=-0.1"), ("posterior_step_size", 0.0, "posterior_step_size"),
     ("objective", "vae", "objective='vae'"), ("dataset", "mnist", "dataset='mnist'"),
     ("image_size", 24, "image_size=24"), ("kl_weight", -1.0, "kl_weight"), ("batch_size", 0, "batch_size"),
+    ("eval_every", -1, "eval_every=-1"), ("sample_every", -1, "sample_every=-1"),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("+", r"\+")):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sweep.grid import main
-from sweep.plan import GridError, builtin_grids, expand, load_grid, parse_grid_text
+from sweep.grid_file import GridError, builtin_grids, expand, load_grid, parse_grid_text
 
 
 def test_builtin_grids_are_installed_and_valid() -> None:

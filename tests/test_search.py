@@ -209,12 +209,14 @@ def test_searcher_tells_optuna_the_final_epoch_rule(tmp_path: Path) -> None:
     """Without Ray: each proposal becomes a grid-like trial config, and a trial is COMPLETE with the metric
     at its last epoch, PRUNED when stopped earlier (ASHA), FAIL when it errored or ended without a finite
     metric (reason in the trial's user attrs, which the Parquet `error` column takes)."""
-    from sweep.search import _searcher_class, base_config, search_space
+    from sweep.optuna_search import searcher_class
+    from sweep.search import base_config
+    from sweep.study import search_space
     from sweep.trainable import resolve_trial
 
     config = base_config("digits", [f"{k}={v}" for k, v in TINY.items()], epochs=2, scheduler="none")
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/unit.db")
-    searcher = _searcher_class()(space=search_space((0.1, 10), (0.5, 4)), metric="kid_rbf_inf", mode="min",
+    searcher = searcher_class()(space=search_space((0.1, 10), (0.5, 4)), metric="kid_rbf_inf", mode="min",
                                  sampler=optuna.samplers.TPESampler(seed=0), study_name="unit",
                                  storage=storage, experiment=config.to_dict())
     configs = {name: searcher.suggest(name) for name in ("done", "stopped", "nan", "crashed", "diverged")}

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from _procs import descendants, kill_all
 
+from model.schema import EPOCH_COLUMNS, TRIAL_COLUMNS
 from sweep.grid import main
-from sweep.results import EPOCH_COLUMNS, TRIAL_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BASE = {"epochs": 2, "z_dim": 4, "ebm_width": 8, "gen_width": 2, "prior_steps": 2, "posterior_steps": 2,

@@ -8,9 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from model.schema import EPOCH_COLUMNS, TRIAL_COLUMNS
 from sweep.results import (
-    EPOCH_COLUMNS,
-    TRIAL_COLUMNS,
     ResultsTables,
     config_columns,
     error_message,

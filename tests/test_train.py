@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from model import train
+from model import loop, step, train
 from model.config import get_preset
 from model.data import Dataset, load_dataset
 
@@ -27,17 +27,17 @@ def digits_small():
 
 def test_learning_rates_follow_table3_rule():
     cfg = get_preset("celeba")
-    assert train.learning_rates(cfg, 1) == pytest.approx((2e-5, 1e-4), rel=1e-6)
-    assert train.learning_rates(cfg, 2) == pytest.approx((2e-5 * 0.975, 1e-4 * 0.975), rel=1e-6)
+    assert step.learning_rates(cfg, 1) == pytest.approx((2e-5, 1e-4), rel=1e-6)
+    assert step.learning_rates(cfg, 2) == pytest.approx((2e-5 * 0.975, 1e-4 * 0.975), rel=1e-6)
     # 0.975^49 = 0.289: both would fall below their final rates, which floor them
-    assert train.learning_rates(cfg, 50) == pytest.approx((1e-5, 5e-5), rel=1e-6)
-    assert train.learning_rates(cfg, 10) == pytest.approx((2e-5 * 0.975**9, 1e-4 * 0.975**9), rel=1e-6)
+    assert step.learning_rates(cfg, 50) == pytest.approx((1e-5, 5e-5), rel=1e-6)
+    assert step.learning_rates(cfg, 10) == pytest.approx((2e-5 * 0.975**9, 1e-4 * 0.975**9), rel=1e-6)
 
 
 def test_gradient_statistics_are_over_all_entries_of_both_networks():
     ebm = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[3.0]])}
     gen = {"c": jnp.array([-1.0, 0.0, 5.0])}
-    stats = train.gradient_statistics(ebm, gen)
+    stats = step.gradient_statistics(ebm, gen)
     both = np.array([1.0, 2.0, 3.0, -1.0, 0.0, 5.0])
     assert float(stats["grad_mean"]) == pytest.approx(both.mean())
     assert float(stats["grad_var"]) == pytest.approx(both.var())
@@ -50,8 +50,8 @@ def test_one_and_two_devices_give_the_same_epoch(objective, digits_small):
     devices = jax.local_devices()
     assert len(devices) >= 2, "tests/conftest.py forces two host devices"
     cfg = tiny(objective=objective, temp_power=2.0, kl_weight=1.5)
-    one, r1 = train.train_epoch(cfg, train.init_state(cfg), digits_small, devices=devices[:1])
-    two, r2 = train.train_epoch(cfg, train.init_state(cfg), digits_small, devices=devices[:2])
+    one, r1 = loop.train_epoch(cfg, loop.init_state(cfg), digits_small, devices=devices[:1])
+    two, r2 = loop.train_epoch(cfg, loop.init_state(cfg), digits_small, devices=devices[:2])
     for name in ("train_loss", "val_loss", "grad_mean", "grad_var", "grad_var_ebm", "grad_var_gen"):
         assert r1[name] == pytest.approx(r2[name], rel=2e-4, abs=1e-7), name
     for a, b in zip(jax.tree.leaves((one.ebm_params, one.gen_params)),
@@ -64,13 +64,13 @@ def test_one_and_two_devices_give_the_same_epoch(objective, digits_small):
 def test_batch_not_divisible_by_devices_names_both_numbers(digits_small):
     cfg = tiny(batch_size=15)
     with pytest.raises(ValueError, match="batch_size 15 is not divisible by 2 devices"):
-        train.train_epoch(cfg, train.init_state(cfg), digits_small, devices=jax.local_devices()[:2])
+        loop.train_epoch(cfg, loop.init_state(cfg), digits_small, devices=jax.local_devices()[:2])
 
 
 def test_diverged_run_stops_with_a_message(digits_small):
     cfg = tiny(posterior_step_size=1e12, prior_step_size=1e12)
-    with pytest.raises(train.DivergenceError, match="diverged"):
-        train.train_epoch(cfg, train.init_state(cfg), digits_small, devices=jax.local_devices()[:1])
+    with pytest.raises(loop.DivergenceError, match="diverged"):
+        loop.train_epoch(cfg, loop.init_state(cfg), digits_small, devices=jax.local_devices()[:1])
 
 
 def test_cells_differing_in_p_eta_and_step_sizes_share_one_compiled_step(digits_small):
@@ -84,16 +84,16 @@ def test_cells_differing_in_p_eta_and_step_sizes_share_one_compiled_step(digits_
     try:
         first = tiny(objective="thermo", seed=3, num_train=32, z_dim=5)  # a shape no other test uses
         data = Dataset("digits", digits_small.train[:32], digits_small.val[:16])
-        train.train_epoch(first, train.init_state(first), data, devices=jax.local_devices()[:1])
+        loop.train_epoch(first, loop.init_state(first), data, devices=jax.local_devices()[:1])
         after_first = len(compiles)
         for p, eta, s in [(0.3, 2.0, 0.02), (6.0, 0.5, 0.005)]:
             cell = dataclasses.replace(first, temp_power=p, kl_weight=eta, posterior_step_size=s,
                                        prior_step_size=s * 10)
-            train.train_epoch(cell, train.init_state(cell), data, devices=jax.local_devices()[:1])
+            loop.train_epoch(cell, loop.init_state(cell), data, devices=jax.local_devices()[:1])
         assert after_first > 0
         assert len(compiles) == after_first, "a cell differing only in traced values recompiled"
         changed = dataclasses.replace(first, num_temps=4)  # a shape change must compile anew
-        train.train_epoch(changed, train.init_state(changed), data, devices=jax.local_devices()[:1])
+        loop.train_epoch(changed, loop.init_state(changed), data, devices=jax.local_devices()[:1])
         assert len(compiles) > after_first
     finally:
         jax.monitoring.clear_event_listeners()
@@ -102,24 +102,24 @@ def test_cells_differing_in_p_eta_and_step_sizes_share_one_compiled_step(digits_
 def test_resumed_epochs_equal_uninterrupted_ones(digits_small):
     cfg = tiny(objective="thermo")
     devs = jax.local_devices()[:1]
-    state = train.init_state(cfg)
-    state, _ = train.train_epoch(cfg, state, digits_small, devices=devs)
-    _, straight = train.train_epoch(cfg, state, digits_small, devices=devs)
+    state = loop.init_state(cfg)
+    state, _ = loop.train_epoch(cfg, state, digits_small, devices=devs)
+    _, straight = loop.train_epoch(cfg, state, digits_small, devices=devs)
     # "resume": rebuild the state from host copies, as a checkpoint restore would
     restored = jax.tree.map(lambda x: x, jax.device_get(state))
-    _, resumed = train.train_epoch(cfg, restored, digits_small, devices=devs)
+    _, resumed = loop.train_epoch(cfg, restored, digits_small, devices=devs)
     for name in ("train_loss", "val_loss", "grad_var"):
         assert straight[name] == resumed[name]
 
 
 def test_generate_images_shape_range_and_batching():
     cfg = tiny()
-    state = train.init_state(cfg)
+    state = loop.init_state(cfg)
     key = jax.random.key(0)
-    images = train.generate_images(cfg, state, key, 7, batch_size=3)
+    images = loop.generate_images(cfg, state, key, 7, batch_size=3)
     assert images.shape == (7, 16, 16, 1) and images.dtype == np.float32
     assert np.all(np.abs(images) <= 1.0)
-    again = train.generate_images(cfg, state, key, 7, batch_size=3)
+    again = loop.generate_images(cfg, state, key, 7, batch_size=3)
     np.testing.assert_array_equal(images, again)
 
 

@@ -25,7 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from model.config import ExperimentConfig, apply_overrides, config_fields, get_preset
+from model.config import ExperimentConfig, apply_overrides, check_devices, config_fields, get_preset
+from sweep.text import text_table
 
 GRID_KEYS = ("description", "preset", "base", "repetitions", "cells")
 CELL_NAME_KEY = "name"
@@ -246,14 +247,13 @@ def expand(
     return plans
 
 
-def check_devices(plans: list[TrialPlan], devices_per_trial: int, flag_hint: str) -> None:
+def check_plan_devices(plans: list[TrialPlan], devices_per_trial: int, fix: str) -> None:
     """Refuse a plan whose batch size cannot be split over each trial's devices, before anything runs."""
     for plan in plans:
-        if plan.config.batch_size % devices_per_trial:
-            raise GridError(
-                f"cell {plan.cell!r}: batch_size {plan.config.batch_size} is not divisible by "
-                f"{devices_per_trial} devices per trial; {flag_hint}"
-            )
+        try:
+            check_devices(plan.config.batch_size, devices_per_trial, fix)
+        except ValueError as err:
+            raise GridError(f"cell {plan.cell!r}: {err}") from None
 
 
 def trial_table(plans: list[TrialPlan], resources: dict[str, float]) -> str:
@@ -271,7 +271,4 @@ def trial_table(plans: list[TrialPlan], resources: dict[str, float]) -> str:
             f"{c.kl_weight:g}" if thermo else "-", str(c.posterior_steps), str(c.prior_steps),
             str(c.epochs), res,
         ])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return text_table(header, rows)

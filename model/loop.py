@@ -1,0 +1,228 @@
+"""The training loop: the train state, one epoch over the data, validation, generation, and `fit`.
+
+The data order of an epoch is a function of (seed, epoch) and the chain noise follows the state's PRNG key,
+so a run restored from a checkpoint continues with the numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ExperimentConfig, check_devices
+from model.data import Dataset, load_dataset
+from model.objectives import Hyper
+from model.step import (
+    StepSpec,
+    compiled_eval_step,
+    compiled_generate,
+    compiled_train_step,
+    learning_rates,
+    network_modules,
+    optimizers,
+    replicate,
+    unreplicate,
+)
+
+METRIC_COLUMNS = ("kid_rbf_inf", "kid_poly_inf", "fid_inf")
+_DIVERGENCE_CHECK_EVERY = 10  # steps between host-side finiteness checks (a sync costs a little)
+
+
+class DivergenceError(FloatingPointError):
+    """The loss or a gradient went non-finite; training of this configuration cannot go on."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that determines the rest of a run: parameters, Adam states, the PRNG key, counters.
+    The data order is a function of (seed, epoch), so it needs no storage."""
+
+    ebm_params: Any
+    gen_params: Any
+    ebm_opt_state: Any
+    gen_opt_state: Any
+    key: jax.Array  # typed jax.random.key
+    epoch: jax.Array  # completed epochs (int32)
+    step: jax.Array  # completed steps (int32)
+
+
+def init_state(config: ExperimentConfig) -> TrainState:
+    """Fresh parameters and optimiser states, seeded by config.seed."""
+    key = jax.random.key(config.seed)
+    key, k_ebm, k_gen = jax.random.split(key, 3)
+    ebm, gen = network_modules(config)
+    z = jnp.zeros((1, config.z_dim), jnp.float32)
+    ebm_params = ebm.init(k_ebm, z)
+    gen_params = gen.init(k_gen, z)
+    ebm_tx, gen_tx = optimizers(StepSpec.from_config(config))
+    return TrainState(ebm_params, gen_params, ebm_tx.init(ebm_params), gen_tx.init(gen_params), key,
+                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def step_inputs(config: ExperimentConfig, state: TrainState, epoch: int, devices: Sequence[Any]
+                ) -> tuple[Any, tuple[jax.Array, jax.Array]]:
+    """What compiled_train_step takes besides the batch, key and hyper-parameters: the replicated
+    (params, optimiser states) carry and the float32 (EBM, generator) learning rates of 1-based `epoch`."""
+    carry = replicate(({"ebm": state.ebm_params, "gen": state.gen_params},
+                        (state.ebm_opt_state, state.gen_opt_state)), devices)
+    lrs = tuple(jnp.asarray(v, jnp.float32) for v in learning_rates(config, epoch))
+    return carry, lrs
+
+
+def _batches(images: np.ndarray, order: np.ndarray, batch_size: int, n_dev: int):
+    for i in range(len(order) // batch_size):
+        x = images[order[i * batch_size:(i + 1) * batch_size]]
+        yield x.reshape((n_dev, batch_size // n_dev) + x.shape[1:])
+
+
+def epoch_order(config: ExperimentConfig, epoch: int, num: int) -> np.ndarray:
+    """The permutation of the training set used in 1-based `epoch`: a function of (seed, epoch) only."""
+    return np.random.default_rng([config.seed, epoch]).permutation(num)
+
+
+def validation_loss(config: ExperimentConfig, params: dict[str, Any], images: np.ndarray, epoch: int,
+                    devices: Sequence[Any]) -> float:
+    """Mean objective over the full validation batches (the last partial batch is left out), with chain
+    noise seeded by (seed, epoch) so it does not consume the training key."""
+    n_dev = len(devices)
+    step = compiled_eval_step(StepSpec.from_config(config), tuple(devices))
+    hp = Hyper.from_config(config)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + epoch)
+    rep = replicate(params, devices)
+    losses = []
+    for i, x in enumerate(_batches(images, np.arange(len(images)), config.batch_size, n_dev)):
+        losses.append(step(rep, x, jax.random.fold_in(key, i), hp)[0])
+    return float(np.mean(jax.device_get(losses))) if losses else float("nan")
+
+
+def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
+                devices: Sequence[Any] | None = None) -> tuple[TrainState, dict[str, float]]:
+    """One pass over the training set. Returns the new state and the epoch's readings: loss and the
+    learning-gradient statistics averaged over the epoch's steps, validation loss, time, learning rates.
+    Raises DivergenceError (with the step) if the loss or gradient statistics go non-finite."""
+    devices = list(devices or jax.local_devices())
+    check_devices(config.batch_size, devices)
+    n_dev = len(devices)
+    epoch = int(state.epoch) + 1
+    start = time.perf_counter()
+    spec = StepSpec.from_config(config)
+    step = compiled_train_step(spec, tuple(devices))
+    hp = Hyper.from_config(config)
+    carry, lrs = step_inputs(config, state, epoch, devices)
+    key = state.key
+    order = epoch_order(config, epoch, len(dataset.train))
+    history: list[dict[str, jax.Array]] = []
+    for i, x in enumerate(_batches(dataset.train, order, config.batch_size, n_dev)):
+        key, sub = jax.random.split(key)
+        carry, stats = step(carry, x, sub, hp, lrs)
+        history.append(stats)
+        if (i + 1) % _DIVERGENCE_CHECK_EVERY == 0:
+            _check_finite(jax.device_get(stats), epoch, i + 1)
+    if not history:
+        raise ValueError(f"batch_size={config.batch_size} leaves no full batch in {len(dataset.train)} "
+                         "training images; lower batch_size")
+    host = jax.device_get(history)
+    for i, s in enumerate(host):
+        _check_finite(s, epoch, i + 1)
+    params, (ebm_opt, gen_opt) = unreplicate(carry)
+    new_state = TrainState(params["ebm"], params["gen"], ebm_opt, gen_opt, key,
+                           jnp.asarray(epoch, jnp.int32), state.step + len(history))
+    readings = {name: float(np.mean([s[name][0] for s in host]))
+                for name in ("grad_mean", "grad_var", "grad_var_ebm", "grad_var_gen")}
+    readings["train_loss"] = float(np.mean([s["loss"][0] for s in host]))
+    readings["val_loss"] = validation_loss(config, params, dataset.val, epoch, devices)
+    if not math.isfinite(readings["val_loss"]) and len(dataset.val) >= config.batch_size:
+        raise DivergenceError(f"validation loss is {readings['val_loss']} after epoch {epoch}; "
+                              "lower the learning rates or Langevin step sizes")
+    readings.update(epoch=epoch, epoch_time_s=time.perf_counter() - start, ebm_lr=float(lrs[0]),
+                    gen_lr=float(lrs[1]))
+    return new_state, readings
+
+
+def _check_finite(stats: dict[str, Any], epoch: int, step: int) -> None:
+    for name in ("loss", "grad_var", "grad_mean"):
+        value = float(np.asarray(stats[name]).reshape(-1)[0])
+        if not math.isfinite(value):
+            raise DivergenceError(
+                f"{name} is {value} at epoch {epoch}, step {step}: training diverged; lower the learning "
+                "rates (ebm_lr, gen_lr) or the Langevin step sizes, or raise lkhood_sigma")
+
+
+def generate_images(config: ExperimentConfig, state: TrainState, key: jax.Array, num: int,
+                    batch_size: int = 500) -> np.ndarray:
+    """`num` images x = g(z), z ~ p_alpha(z) by prior Langevin (Eq. 2, 11), made in batches of at most
+    `batch_size` so memory stays bounded. Returns float32 (num, H, W, C) in [-1, 1]."""
+    spec = StepSpec.from_config(config)
+    hp = Hyper.from_config(config)
+    out = []
+    for i, lo in enumerate(range(0, num, batch_size)):
+        n = min(batch_size, num - lo)
+        fn = compiled_generate(spec, n)
+        out.append(np.asarray(fn(state.ebm_params, state.gen_params, jax.random.fold_in(key, i), hp)))
+    return np.concatenate(out) if out else np.zeros((0,) + config.image_shape, np.float32)
+
+
+def run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
+              devices: Sequence[Any] | None = None, evaluator: Callable[..., dict] | None = None
+              ) -> tuple[TrainState, dict[str, Any]]:
+    """train_epoch, then (every config.eval_every epochs, if an evaluator is given) KID_inf and FID_inf
+    of generated images. Metric columns are NaN on epochs without evaluation."""
+    state, readings = train_epoch(config, state, dataset, devices=devices)
+    for name in METRIC_COLUMNS:
+        readings[name] = float("nan")
+    epoch = readings["epoch"]
+    if evaluator is not None and config.eval_every and (epoch % config.eval_every == 0
+                                                        or epoch == config.epochs):
+        start = time.perf_counter()
+        eval_key = jax.random.fold_in(jax.random.key(config.seed), 2_000_000 + epoch)
+        readings.update(evaluator(lambda k, n: generate_images(config, state, k, n), eval_key))
+        readings["eval_time_s"] = time.perf_counter() - start
+    return state, readings
+
+
+def make_evaluator_or_none(config: ExperimentConfig, dataset: Dataset,
+                           log: Callable[[str], None] = print) -> Callable[..., dict] | None:
+    """The fidelity evaluator of model.metrics when evaluation is on (eval_every > 0), else None."""
+    if not config.eval_every:
+        return None
+    try:
+        from model.metrics import make_evaluator
+    except ImportError as err:  # metrics not installed in this build
+        log(f"evaluation skipped: model.metrics is unavailable ({err})")
+        return None
+    return make_evaluator(config, dataset)
+
+
+def format_readings(r: dict[str, Any]) -> str:
+    """One human-readable line per epoch."""
+    line = (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4g}  val {r['val_loss']:.4g}  "
+            f"grad mean {r['grad_mean']:.3e} var {r['grad_var']:.3e} "
+            f"(ebm {r['grad_var_ebm']:.2e}, gen {r['grad_var_gen']:.2e})  {r['epoch_time_s']:.1f}s")
+    if not math.isnan(r.get("kid_rbf_inf", float("nan"))):
+        line += f"  KID_inf {r['kid_rbf_inf']:.4g} FID_inf {r['fid_inf']:.4g}"
+    return line
+
+
+def fit(config: ExperimentConfig, *, dataset: Dataset | None = None, devices: Sequence[Any] | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None, log: Callable[[str], None] = print
+        ) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Train `config.epochs` epochs from scratch. Returns the final state and every epoch's readings;
+    `on_epoch(readings)` is called after each epoch (e.g. to write them)."""
+    dataset = dataset or load_dataset(config)
+    state = init_state(config)
+    evaluator = make_evaluator_or_none(config, dataset, log)
+    history = []
+    for _ in range(config.epochs):
+        state, readings = run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+        history.append(readings)
+        log(format_readings(readings))
+        if on_epoch:
+            on_epoch(readings)
+    return state, history

@@ -1,0 +1,212 @@
+"""The results schema: the columns of `trials.parquet` and `epochs.parquet`, their types and meanings.
+
+This is the contract between the model's CLI, `sweep` (which writes the tables) and `analysis` (which
+reads them). It imports only the standard library and pyarrow, so `analysis` can use it without pulling
+in JAX or Ray. Column names are stable: add columns, never rename one. Extra keys written beside the
+documented columns (an evaluator's extra readings, a search's columns) become extra columns after them.
+
+`python -m model.schema docs/results.md` regenerates the column tables of that page between its
+`<!-- schema:trials -->` and `<!-- schema:epochs -->` markers; a test fails when the page drifts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+
+RESULTS_DIR = "results"
+TRIALS_FILE = "trials.parquet"
+EPOCHS_FILE = "epochs.parquet"
+
+Columns = dict[str, tuple[pa.DataType, str]]  # name: (arrow type, meaning)
+
+# Config fields that only a thermodynamic objective uses: null in the rows of vanilla trials.
+THERMO_ONLY = ("temp_power", "num_temps", "kl_weight")
+
+# Config fields written beside every reading, so a table read on its own says what produced it.
+CONFIG_COLUMNS: Columns = {
+    "seed": (pa.int64(), "PRNG seed of the trial: the grid's base seed + repetition"),
+    "dataset": (pa.string(), "digits, cifar10, celeb_a or svhn_cropped"),
+    "objective": (pa.string(), "`vanilla` (Eq. 7-9) or `thermo` (Eq. 15-22)"),
+    "batch_size": (pa.int64(), "examples per step (split over the trial's devices)"),
+    "temp_power": (pa.float64(), "p of the temperature schedule t_i = (i/(N_t-1))^p; null for vanilla"),
+    "num_temps": (pa.int64(), "N_t, temperatures including both ends; null for vanilla"),
+    "kl_weight": (pa.float64(), "eta, weight of the KL terms (Eq. 22); null for vanilla"),
+    "chain_gradient": (pa.bool_(), "true: gradients flow through the Langevin chains (the method as "
+                                   "described); false: stop-gradient chains (the published code)"),
+    "prior_steps": (pa.int64(), "K_z, prior Langevin steps"),
+    "posterior_steps": (pa.int64(), "K_post, posterior Langevin steps (per temperature for thermo)"),
+    "prior_step_size": (pa.float64(), "s of the prior chain (Eq. 10)"),
+    "posterior_step_size": (pa.float64(), "s of the posterior chain (Eq. 10)"),
+    "epochs": (pa.int64(), "epochs the trial is configured to train"),
+}
+
+TRIAL_COLUMNS: Columns = {
+    "run": (pa.string(), "run name (the directory `<storage>/<run>`)"),
+    "trial_id": (pa.string(), "`<cell>-r<repetition>`; stable across resumes; key of the row"),
+    "grid": (pa.string(), "grid the trial came from (`digits`, `paper-celeba`, a file name, ...)"),
+    "cell": (pa.string(), "grid cell name (e.g. `vanilla-b25`, `thermo-p0.3`)"),
+    "repetition": (pa.int64(), "repetition index 0..R-1"),
+    **CONFIG_COLUMNS,
+    "epochs_completed": (pa.int64(), "epochs with a row in epochs.parquet so far"),
+    "status": (pa.string(), "PENDING, RUNNING, TERMINATED (finished) or ERROR (diverged or crashed)"),
+    "error": (pa.string(), "why the trial ended in ERROR (e.g. the DivergenceError message); null otherwise"),
+    "wall_time_s": (pa.float64(), "Ray Tune's total time of the trial (all epochs, evaluation, "
+                                  "checkpointing, across restarts), seconds"),
+    "devices": (pa.int64(), "devices the trial trained on data-parallel (pmap)"),
+    "device_kind": (pa.string(), "JAX device kind, e.g. `cpu` or `NVIDIA H100 80GB HBM3`"),
+    "node": (pa.string(), "host name of the node that ran the trial's latest epoch"),
+    "node_id": (pa.string(), "Ray node id of that node (tells nodes apart on one host)"),
+    "final_train_loss": (pa.float64(), "train_loss of the last completed epoch"),
+    "final_val_loss": (pa.float64(), "val_loss of the last completed epoch"),
+    "final_grad_var": (pa.float64(), "grad_var of the last completed epoch"),
+    "final_kid_rbf_inf": (pa.float64(), "the latest evaluated kid_rbf_inf (null if never evaluated)"),
+    "final_fid_inf": (pa.float64(), "the latest evaluated fid_inf (null if never evaluated)"),
+    "checkpoint": (pa.string(), "path/URI of the trial's latest checkpoint (Orbax state + history)"),
+    "ray_trial_id": (pa.string(), "Ray Tune's internal trial id"),
+    "config_json": (pa.string(), "the trial's full ExperimentConfig as JSON"),
+    "updated_at": (pa.string(), "UTC time this row was last written (ISO 8601)"),
+}
+
+# The readings of one epoch, as the training loop produces them (model.loop.run_epoch).
+READING_COLUMNS: Columns = {
+    "epoch": (pa.int64(), "1-based epoch"),
+    "train_loss": (pa.float64(), "mean training objective over the epoch's steps (vanilla: EBM + generator "
+                                 "loss; thermo: minus the TI log-evidence estimate, nats per image)"),
+    "val_loss": (pa.float64(), "the same objective on the validation set after the epoch"),
+    "grad_mean": (pa.float64(), "mean over all entries of the concatenated EBM+generator gradient, "
+                                "averaged over the epoch's steps"),
+    "grad_var": (pa.float64(), "learning-gradient variance (the paper's reading): variance over all entries "
+                               "of the concatenated EBM+generator gradient per step, averaged over the "
+                               "epoch's steps; the spread of one gradient's entries, not gradient noise"),
+    "grad_var_ebm": (pa.float64(), "the same for the EBM prior's gradient alone"),
+    "grad_var_gen": (pa.float64(), "the same for the generator's gradient alone"),
+    "kid_rbf_inf": (pa.float64(), "KID_inf with the RBF kernel (paper's metric); NaN when not evaluated"),
+    "kid_poly_inf": (pa.float64(), "KID_inf with the cubic polynomial kernel; NaN when not evaluated"),
+    "fid_inf": (pa.float64(), "FID_inf; NaN when not evaluated"),
+    "epoch_time_s": (pa.float64(), "wall time of the epoch's training and validation, seconds"),
+    "ebm_lr": (pa.float64(), "EBM learning rate used in the epoch"),
+    "gen_lr": (pa.float64(), "generator learning rate used in the epoch"),
+}
+
+EPOCH_COLUMNS: Columns = {
+    "run": (pa.string(), "run name"),
+    "trial_id": (pa.string(), "the trial (joins trials.parquet); (trial_id, epoch) is the key"),
+    "cell": (pa.string(), "grid cell name"),
+    "repetition": (pa.int64(), "repetition index"),
+    **READING_COLUMNS,
+}
+
+# The epochs table of one `python -m model.train` run: its readings with the config beside every row.
+RUN_EPOCH_COLUMNS: Columns = {
+    "trial_id": (pa.string(), "`<dataset>-<objective>-s<seed>`"),
+    **READING_COLUMNS,
+    **CONFIG_COLUMNS,
+}
+
+# Extra columns with a fixed type even when every value is null.
+EXTRA_TYPES: dict[str, pa.DataType] = {
+    "eval_time_s": pa.float64(), "search": pa.string(), "optuna_trial": pa.int64(),
+    "optuna_state": pa.string(), "search_value": pa.float64(),
+}
+
+
+def config_columns(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `CONFIG_COLUMNS` of a config given as a dict (`ExperimentConfig.to_dict()`): thermo-only
+    fields are None for a vanilla config."""
+    thermo = config["objective"] == "thermo"
+    return {name: None if name in THERMO_ONLY and not thermo else config.get(name) for name in CONFIG_COLUMNS}
+
+
+def column_type(name: str, values: list[Any], columns: Columns) -> pa.DataType:
+    """The arrow type of column `name`: documented, known extra, or inferred from its non-null values."""
+    if name in columns:
+        return columns[name][0]
+    if name in EXTRA_TYPES:
+        return EXTRA_TYPES[name]
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return pa.bool_()
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pa.int64()
+    if present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        return pa.float64()
+    return pa.string()
+
+
+def _cell_value(value: Any, typ: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if typ == pa.string() and not isinstance(value, str):
+        return json.dumps(value) if isinstance(value, dict | list) else str(value)
+    if typ == pa.float64():
+        return float(value)
+    if typ == pa.int64():
+        return int(value)
+    return value
+
+
+def to_table(rows: list[dict[str, Any]], columns: Columns) -> pa.Table:
+    """Rows as an Arrow table: the documented `columns` first, with their types, then extra keys, sorted."""
+    extra = sorted({k for r in rows for k in r} - set(columns))
+    arrays = {}
+    for name in [*columns, *extra]:
+        values = [r.get(name) for r in rows]
+        typ = column_type(name, values, columns)
+        arrays[name] = pa.array([_cell_value(v, typ) for v in values], type=typ)
+    return pa.table(arrays)
+
+
+# ------------------------------------------------------------------------------------------- the docs
+
+TABLES: dict[str, Columns] = {
+    "trials": TRIAL_COLUMNS, "epochs": EPOCH_COLUMNS, "run-epochs": RUN_EPOCH_COLUMNS,
+}
+
+
+def markdown_columns(columns: Columns) -> str:
+    """A Markdown table of `columns`: name, arrow type, meaning (pipes escaped)."""
+    lines = ["| column | type | meaning |", "|---|---|---|"]
+    for name, (typ, meaning) in columns.items():
+        escaped = meaning.replace("|", "\\|")
+        lines.append(f"| `{name}` | {typ} | {escaped} |")
+    return "\n".join(lines)
+
+
+def render_docs(text: str) -> str:
+    """`text` with the content between each `<!-- schema:NAME -->` / `<!-- /schema:NAME -->` pair replaced
+    by the Markdown table of that table's columns. Raises ValueError if a marker pair is missing."""
+    for name, columns in TABLES.items():
+        pattern = re.compile(rf"(<!-- schema:{name} -->\n).*?(<!-- /schema:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"no '<!-- schema:{name} -->' ... '<!-- /schema:{name} -->' markers; add them "
+                             "where the table belongs")
+        text = pattern.sub(lambda m, c=columns: m.group(1) + markdown_columns(c) + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.schema PAGE.md`: rewrite the page's generated column tables in place."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m model.schema docs/results.md", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    page = Path(args[0])
+    try:
+        page.write_text(render_docs(page.read_text(encoding="utf-8")), encoding="utf-8")
+    except (OSError, ValueError) as err:
+        print(f"error: {page}: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote the column tables of {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""The one launch path of `sweep.grid` and `sweep.search`: storage and run names, the shared flags, the
+environment of every trial process, `ray.init`, and the Tune experiment (trial naming, RunConfig).
+
+Nothing here imports Ray at module level: a dry run or an argument error never starts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sweep.storage import read_json_uri, storage_join
+
+DEFAULT_STORAGE = "runs"
+STORAGE_ENV = "THERMOSWEEP_STORAGE"
+DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "thermosweep", "jax")
+CHECKPOINTS_KEPT = 2
+
+
+class LaunchError(ValueError):
+    """A launch that cannot start as asked; the message names the value and the fix."""
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """Where runs live and what each trial gets from Ray: flags shared by sweep.grid and sweep.search."""
+    p.add_argument("--storage", default=None,
+                   help="where runs live: a directory, NFS path or s3://bucket/prefix "
+                        f"(default: ${STORAGE_ENV} or ./{DEFAULT_STORAGE})")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray instance)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial (0: CPU; a fraction shares a GPU between trials)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="on CPU, XLA devices per trial to pmap over (default: --cpus-per-trial)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="at most this many trials at once (default: as many as the resources allow)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a crashed trial from its last checkpoint (default 2)")
+    p.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
+                   help="JAX persistent compilation cache shared by trials ('none' disables)")
+
+
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """Refuse flag values no launch can use. Raises LaunchError."""
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise LaunchError(f"--cpu-devices {args.cpu_devices} must be >= 1")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise LaunchError(f"--max-concurrent {args.max_concurrent} must be >= 1 (or leave it out)")
+
+
+def storage_of(args: argparse.Namespace) -> str:
+    """The storage root: --storage, else $THERMOSWEEP_STORAGE, else ./runs."""
+    return args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def default_run_name(prefix: str) -> str:
+    """`<prefix>-<UTC time>`, the name of a run started without --name."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def existing_manifest(storage: str, run: str | None, manifest_file: str, *, resume: bool, what: str
+                      ) -> dict[str, Any] | None:
+    """The manifest of run `run` under `storage` (None for a new run), after the checks every launch
+    makes: --resume needs --name and an existing run; a new run must not reuse a name. Raises
+    LaunchError naming the fix."""
+    if resume and not run:
+        raise LaunchError(f"--resume needs --name RUN (the {what} to continue, a directory under --storage)")
+    if not run:
+        return None
+    manifest = read_json_uri(storage_join(storage, run, manifest_file))
+    if resume and manifest is None:
+        raise LaunchError(f"--resume: no {what} {run!r} under {storage} (no {manifest_file}); start it "
+                          "without --resume, or pass the --storage it was started with")
+    if manifest is not None and not resume:
+        raise LaunchError(f"run {run!r} already exists under {storage}; continue it with --resume or pick "
+                          "another --name")
+    return manifest
+
+
+def devices_per_trial(args: argparse.Namespace) -> int:
+    """How many devices each trial trains on: its GPUs, or its CPU devices."""
+    if args.gpus_per_trial > 0:
+        return max(1, int(args.gpus_per_trial))
+    return args.cpu_devices or max(1, int(args.cpus_per_trial))
+
+
+def resources_of(args: argparse.Namespace) -> dict[str, float]:
+    return {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
+
+
+def trial_env(*, gpus_per_trial: float, cpus_per_trial: int, cpu_devices: int,
+              compilation_cache: str | None = None, base_xla_flags: str = "") -> dict[str, str]:
+    """Environment variables for the trial processes (passed with `ray.init(runtime_env=...)`).
+
+    - GPU trials: no memory preallocation, so trials sharing a GPU do not fail on the first allocation.
+    - CPU trials: JAX on the CPU only; `cpu_devices` > 1 splits the host into that many XLA devices (the
+      trial pmaps over them); with one device per CPU each device runs single-threaded. BLAS/OpenMP
+      threads are capped at the trial's CPUs, so concurrent trials do not fight over cores.
+    - A persistent compilation cache lets repetitions of a cell (same shapes) reuse compiled steps.
+    """
+    threads = str(max(1, int(cpus_per_trial)))
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "OMP_NUM_THREADS": threads,
+           "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # The device count is this function's to set: drop one inherited from the driver's environment.
+    flags = [f for f in base_xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if gpus_per_trial <= 0:
+        env["JAX_PLATFORMS"] = "cpu"
+        if cpu_devices > 1:
+            flags.append(f"--xla_force_host_platform_device_count={cpu_devices}")
+        if cpu_devices >= int(cpus_per_trial):
+            flags += ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    if compilation_cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
+
+def ray_trial_env(args: argparse.Namespace, n_dev: int) -> dict[str, str]:
+    """The environment of every trial process of this launch: `trial_env` from the flags (thread caps, its
+    devices, the shared compilation cache `--compile-cache`), and Ray's auth token off for a local
+    instance."""
+    cache = None if str(args.compile_cache).lower() == "none" else os.path.expanduser(args.compile_cache)
+    env = trial_env(gpus_per_trial=args.gpus_per_trial, cpus_per_trial=int(args.cpus_per_trial),
+                    cpu_devices=n_dev, compilation_cache=cache,
+                    base_xla_flags=os.environ.get("XLA_FLAGS", ""))
+    if args.address is None:
+        env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def set_ray_defaults(args: argparse.Namespace, storage: str) -> None:
+    """Ray's settings for our launches. Ray reads these when it is imported, so this runs before the first
+    import of ray; a value the user set in the environment wins."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic progress table
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch line, not "[repeated 4x]"
+    # A diverged trial's last report carries the error, not the metric: let Tune accept it.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if "://" not in storage:
+        # Snapshot Tune's experiment state often (cheap on a local disk), so that after a crash a
+        # resumed trial starts from its newest checkpoint rather than an older one the snapshot knew.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if args.address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray starts trial workers at niceness 15; the trials are this command's work, so run them at
+        # the priority of the command itself (set RAY_worker_niceness to keep Ray's default).
+        os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+def init_ray(args: argparse.Namespace, n_dev: int) -> None:
+    """Start a local Ray instance (or join --address) with the trials' environment."""
+    import ray
+
+    local = args.address is None
+    ray.init(address=args.address, runtime_env={"env_vars": ray_trial_env(args, n_dev)},
+             include_dashboard=False if local else None, log_to_driver=True)
+
+
+def trial_naming() -> dict[str, Callable[[Any], str]]:
+    """TuneConfig arguments that name every trial (and its directory) by its `trial_id`."""
+    def name(trial: Any) -> str:
+        return str(trial.config["trial"]["trial_id"])
+
+    return {"trial_name_creator": name, "trial_dirname_creator": name}
+
+
+def run_config(args: argparse.Namespace, *, run: str, storage: str, callbacks: list[Any],
+               metric_columns: dict[str, str], parameter_columns: dict[str, str]) -> Any:
+    """The Tune RunConfig of a launch: the run's storage, its progress table, checkpoint retention and
+    retries of crashed trials."""
+    from ray import tune
+
+    reporter = tune.CLIReporter(metric_columns=metric_columns, parameter_columns=parameter_columns,
+                                max_report_frequency=30)
+    return tune.RunConfig(
+        name=run, storage_path=storage_join(storage), callbacks=callbacks, progress_reporter=reporter,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1,
+    )
