@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (default: <grid>-<UTC time>); results go to <storage>/<name>/")
     p.add_argument("--resume", action="store_true",
                    help="continue the run --name: finished trials are kept, interrupted ones continue")
+    p.add_argument("--retry-errored", action="store_true",
+                   help="with --resume: retry the trials that ended in ERROR too, from their newest readable "
+                        "checkpoint (one whose error cannot go away ends again at once)")
     launch.add_ray_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the table of trials and exit")
     return p
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     storage = launch.storage_of(args)
+    if args.retry_errored and not args.resume:
+        parser.error("--retry-errored goes with --resume --name RUN (it retries that run's failed trials)")
     try:
         launch.check_ray_arguments(args)
         # A dry run may name an existing run: it only prints the plan.
@@ -146,7 +151,7 @@ def run_sweep(args: argparse.Namespace, *, run: str, storage: str, grid_name: st
                                    cpus_per_trial=args.cpus_per_trial)
         if args.resume and tune.Tuner.can_restore(run_uri):
             tuner = tune.Tuner.restore(run_uri, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+                                       resume_errored=args.retry_errored, restart_errored=False)
         else:
             tuner = tune.Tuner(
                 trainable,

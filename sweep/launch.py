@@ -141,10 +141,14 @@ def set_ray_defaults(args: argparse.Namespace, storage: str) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch line, not "[repeated 4x]"
     # A diverged trial's last report carries the error, not the metric: let Tune accept it.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # One line per failed trial from sweep.failures.TrialFailures instead of Tune's traceback (the trace
+    # stays in the trial's error.txt).
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     if "://" not in storage:
-        # Snapshot Tune's experiment state often (cheap on a local disk), so that after a crash a
-        # resumed trial starts from its newest checkpoint rather than an older one the snapshot knew.
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+        # Snapshot Tune's experiment state after every step (cheap on a local disk). A snapshot that lags
+        # by more than CHECKPOINTS_KEPT checkpoints names one Ray has deleted, and after a crash that
+        # trial cannot resume at all (seen with 2 s and sub-second epochs).
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if args.address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray starts trial workers at niceness 15; the trials are this command's work, so run them at
@@ -172,9 +176,12 @@ def trial_naming() -> dict[str, Callable[[Any], str]]:
 def run_config(args: argparse.Namespace, *, run: str, storage: str, callbacks: list[Any],
                metric_columns: dict[str, str], parameter_columns: dict[str, str]) -> Any:
     """The Tune RunConfig of a launch: the run's storage, its progress table, checkpoint retention and
-    retries of crashed trials."""
+    retries of crashed trials (none for an error a retry cannot cure: `sweep.failures`)."""
     from ray import tune
 
+    from sweep.failures import TrialFailures
+
+    callbacks = [*callbacks, TrialFailures(args.max_failures)]
     reporter = tune.CLIReporter(metric_columns=metric_columns, parameter_columns=parameter_columns,
                                 max_report_frequency=30)
     return tune.RunConfig(
