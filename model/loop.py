@@ -124,13 +124,13 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
         carry, stats = step(carry, x, sub, hp, lrs)
         history.append(stats)
         if (i + 1) % _DIVERGENCE_CHECK_EVERY == 0:
-            _check_finite(jax.device_get(stats), epoch, i + 1)
+            _check_finite(jax.device_get(stats), epoch, i + 1, config)
     if not history:
         raise ValueError(f"batch_size={config.batch_size} leaves no full batch in {len(dataset.train)} "
                          "training images; lower batch_size")
     host = jax.device_get(history)
     for i, s in enumerate(host):
-        _check_finite(s, epoch, i + 1)
+        _check_finite(s, epoch, i + 1, config)
     params, (ebm_opt, gen_opt) = unreplicate(carry)
     new_state = TrainState(params["ebm"], params["gen"], ebm_opt, gen_opt, key,
                            jnp.asarray(epoch, jnp.int32), state.step + len(history))
@@ -139,20 +139,34 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
     readings["train_loss"] = float(np.mean([s["loss"][0] for s in host]))
     readings["val_loss"] = validation_loss(config, params, dataset.val, epoch, devices)
     if not math.isfinite(readings["val_loss"]) and len(dataset.val) >= config.batch_size:
-        raise DivergenceError(f"validation loss is {readings['val_loss']} after epoch {epoch}; "
-                              "lower the learning rates or Langevin step sizes")
+        raise DivergenceError(f"validation loss is {readings['val_loss']} after epoch {epoch}: training "
+                              f"diverged; {divergence_advice(config)}")
     readings.update(epoch=epoch, epoch_time_s=time.perf_counter() - start, ebm_lr=float(lrs[0]),
                     gen_lr=float(lrs[1]))
     return new_state, readings
 
 
-def _check_finite(stats: dict[str, Any], epoch: int, step: int) -> None:
+def divergence_advice(config: ExperimentConfig) -> str:
+    """Every config field whose value can make training go non-finite, with its value and which way to
+    move it (the fix half of a DivergenceError message)."""
+    def values(*names: str) -> str:
+        return ", ".join(f"{n}={getattr(config, n):g}" for n in names)
+
+    langevin = values("prior_step_size", "posterior_step_size", "prior_steps", "posterior_steps")
+    advice = (f"lower the learning rates ({values('ebm_lr', 'gen_lr')}) or the Langevin step sizes and "
+              f"lengths ({langevin}), or raise lkhood_sigma ({values('lkhood_sigma')}) or lower prior_sigma "
+              f"({values('prior_sigma')})")
+    if config.is_thermo:
+        advice += f"; for thermo also raise kl_ridge or lower kl_weight ({values('kl_ridge', 'kl_weight')})"
+    return advice
+
+
+def _check_finite(stats: dict[str, Any], epoch: int, step: int, config: ExperimentConfig) -> None:
     for name in ("loss", "grad_var", "grad_mean"):
         value = float(np.asarray(stats[name]).reshape(-1)[0])
         if not math.isfinite(value):
-            raise DivergenceError(
-                f"{name} is {value} at epoch {epoch}, step {step}: training diverged; lower the learning "
-                "rates (ebm_lr, gen_lr) or the Langevin step sizes, or raise lkhood_sigma")
+            raise DivergenceError(f"{name} is {value} at epoch {epoch}, step {step}: training diverged; "
+                                  f"{divergence_advice(config)}")
 
 
 def generate_images(config: ExperimentConfig, state: TrainState, key: jax.Array, num: int,

@@ -250,3 +250,24 @@ def test_nothing_the_project_writes_is_read_back_with_pickle() -> None:
             offenders[relative] = found
     assert offenders == {}
     assert "allow_pickle=False" in (root / "model" / "metrics" / "inception.py").read_text()
+
+
+DIVERGENCE_FIELDS = ("ebm_lr", "gen_lr", "prior_step_size", "posterior_step_size", "prior_steps",
+                     "posterior_steps", "lkhood_sigma", "prior_sigma")
+
+
+@pytest.mark.parametrize("objective", ["vanilla", "thermo"])
+def test_the_divergence_message_names_every_field_that_can_cause_it(objective: str) -> None:
+    """kl_ridge=0 (thermo) diverged with advice about learning rates only; the message now names every
+    field that can make a step non-finite, with its value."""
+    from model.loop import _check_finite
+
+    config = get_preset("digits", objective=objective, z_dim=4, kl_ridge=0.0, batch_size=50)
+    stats = {"loss": np.array([math.nan]), "grad_var": np.array([1.0]), "grad_mean": np.array([0.0])}
+    with pytest.raises(DivergenceError) as info:
+        _check_finite(stats, 1, 3, config)
+    message = str(info.value)
+    assert message.startswith("loss is nan at epoch 1, step 3: training diverged; ") and "\n" not in message
+    for name in DIVERGENCE_FIELDS:
+        assert f"{name}={getattr(config, name):g}" in message
+    assert ("kl_ridge=0, kl_weight=1" in message) == (objective == "thermo")
