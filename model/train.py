@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:
             overrides["epochs"] = str(args.epochs)
         config = apply_overrides(get_preset(args.preset), overrides)
+        import jax
+
+        check_devices(config.batch_size, jax.local_devices())
+        if args.out is not None and args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a file; pass a directory (created if missing)")
     except ValueError as err:
         parser.error(str(err))
-    import jax
 
     print(f"training {config.objective} on {config.dataset} for {config.epochs} epochs on "
           f"{len(jax.local_devices())} {jax.default_backend()} device(s)", flush=True)

@@ -80,11 +80,13 @@ def _print_where(run_uri: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    storage = launch.storage_of(args)
     if args.retry_errored and not args.resume:
         parser.error("--retry-errored goes with --resume --name RUN (it retries that run's failed trials)")
     try:
+        storage = launch.storage_of(args)
         launch.check_ray_arguments(args)
+        if args.name is not None:
+            launch.run_location(storage, args.name)
         # A dry run may name an existing run: it only prints the plan.
         checked_name = args.name if args.resume or not args.dry_run else None
         manifest = launch.existing_manifest(storage, checked_name, MANIFEST_FILE, resume=args.resume,
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "per trial (--cpu-devices 1 on CPU, --gpus-per-trial 1 on GPU)")
     except (GridError, launch.LaunchError) as err:
         parser.error(str(err))
+    except UnicodeDecodeError as err:
+        parser.error(f"--grid {args.grid}: not UTF-8 text ({err.reason} at byte {err.start}); save the grid "
+                     "file as UTF-8")
 
     if args.dry_run:
         print(f"grid {grid_name} ({grid_source}): {len(plans)} trials, "
@@ -112,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(trial_table(plans, launch.resources_of(args)))
         return 0
     run = args.name or launch.default_run_name(grid_name)
+    try:
+        launch.run_location(storage, run)
+    except launch.LaunchError as err:  # a default name made from the grid's name
+        parser.error(f"{err}; pass --name")
     return run_sweep(args, run=run, storage=storage, grid_name=grid_name, grid_source=grid_source,
                      specs=specs, plans=plans, n_dev=n_dev)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,8 +54,43 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
 
 
 def storage_of(args: argparse.Namespace) -> str:
-    """The storage root: --storage, else $THERMOSWEEP_STORAGE, else ./runs."""
-    return args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    """The storage root: --storage, else $THERMOSWEEP_STORAGE, else ./runs. Raises LaunchError if a local
+    root is a file, or lies under one (nothing could be written there)."""
+    storage = args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    if "://" not in storage:
+        path = os.path.abspath(storage)
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise LaunchError(f"--storage {storage}: {path} is a file, not a directory; pass a directory "
+                              "(created if missing) or s3://bucket/prefix")
+    return storage
+
+
+_NAME = re.compile(r"[A-Za-z0-9._=+-]+")
+
+
+def check_name(name: str, flag: str) -> str:
+    """`name` if it is a safe run or study name (the cell-name rule: letters, digits and . _ = + -, not
+    '.' or '..', not starting with '-'), so that it is one directory inside the storage. Raises
+    LaunchError."""
+    if not _NAME.fullmatch(name) or name in (".", "..") or name.startswith("-"):
+        raise LaunchError(f"{flag} {name!r}: a name may hold only letters, digits and . _ = + -, and may not "
+                          "be '.' or '..' or start with '-' (it names a directory inside --storage)")
+    return name
+
+
+def run_location(storage: str, run: str, flag: str = "--name") -> str:
+    """The run directory `<storage>/<run>` after checking the name and, for local storage, that it
+    resolves inside the storage root (a symbolic link could lead elsewhere). Raises LaunchError."""
+    check_name(run, flag)
+    run_uri = storage_join(storage, run)
+    if "://" not in run_uri:
+        root = os.path.realpath(storage_join(storage))
+        if os.path.commonpath([root, os.path.realpath(run_uri)]) != root:
+            raise LaunchError(f"{flag} {run!r}: {run_uri} resolves to {os.path.realpath(run_uri)}, outside "
+                              f"--storage {root}; pick another name or remove the link")
+    return run_uri
 
 
 def default_run_name(prefix: str) -> str:
@@ -71,7 +107,7 @@ def existing_manifest(storage: str, run: str | None, manifest_file: str, *, resu
         raise LaunchError(f"--resume needs --name RUN (the {what} to continue, a directory under --storage)")
     if not run:
         return None
-    manifest = read_json_uri(storage_join(storage, run, manifest_file))
+    manifest = read_json_uri(f"{run_location(storage, run)}/{manifest_file}")
     if resume and manifest is None:
         raise LaunchError(f"--resume: no {what} {run!r} under {storage} (no {manifest_file}); start it "
                           "without --resume, or pass the --storage it was started with")

@@ -144,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    storage = launch.storage_of(args)
     if args.trials < 1:
         raise SearchError(f"--trials {args.trials}: must be >= 1")
     try:
+        storage = launch.storage_of(args)
         launch.check_ray_arguments(args)
+        if args.name is not None:
+            launch.run_location(storage, args.name)
+        if args.study is not None:
+            launch.check_name(args.study, "--study")
     except launch.LaunchError as err:
         raise SearchError(str(err)) from None
     space = search_space(tuple(args.p), tuple(args.eta))

@@ -271,3 +271,115 @@ def test_the_divergence_message_names_every_field_that_can_cause_it(objective: s
     for name in DIVERGENCE_FIELDS:
         assert f"{name}={getattr(config, name):g}" in message
     assert ("kl_ridge=0, kl_weight=1" in message) == (objective == "thermo")
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal must come before Ray starts (and before any training): make either fail loudly."""
+    import model.train
+    from sweep import launch
+
+    def started(*args, **kwargs):
+        raise AssertionError("started although the input should have been refused")
+
+    monkeypatch.setattr(launch, "init_ray", started)
+    monkeypatch.setattr(model.train, "fit", started)
+
+
+def _refused(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The error line of a CLI that refused `argv` with exit code 2 and no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()  # argparse's usage block, then the one error line
+    assert lines[0].startswith("usage:") and all(line.startswith(" ") for line in lines[1:-1]), err
+    assert ": error: " in lines[-1]
+    return lines[-1]
+
+
+BAD_NAMES = ["../escape", "..", ".", "-x", "a/b", "a b", "runs/../../x", "caf\u00e9"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_run_name_cannot_leave_the_storage(name: str, tmp_path: Path, no_ray: None,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from sweep import grid, search
+
+    storage = tmp_path / "runs"
+    line = _refused(grid.main, ["--storage", str(storage), f"--name={name}", "--epochs", "1"], capsys)
+    assert f"--name {name!r}: a name may hold only letters, digits and . _ = + -" in line
+    line = _refused(search.main, ["--storage", str(storage), f"--name={name}", "--trials", "1"], capsys)
+    assert f"--name {name!r}" in line
+    line = _refused(search.main, ["--storage", str(storage), f"--study={name}", "--trials", "1"], capsys)
+    assert f"--study {name!r}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["runs"])
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_run_name_through_a_link_out_of_the_storage_is_refused(tmp_path: Path, no_ray: None,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from sweep import grid, launch
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "runs" / "link").symlink_to(tmp_path / "elsewhere")
+    line = _refused(grid.main, ["--storage", str(tmp_path / "runs"), "--name", "link"], capsys)
+    assert "outside --storage" in line
+    for good in ("digits-20261125-120000", "p=1.5+eta_2", "a.b"):
+        assert launch.check_name(good, "--name") == good
+
+
+def test_storage_that_is_a_file_is_one_line(tmp_path: Path, no_ray: None,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from sweep import grid, search
+
+    (tmp_path / "afile").write_text("x")
+    for storage in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        line = _refused(grid.main, ["--storage", str(storage), "--name", "r", "--epochs", "1"], capsys)
+        assert f"--storage {storage}: {tmp_path / 'afile'} is a file, not a directory" in line
+        line = _refused(search.main, ["--storage", str(storage), "--trials", "1"], capsys)
+        assert "is a file, not a directory" in line
+
+
+def test_a_grid_file_that_is_not_utf8_is_one_line(tmp_path: Path, no_ray: None,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from sweep import grid
+
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"preset": "digits", "cells": [{"name": "caf\xe9"}]}')
+    line = _refused(grid.main, ["--grid", str(path), "--dry-run"], capsys)
+    assert f"--grid {path}: not UTF-8 text (invalid continuation byte at byte" in line
+
+
+def test_retry_errored_needs_resume(no_ray: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from sweep import grid
+
+    assert "--retry-errored goes with --resume" in _refused(grid.main, ["--retry-errored"], capsys)
+
+
+def test_model_train_refuses_a_batch_that_does_not_divide_over_the_devices(
+        tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from model import train
+
+    assert len(jax.local_devices()) == 2  # tests/conftest.py
+    line = _refused(train.main, ["--set", "batch_size=51", "--epochs", "1"], capsys)
+    assert line.endswith("error: batch_size 51 is not divisible by 2 devices; use a multiple of 2 "
+                         "(e.g. 50 or 52) or run on fewer devices")
+    (tmp_path / "afile").write_text("x")
+    line = _refused(train.main, ["--out", str(tmp_path / "afile"), "--epochs", "1"], capsys)
+    assert "--out" in line and "is a file" in line
+
+
+@pytest.mark.slow
+def test_a_refused_name_is_one_line_and_exit_code_2_from_the_shell(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "sweep.grid", "--storage", str(tmp_path / "runs"),
+                           "--name", "../escape"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m sweep.grid: error: --name '../escape'")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
