@@ -15,6 +15,7 @@ from typing import Any
 
 OBJECTIVES = ("vanilla", "thermo")
 DATASETS = ("digits", "cifar10", "celeb_a", "svhn_cropped")
+CONV_IMPLS = ("auto", "phases", "lax")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class ExperimentConfig:
     ebm_leak: float = 0.1  # EBM_LEAK
     gen_width: int = 8  # GEN_FEATURE_DIM, ng_z
     gen_leak: float = 0.2  # GEN_LEAK
-    conv_impl: str = "phases"  # generator transposed convs: "phases" (matmuls) or "lax" (nn.ConvTranspose)
+    conv_impl: str = "auto"  # generator transposed convs: "phases" (matmuls), "lax" (nn.ConvTranspose) or
+    # "auto": the one measured fastest on the backend the step is built for (model.nets.resolve_conv_impl)
     prior_sigma: float = 1.0  # p0_SIGMA, sigma_0
     lkhood_sigma: float = 0.3  # LKHOOD_SIGMA, sigma_l
     # optimisation
@@ -110,8 +112,8 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("objective", cfg.objective, f"is unknown; use one of {', '.join(OBJECTIVES)}")
     if cfg.dataset not in DATASETS:
         _fail("dataset", cfg.dataset, f"is unknown; use one of {', '.join(DATASETS)}")
-    if cfg.conv_impl not in ("phases", "lax"):
-        _fail("conv_impl", cfg.conv_impl, "is unknown; use 'phases' (fast on CPU) or 'lax'")
+    if cfg.conv_impl not in CONV_IMPLS:
+        _fail("conv_impl", cfg.conv_impl, "is unknown; use 'auto' (measured fastest), 'phases' or 'lax'")
     if cfg.num_temps < 2:
         _fail("num_temps", cfg.num_temps, "must be >= 2 (the schedule includes t=0 and t=1)")
     if not (cfg.temp_power > 0 and math.isfinite(cfg.temp_power)):

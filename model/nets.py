@@ -12,10 +12,25 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import Array
 
 _KERNEL_INIT = nn.initializers.lecun_normal()
+
+# conv_impl="auto": the implementation `python -m model.bench --compare-conv` measured fastest per JAX
+# backend (docs/gpu.md has the runs). A backend without a measurement gets "lax" (the library's own
+# transposed convolution) until its first run settles it.
+MEASURED_FASTEST_CONV = {"cpu": "phases"}
+UNMEASURED_CONV = "lax"
+
+
+def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+    """The generator's transposed-convolution implementation: `conv_impl` itself, or for "auto" the
+    one measured fastest on `backend` (default: JAX's default backend)."""
+    if conv_impl != "auto":
+        return conv_impl
+    return MEASURED_FASTEST_CONV.get(backend or jax.default_backend(), UNMEASURED_CONV)
 
 
 class UpConv(nn.Module):
@@ -114,11 +129,12 @@ class Generator(nn.Module):
 
 
 def make_networks(*, ebm_width: int, ebm_leak: float, image_size: int, channels: int, gen_width: int,
-                  gen_leak: float, conv_impl: str = "phases") -> tuple[EnergyPrior, Generator]:
-    """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5)."""
+                  gen_leak: float, conv_impl: str = "auto") -> tuple[EnergyPrior, Generator]:
+    """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5); conv_impl "auto" is
+    resolved for the default backend (resolve_conv_impl)."""
     ebm = EnergyPrior(width=ebm_width, leak=ebm_leak)
     gen = Generator(image_size=image_size, channels=channels, width=gen_width, leak=gen_leak,
-                    conv_impl=conv_impl)
+                    conv_impl=resolve_conv_impl(conv_impl))
     return ebm, gen
 
 

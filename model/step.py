@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from model.config import ExperimentConfig
-from model.nets import make_networks
+from model.nets import make_networks, resolve_conv_impl
 from model.objectives import Hyper, Networks, sample_prior, thermo_loss, vanilla_loss
 
 
@@ -47,9 +47,10 @@ class StepSpec:
 
     @classmethod
     def from_config(cls, c: ExperimentConfig) -> StepSpec:
+        """The spec of `c`, with conv_impl "auto" resolved for the default backend."""
         return cls(c.objective, c.num_temps if c.is_thermo else 0, c.prior_steps, c.posterior_steps,
                    c.chain_gradient, c.z_dim, c.ebm_width, c.ebm_leak, c.gen_width, c.gen_leak,
-                   c.conv_impl, c.image_size, c.channels, (c.ebm_beta1, c.ebm_beta2),
+                   resolve_conv_impl(c.conv_impl), c.image_size, c.channels, (c.ebm_beta1, c.ebm_beta2),
                    (c.gen_beta1, c.gen_beta2))
 
 
@@ -118,12 +119,12 @@ def _local_example_ids(local_batch: int, axis_name: str) -> jax.Array:
     return jax.lax.axis_index(axis_name) * local_batch + jnp.arange(local_batch)
 
 
-@functools.lru_cache(maxsize=64)
-def compiled_train_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..., Any]:
-    """The pmapped train step for this static spec and device tuple (cached: one compilation per shape).
+def device_train_step(spec: StepSpec) -> Callable[..., Any]:
+    """The train step one device runs, its collectives over the mapped axis "batch": what
+    compiled_train_step maps with pmap and what model.export lowers for other platforms.
 
-    step(replicated (params, opt_states), x (n_dev, B/n_dev, H, W, C), key, hyper, (ebm_lr, gen_lr))
-      -> (new replicated (params, opt_states), stats dict) with stats identical on every device."""
+    step((params, opt_states), x (B/n_dev, H, W, C), key, hyper, (ebm_lr, gen_lr))
+      -> (new (params, opt_states), stats dict) with stats identical on every device."""
     loss = loss_fn(spec, "batch")
     ebm_tx, gen_tx = optimizers(spec)
 
@@ -142,12 +143,22 @@ def compiled_train_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..
                   "gen": optax.apply_updates(params["gen"], gen_up)}
         return (params, (ebm_opt, gen_opt)), stats
 
-    return jax.pmap(step, axis_name="batch", in_axes=(0, 0, None, None, None), devices=list(devices))
+    return step
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_eval_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..., Any]:
-    """The pmapped loss on a batch without a parameter update (validation loss)."""
+def compiled_train_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..., Any]:
+    """The pmapped train step for this static spec and device tuple (cached: one compilation per shape).
+
+    step(replicated (params, opt_states), x (n_dev, B/n_dev, H, W, C), key, hyper, (ebm_lr, gen_lr))
+      -> (new replicated (params, opt_states), stats dict) with stats identical on every device."""
+    return jax.pmap(device_train_step(spec), axis_name="batch", in_axes=(0, 0, None, None, None),
+                    devices=list(devices))
+
+
+def device_eval_step(spec: StepSpec) -> Callable[..., Any]:
+    """The validation loss one device computes, averaged over the mapped axis "batch":
+    step(params, x (B/n_dev, H, W, C), key, hyper) -> loss."""
     loss = loss_fn(spec, "batch")
 
     def step(params: Any, x: jax.Array, key: jax.Array, hp: Hyper) -> jax.Array:
@@ -155,7 +166,14 @@ def compiled_eval_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[...
         value, _ = loss(params, x, key, ids, hp)
         return jax.lax.pmean(value, "batch")
 
-    return jax.pmap(step, axis_name="batch", in_axes=(0, 0, None, None), devices=list(devices))
+    return step
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_eval_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..., Any]:
+    """The pmapped loss on a batch without a parameter update (validation loss)."""
+    return jax.pmap(device_eval_step(spec), axis_name="batch", in_axes=(0, 0, None, None),
+                    devices=list(devices))
 
 
 @functools.lru_cache(maxsize=16)

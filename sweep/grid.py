@@ -14,7 +14,7 @@ from typing import Any
 
 from model.config import ExperimentConfig, parse_set_args
 from model.schema import EPOCHS_FILE, TRIALS_FILE
-from sweep import launch
+from sweep import cost, launch
 from sweep.grid_file import GridError, TrialPlan, check_plan_devices, expand, load_grid, trial_table
 from sweep.results import ResultsTables, config_columns, format_summary, summarize
 from sweep.storage import storage_join, write_json_uri
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: retry the trials that ended in ERROR too, from their newest readable "
                         "checkpoint (one whose error cannot go away ends again at once)")
     launch.add_ray_arguments(p)
-    p.add_argument("--dry-run", action="store_true", help="print the table of trials and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the trials and the plan (FLOPs, memory, hours with --target) and exit")
+    cost.add_target_arguments(p)
     return p
 
 
@@ -105,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         n_dev = launch.devices_per_trial(args)
         check_plan_devices(plans, n_dev, "use batch sizes divisible by the device count, or fewer devices "
                                          "per trial (--cpu-devices 1 on CPU, --gpus-per-trial 1 on GPU)")
-    except (GridError, launch.LaunchError) as err:
+        cells = {p.cell: p.config for p in plans}  # one plan per cell: repetitions share its shapes
+        cell_plans, target = cost.plan(list(cells.items()), args)
+    except (GridError, launch.LaunchError, cost.PlanError) as err:
         parser.error(str(err))
     except UnicodeDecodeError as err:
         parser.error(f"--grid {args.grid}: not UTF-8 text ({err.reason} at byte {err.start}); save the grid "
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grid {grid_name} ({grid_source}): {len(plans)} trials, "
               f"{len({p.cell for p in plans})} cells, {n_dev} device(s) per trial")
         print(trial_table(plans, launch.resources_of(args)))
+        print(cost.format_plan(cell_plans, len(plans) // max(len(cells), 1), target))
         return 0
     run = args.name or launch.default_run_name(grid_name)
     try:

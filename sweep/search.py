@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from model.config import ExperimentConfig, get_preset, parse_set_args, parse_value
-from sweep import launch
+from sweep import cost, launch
 from sweep.results import ResultsTables
 from sweep.storage import storage_join, write_json_uri
 from sweep.study import (
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the base preset (repeatable)")
     launch.add_ray_arguments(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan of the base config (FLOPs, memory, hours with --target) and exit")
+    cost.add_target_arguments(p)
     p.add_argument("--sampler-seed", type=int, default=DEFAULT_SAMPLER_SEED,
                    help=f"seed of the TPE sampler (default {DEFAULT_SAMPLER_SEED})")
     return p
@@ -161,6 +164,13 @@ def _main(args: argparse.Namespace) -> int:
     if config.batch_size % n_dev:
         raise SearchError(f"batch_size {config.batch_size} is not divisible by {n_dev} devices per trial; "
                           "use --set batch_size=N with N divisible by it, or fewer devices per trial")
+    try:  # p and eta change no shape: the base config's plan is every trial's
+        plans, target = cost.plan([(f"{args.base}-thermo", config)], args)
+    except cost.PlanError as err:
+        raise SearchError(str(err)) from None
+    if args.dry_run:
+        print(cost.format_plan(plans, args.trials, target))
+        return 0
     try:
         manifest = launch.existing_manifest(storage, args.name, MANIFEST_FILE, resume=args.resume,
                                             what="search")

@@ -21,7 +21,8 @@ def test_builtin_grids_are_installed_and_valid() -> None:
 def test_paper_celeba_dry_run_lists_85_trials(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     assert main(["--grid", "paper-celeba", "--dry-run", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines()[2:] if line.strip()]
+    trials_part = out.split("\ncell ")[0]  # the plan per cell follows the trials (tests/test_cost.py)
+    rows = [line for line in trials_part.splitlines()[2:] if line.strip()]
     assert len(rows) == 85 and "85 trials, 17 cells" in out
     assert not list(tmp_path.iterdir()), "a dry run must not create anything"
     plans = expand(load_grid("paper-celeba"))
