@@ -18,6 +18,7 @@ import numpy as np
 
 from model.config import ExperimentConfig, check_devices
 from model.data import Dataset, load_dataset
+from model.device_memory import check_step_fits, out_of_memory_as_advice
 from model.objectives import Hyper
 from model.step import (
     StepSpec,
@@ -172,14 +173,16 @@ def _check_finite(stats: dict[str, Any], epoch: int, step: int, config: Experime
 def generate_images(config: ExperimentConfig, state: TrainState, key: jax.Array, num: int,
                     batch_size: int = 500) -> np.ndarray:
     """`num` images x = g(z), z ~ p_alpha(z) by prior Langevin (Eq. 2, 11), made in batches of at most
-    `batch_size` so memory stays bounded. Returns float32 (num, H, W, C) in [-1, 1]."""
+    `batch_size` so memory stays bounded. Returns float32 (num, H, W, C) in [-1, 1]; XLA's
+    out-of-memory error comes out as a one-line DeviceMemoryError."""
     spec = StepSpec.from_config(config)
     hp = Hyper.from_config(config)
     out = []
-    for i, lo in enumerate(range(0, num, batch_size)):
-        n = min(batch_size, num - lo)
-        fn = compiled_generate(spec, n)
-        out.append(np.asarray(fn(state.ebm_params, state.gen_params, jax.random.fold_in(key, i), hp)))
+    with out_of_memory_as_advice(config):
+        for i, lo in enumerate(range(0, num, batch_size)):
+            n = min(batch_size, num - lo)
+            fn = compiled_generate(spec, n)
+            out.append(np.asarray(fn(state.ebm_params, state.gen_params, jax.random.fold_in(key, i), hp)))
     return np.concatenate(out) if out else np.zeros((0,) + config.image_shape, np.float32)
 
 
@@ -187,7 +190,16 @@ def run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
               devices: Sequence[Any] | None = None, evaluator: Callable[..., dict] | None = None
               ) -> tuple[TrainState, dict[str, Any]]:
     """train_epoch, then (every config.eval_every epochs, if an evaluator is given) KID_inf and FID_inf
-    of generated images. Metric columns are NaN on epochs without evaluation."""
+    of generated images. Metric columns are NaN on epochs without evaluation. Raises DeviceMemoryError,
+    before compiling, for a step that cannot fit the devices, and for XLA's out-of-memory error."""
+    devices = list(devices or jax.local_devices())
+    check_step_fits(config, devices)
+    with out_of_memory_as_advice(config):
+        return _run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+
+
+def _run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *, devices: Sequence[Any],
+               evaluator: Callable[..., dict] | None) -> tuple[TrainState, dict[str, Any]]:
     state, readings = train_epoch(config, state, dataset, devices=devices)
     for name in METRIC_COLUMNS:
         readings[name] = float("nan")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
+from model.device_memory import DeviceMemoryError, check_step_fits
 from model.loop import (
     DivergenceError,
     TrainState,
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         check_devices(config.batch_size, jax.local_devices())
+        check_step_fits(config, jax.local_devices())
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; pass a directory (created if missing)")
     except ValueError as err:
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 3
+    except DeviceMemoryError as err:  # XLA ran out of memory although the estimate let the step through
+        parser.error(str(err))
     if args.out:
         print(f"readings: {args.out / 'epochs.parquet'}")
     return 0

@@ -383,3 +383,53 @@ def test_a_refused_name_is_one_line_and_exit_code_2_from_the_shell(tmp_path: Pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("python -m sweep.grid: error: --name '../escape'")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
+
+
+ABSURD = dict(objective="thermo", num_temps=100_000_000)
+
+
+def test_an_absurd_step_is_refused_before_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """num_temps=1e8 compiled for a minute and died asking XLA for 1.5e15 bytes; the shape estimate
+    refuses it at once, naming the fields to lower. A step of the usual size passes."""
+    from model import loop
+    from model.device_memory import DeviceMemoryError, check_step_fits
+
+    def compiled(*args, **kwargs):
+        raise AssertionError("compiled although the step cannot fit")
+
+    monkeypatch.setattr(loop, "train_epoch", compiled)
+    config = get_preset("digits", **ABSURD)
+    with pytest.raises(DeviceMemoryError) as info:
+        loop.run_epoch(config, None, None, devices=jax.local_devices())
+    message = str(info.value)
+    assert message.startswith("the train step needs about ")
+    assert " per device (estimated from the shapes) but a cpu device here has " in message
+    assert "batch_size=50, num_temps=100000000, image_size=16, gen_width=2" in message and "\n" not in message
+    check_step_fits(get_preset("digits", objective="thermo"), jax.local_devices())
+    check_step_fits(get_preset("celeba", objective="thermo"), jax.local_devices())
+
+
+def test_model_train_refuses_an_absurd_step_in_one_line(no_ray: None,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from model import train
+
+    line = _refused(train.main, ["--set", "objective=thermo", "--set", "num_temps=100000000"], capsys)
+    assert "error: the train step needs about " in line and "num_temps=100000000" in line
+
+
+def test_xla_out_of_memory_becomes_the_same_one_line_advice() -> None:
+    from model.device_memory import DeviceMemoryError, out_of_memory_as_advice
+    from sweep.failures import is_fatal
+
+    config = get_preset("digits", objective="thermo", num_temps=4000)
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                     "1500000000000000 bytes.\nBufferAssignment OOM Debugging ...")
+    with pytest.raises(DeviceMemoryError) as info, out_of_memory_as_advice(config):
+        raise oom
+    message = str(info.value)
+    assert message.startswith("XLA ran out of device memory (RESOURCE_EXHAUSTED: Out of memory while trying")
+    assert "num_temps=4000" in message and "\n" not in message
+    assert is_fatal(info.value), "a step that does not fit the device will not fit on a retry either"
+    other = jax.errors.JaxRuntimeError("INTERNAL: something else")
+    with pytest.raises(jax.errors.JaxRuntimeError), out_of_memory_as_advice(config):
+        raise other
