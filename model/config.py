@@ -137,7 +137,10 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("kl_weight", cfg.kl_weight, "must be a finite number >= 0 (eta in Eq. 22)")
     if not cfg.kl_ridge >= 0:
         _fail("kl_ridge", cfg.kl_ridge, "must be a finite number >= 0 (added to each fitted covariance)")
-    if cfg.is_thermo and cfg.kl_ridge == 0 and cfg.batch_size <= cfg.z_dim:
+    # Only the kl_batch evidence rule fits a covariance to the batch (the default; issue 10's ti_rule
+    # field names the others, which do not use kl_ridge).
+    kl_batch = getattr(cfg, "ti_rule", "kl_batch") == "kl_batch"
+    if cfg.is_thermo and kl_batch and cfg.kl_ridge == 0 and cfg.batch_size <= cfg.z_dim:
         _fail("kl_ridge", cfg.kl_ridge, f"with batch_size={cfg.batch_size} <= z_dim={cfg.z_dim} makes the "
               "kl_batch rule fit a singular covariance (n samples span at most n-1 dimensions); set "
               "kl_ridge > 0 (e.g. 1e-3) or batch_size > z_dim")
