@@ -107,7 +107,11 @@ def existing_manifest(storage: str, run: str | None, manifest_file: str, *, resu
         raise LaunchError(f"--resume needs --name RUN (the {what} to continue, a directory under --storage)")
     if not run:
         return None
-    manifest = read_json_uri(f"{run_location(storage, run)}/{manifest_file}")
+    try:
+        manifest = read_json_uri(f"{run_location(storage, run)}/{manifest_file}")
+    except OSError as err:  # e.g. an unreachable bucket or missing credentials
+        raise LaunchError(f"--storage {storage}: cannot read it ({' '.join(str(err).split())[:200]}); check "
+                          "the path, the network and the credentials") from None
     if resume and manifest is None:
         raise LaunchError(f"--resume: no {what} {run!r} under {storage} (no {manifest_file}); start it "
                           "without --resume, or pass the --storage it was started with")

@@ -433,3 +433,18 @@ def test_xla_out_of_memory_becomes_the_same_one_line_advice() -> None:
     other = jax.errors.JaxRuntimeError("INTERNAL: something else")
     with pytest.raises(jax.errors.JaxRuntimeError), out_of_memory_as_advice(config):
         raise other
+
+
+def test_unreachable_storage_is_one_line(monkeypatch: pytest.MonkeyPatch, no_ray: None,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An s3:// storage that cannot be reached (no network, no credentials) raised pyarrow's OSError."""
+    from sweep import grid, launch
+
+    def unreachable(uri: str):
+        raise OSError("When resolving region for bucket 'bucket': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(launch, "read_json_uri", unreachable)
+    line = _refused(grid.main, ["--storage", "s3://bucket/runs", "--name", "r", "--epochs", "1"], capsys)
+    assert line.endswith("error: --storage s3://bucket/runs: cannot read it (When resolving region for "
+                         "bucket 'bucket': AWS Error NETWORK_CONNECTION); check the path, the network "
+                         "and the credentials")
