@@ -448,3 +448,13 @@ def test_unreachable_storage_is_one_line(monkeypatch: pytest.MonkeyPatch, no_ray
     assert line.endswith("error: --storage s3://bucket/runs: cannot read it (When resolving region for "
                          "bucket 'bucket': AWS Error NETWORK_CONNECTION); check the path, the network "
                          "and the credentials")
+
+
+def test_analysis_report_refuses_an_out_that_is_a_file(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis import report
+
+    (tmp_path / "afile").write_text("x")
+    line = _refused(report.main, [str(tmp_path), "--out", str(tmp_path / "afile")], capsys)
+    assert line.endswith(f"error: --out {tmp_path / 'afile'} is a file; pass a directory (created if "
+                         "missing)")
