@@ -185,10 +185,9 @@ def set_ray_defaults(args: argparse.Namespace, storage: str) -> None:
     # stays in the trial's error.txt).
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     if "://" not in storage:
-        # Snapshot Tune's experiment state after every step (cheap on a local disk). A snapshot that lags
-        # by more than CHECKPOINTS_KEPT checkpoints names one Ray has deleted, and after a crash that
-        # trial cannot resume at all (seen with 2 s and sub-second epochs).
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+        # Snapshot Tune's experiment state often (cheap on a local disk), so that after a crash a
+        # resumed trial starts from its newest checkpoint rather than an older one the snapshot knew.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if args.address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray starts trial workers at niceness 15; the trials are this command's work, so run them at
