@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         help="fit against log10(grad_var): auto = when cell means span two decades (default)",
     )
     args = ap.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} is a file; pass a directory (created if missing)")
     try:
         results = load(*args.runs)
     except (FileNotFoundError, ValueError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -135,8 +136,23 @@ def _validate_estimators(cfg: ExperimentConfig) -> None:
                       "correction that estimates something", UserWarning, stacklevel=3)
 
 
+def _check_types(cfg: ExperimentConfig) -> None:
+    """Integer fields hold integers and number fields finite numbers: NaN fails every `<`/`>` test, so
+    without this a NaN would slip through the range checks below."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(f.default, bool):
+            continue
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if isinstance(f.default, int) and not (number and isinstance(value, numbers.Integral)):
+            _fail(f.name, value, "must be an integer")
+        if isinstance(f.default, float) and not (number and math.isfinite(value)):
+            _fail(f.name, value, "must be a finite number")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Refuse values the maths or the shapes cannot take, naming the field and the fix."""
+    _check_types(cfg)
     if cfg.objective not in OBJECTIVES:
         _fail("objective", cfg.objective, f"is unknown; use one of {', '.join(OBJECTIVES)}")
     if cfg.dataset not in DATASETS:
@@ -164,8 +180,17 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("lr_decay", cfg.lr_decay, "must be in (0, 1]")
     if cfg.kl_weight < 0 or not math.isfinite(cfg.kl_weight):
         _fail("kl_weight", cfg.kl_weight, "must be a finite number >= 0 (eta in Eq. 22)")
-    if cfg.kl_ridge < 0:
-        _fail("kl_ridge", cfg.kl_ridge, "must be >= 0")
+    if not cfg.kl_ridge >= 0:
+        _fail("kl_ridge", cfg.kl_ridge, "must be a finite number >= 0 (added to each fitted covariance)")
+    # Only the kl_batch evidence rule fits a covariance to the batch's chains (the others use no kl_ridge).
+    rows = cfg.batch_size * cfg.chains_per_example
+    if cfg.is_thermo and cfg.ti_rule == "kl_batch" and cfg.kl_ridge == 0 and rows <= cfg.z_dim:
+        _fail("kl_ridge", cfg.kl_ridge, f"with batch_size * chains_per_example = {rows} <= z_dim={cfg.z_dim} "
+              "makes the kl_batch rule fit a singular covariance (n samples span at most n-1 dimensions); "
+              "set kl_ridge > 0 (e.g. 1e-3), a larger batch, or another ti_rule")
+    for name in ("ebm_beta1", "ebm_beta2", "gen_beta1", "gen_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            _fail(name, getattr(cfg, name), "must be in [0, 1) (an Adam decay rate)")
     _validate_estimators(cfg)
     size = cfg.image_size
     if size < 4 or size & (size - 1):

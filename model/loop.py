@@ -18,6 +18,7 @@ import numpy as np
 
 from model.config import ExperimentConfig, check_devices
 from model.data import Dataset, load_dataset
+from model.device_memory import check_step_fits, out_of_memory_as_advice
 from model.objectives import Hyper
 from model.readings import READING_NAMES, evaluation_readings
 from model.step import (
@@ -126,13 +127,13 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
         carry, stats = step(carry, x, sub, hp, lrs)
         history.append(stats)
         if (i + 1) % _DIVERGENCE_CHECK_EVERY == 0:
-            _check_finite(jax.device_get(stats), epoch, i + 1)
+            _check_finite(jax.device_get(stats), epoch, i + 1, config)
     if not history:
         raise ValueError(f"batch_size={config.batch_size} leaves no full batch in {len(dataset.train)} "
                          "training images; lower batch_size")
     host = jax.device_get(history)
     for i, s in enumerate(host):
-        _check_finite(s, epoch, i + 1)
+        _check_finite(s, epoch, i + 1, config)
     params, (ebm_opt, gen_opt) = unreplicate(carry)
     new_state = TrainState(params["ebm"], params["gen"], ebm_opt, gen_opt, key,
                            jnp.asarray(epoch, jnp.int32), state.step + len(history))
@@ -142,8 +143,8 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
     readings.update(temperature_readings(config, host))
     readings["val_loss"] = validation_loss(config, params, dataset.val, epoch, devices)
     if not math.isfinite(readings["val_loss"]) and len(dataset.val) >= config.batch_size:
-        raise DivergenceError(f"validation loss is {readings['val_loss']} after epoch {epoch}; "
-                              "lower the learning rates or Langevin step sizes")
+        raise DivergenceError(f"validation loss is {readings['val_loss']} after epoch {epoch}: training "
+                              f"diverged; {divergence_advice(config)}")
     readings.update(epoch=epoch, epoch_time_s=time.perf_counter() - start, ebm_lr=float(lrs[0]),
                     gen_lr=float(lrs[1]))
     return new_state, readings
@@ -167,26 +168,42 @@ def temperature_readings(config: ExperimentConfig, host: list[dict[str, Any]]) -
             "kl_identity_error": None if math.isnan(error) else error}
 
 
-def _check_finite(stats: dict[str, Any], epoch: int, step: int) -> None:
+def divergence_advice(config: ExperimentConfig) -> str:
+    """Every config field whose value can make training go non-finite, with its value and which way to
+    move it (the fix half of a DivergenceError message)."""
+    def values(*names: str) -> str:
+        return ", ".join(f"{n}={getattr(config, n):g}" for n in names)
+
+    langevin = values("prior_step_size", "posterior_step_size", "prior_steps", "posterior_steps")
+    advice = (f"lower the learning rates ({values('ebm_lr', 'gen_lr')}) or the Langevin step sizes and "
+              f"lengths ({langevin}), or raise lkhood_sigma ({values('lkhood_sigma')}) or lower prior_sigma "
+              f"({values('prior_sigma')})")
+    if config.is_thermo:
+        advice += f"; for thermo also raise kl_ridge or lower kl_weight ({values('kl_ridge', 'kl_weight')})"
+    return advice
+
+
+def _check_finite(stats: dict[str, Any], epoch: int, step: int, config: ExperimentConfig) -> None:
     for name in ("loss", "grad_var", "grad_mean"):
         value = float(np.asarray(stats[name]).reshape(-1)[0])
         if not math.isfinite(value):
-            raise DivergenceError(
-                f"{name} is {value} at epoch {epoch}, step {step}: training diverged; lower the learning "
-                "rates (ebm_lr, gen_lr) or the Langevin step sizes, or raise lkhood_sigma")
+            raise DivergenceError(f"{name} is {value} at epoch {epoch}, step {step}: training diverged; "
+                                  f"{divergence_advice(config)}")
 
 
 def generate_images(config: ExperimentConfig, state: TrainState, key: jax.Array, num: int,
                     batch_size: int = 500) -> np.ndarray:
     """`num` images x = g(z), z ~ p_alpha(z) by prior Langevin (Eq. 2, 11), made in batches of at most
-    `batch_size` so memory stays bounded. Returns float32 (num, H, W, C) in [-1, 1]."""
+    `batch_size` so memory stays bounded. Returns float32 (num, H, W, C) in [-1, 1]; XLA's
+    out-of-memory error comes out as a one-line DeviceMemoryError."""
     spec = StepSpec.from_config(config)
     hp = Hyper.from_config(config)
     out = []
-    for i, lo in enumerate(range(0, num, batch_size)):
-        n = min(batch_size, num - lo)
-        fn = compiled_generate(spec, n)
-        out.append(np.asarray(fn(state.ebm_params, state.gen_params, jax.random.fold_in(key, i), hp)))
+    with out_of_memory_as_advice(config):
+        for i, lo in enumerate(range(0, num, batch_size)):
+            n = min(batch_size, num - lo)
+            fn = compiled_generate(spec, n)
+            out.append(np.asarray(fn(state.ebm_params, state.gen_params, jax.random.fold_in(key, i), hp)))
     return np.concatenate(out) if out else np.zeros((0,) + config.image_shape, np.float32)
 
 
@@ -195,7 +212,17 @@ def run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
               ) -> tuple[TrainState, dict[str, Any]]:
     """train_epoch, then every config.eval_every epochs val_ll and the gradient noise (model.readings) and,
     if an evaluator is given, KID_inf and FID_inf of generated images. Those columns are NaN on epochs
-    without evaluation."""
+    without evaluation.
+    Raises DeviceMemoryError, before compiling, for a step that cannot fit the devices, and for XLA's
+    out-of-memory error."""
+    devices = list(devices or jax.local_devices())
+    check_step_fits(config, devices)
+    with out_of_memory_as_advice(config):
+        return _run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+
+
+def _run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *, devices: Sequence[Any],
+               evaluator: Callable[..., dict] | None) -> tuple[TrainState, dict[str, Any]]:
     state, readings = train_epoch(config, state, dataset, devices=devices)
     for name in (*METRIC_COLUMNS, *READING_NAMES):
         readings[name] = float("nan")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
+from model.device_memory import DeviceMemoryError, check_step_fits
 from model.loop import (
     DivergenceError,
     TrainState,
@@ -79,9 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:
             overrides["epochs"] = str(args.epochs)
         config = apply_overrides(get_preset(args.preset), overrides)
+        import jax
+
+        check_devices(config.batch_size, jax.local_devices())
+        check_step_fits(config, jax.local_devices())
+        if args.out is not None and args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a file; pass a directory (created if missing)")
     except ValueError as err:
         parser.error(str(err))
-    import jax
 
     print(f"training {config.objective} on {config.dataset} for {config.epochs} epochs on "
           f"{len(jax.local_devices())} {jax.default_backend()} device(s)", flush=True)
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 3
+    except DeviceMemoryError as err:  # XLA ran out of memory although the estimate let the step through
+        parser.error(str(err))
     if args.out:
         print(f"readings: {args.out / 'epochs.parquet'}")
     return 0

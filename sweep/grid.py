@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (default: <grid>-<UTC time>); results go to <storage>/<name>/")
     p.add_argument("--resume", action="store_true",
                    help="continue the run --name: finished trials are kept, interrupted ones continue")
+    p.add_argument("--retry-errored", action="store_true",
+                   help="with --resume: retry the trials that ended in ERROR too, from their newest readable "
+                        "checkpoint (one whose error cannot go away ends again at once)")
     launch.add_ray_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the trials and the plan (FLOPs, memory, hours with --target) and exit")
@@ -87,9 +90,13 @@ def _print_where(run_uri: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    storage = launch.storage_of(args)
+    if args.retry_errored and not args.resume:
+        parser.error("--retry-errored goes with --resume --name RUN (it retries that run's failed trials)")
     try:
+        storage = launch.storage_of(args)
         launch.check_ray_arguments(args)
+        if args.name is not None:
+            launch.run_location(storage, args.name)
         # A dry run may name an existing run: it only prints the plan.
         checked_name = args.name if args.resume or not args.dry_run else None
         manifest = launch.existing_manifest(storage, checked_name, MANIFEST_FILE, resume=args.resume,
@@ -112,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         cell_plans, target = cost.plan(list(cells.items()), args)
     except (GridError, launch.LaunchError, cost.PlanError) as err:
         parser.error(str(err))
+    except UnicodeDecodeError as err:
+        parser.error(f"--grid {args.grid}: not UTF-8 text ({err.reason} at byte {err.start}); save the grid "
+                     "file as UTF-8")
 
     for line in identical_cells(plans):
         print(f"warning: {line}", file=sys.stderr)
@@ -122,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(cost.format_plan(cell_plans, len(plans) // max(len(cells), 1), target))
         return 0
     run = args.name or launch.default_run_name(grid_name)
+    try:
+        launch.run_location(storage, run)
+    except launch.LaunchError as err:  # a default name made from the grid's name
+        parser.error(f"{err}; pass --name")
     return run_sweep(args, run=run, storage=storage, grid_name=grid_name, grid_source=grid_source,
                      specs=specs, plans=plans, n_dev=n_dev)
 
@@ -161,7 +175,7 @@ def run_sweep(args: argparse.Namespace, *, run: str, storage: str, grid_name: st
                                    cpus_per_trial=args.cpus_per_trial)
         if args.resume and tune.Tuner.can_restore(run_uri):
             tuner = tune.Tuner.restore(run_uri, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+                                       resume_errored=args.retry_errored, restart_errored=False)
         else:
             tuner = tune.Tuner(
                 trainable,

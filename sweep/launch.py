@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,8 +54,43 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
 
 
 def storage_of(args: argparse.Namespace) -> str:
-    """The storage root: --storage, else $THERMOSWEEP_STORAGE, else ./runs."""
-    return args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    """The storage root: --storage, else $THERMOSWEEP_STORAGE, else ./runs. Raises LaunchError if a local
+    root is a file, or lies under one (nothing could be written there)."""
+    storage = args.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    if "://" not in storage:
+        path = os.path.abspath(storage)
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise LaunchError(f"--storage {storage}: {path} is a file, not a directory; pass a directory "
+                              "(created if missing) or s3://bucket/prefix")
+    return storage
+
+
+_NAME = re.compile(r"[A-Za-z0-9._=+-]+")
+
+
+def check_name(name: str, flag: str) -> str:
+    """`name` if it is a safe run or study name (the cell-name rule: letters, digits and . _ = + -, not
+    '.' or '..', not starting with '-'), so that it is one directory inside the storage. Raises
+    LaunchError."""
+    if not _NAME.fullmatch(name) or name in (".", "..") or name.startswith("-"):
+        raise LaunchError(f"{flag} {name!r}: a name may hold only letters, digits and . _ = + -, and may not "
+                          "be '.' or '..' or start with '-' (it names a directory inside --storage)")
+    return name
+
+
+def run_location(storage: str, run: str, flag: str = "--name") -> str:
+    """The run directory `<storage>/<run>` after checking the name and, for local storage, that it
+    resolves inside the storage root (a symbolic link could lead elsewhere). Raises LaunchError."""
+    check_name(run, flag)
+    run_uri = storage_join(storage, run)
+    if "://" not in run_uri:
+        root = os.path.realpath(storage_join(storage))
+        if os.path.commonpath([root, os.path.realpath(run_uri)]) != root:
+            raise LaunchError(f"{flag} {run!r}: {run_uri} resolves to {os.path.realpath(run_uri)}, outside "
+                              f"--storage {root}; pick another name or remove the link")
+    return run_uri
 
 
 def default_run_name(prefix: str) -> str:
@@ -71,7 +107,11 @@ def existing_manifest(storage: str, run: str | None, manifest_file: str, *, resu
         raise LaunchError(f"--resume needs --name RUN (the {what} to continue, a directory under --storage)")
     if not run:
         return None
-    manifest = read_json_uri(storage_join(storage, run, manifest_file))
+    try:
+        manifest = read_json_uri(f"{run_location(storage, run)}/{manifest_file}")
+    except OSError as err:  # e.g. an unreachable bucket or missing credentials
+        raise LaunchError(f"--storage {storage}: cannot read it ({' '.join(str(err).split())[:200]}); check "
+                          "the path, the network and the credentials") from None
     if resume and manifest is None:
         raise LaunchError(f"--resume: no {what} {run!r} under {storage} (no {manifest_file}); start it "
                           "without --resume, or pass the --storage it was started with")
@@ -141,6 +181,9 @@ def set_ray_defaults(args: argparse.Namespace, storage: str) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every trial's epoch line, not "[repeated 4x]"
     # A diverged trial's last report carries the error, not the metric: let Tune accept it.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # One line per failed trial from sweep.failures.TrialFailures instead of Tune's traceback (the trace
+    # stays in the trial's error.txt).
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     if "://" not in storage:
         # Snapshot Tune's experiment state often (cheap on a local disk), so that after a crash a
         # resumed trial starts from its newest checkpoint rather than an older one the snapshot knew.
@@ -172,9 +215,12 @@ def trial_naming() -> dict[str, Callable[[Any], str]]:
 def run_config(args: argparse.Namespace, *, run: str, storage: str, callbacks: list[Any],
                metric_columns: dict[str, str], parameter_columns: dict[str, str]) -> Any:
     """The Tune RunConfig of a launch: the run's storage, its progress table, checkpoint retention and
-    retries of crashed trials."""
+    retries of crashed trials (none for an error a retry cannot cure: `sweep.failures`)."""
     from ray import tune
 
+    from sweep.failures import TrialFailures
+
+    callbacks = [*callbacks, TrialFailures(args.max_failures)]
     reporter = tune.CLIReporter(metric_columns=metric_columns, parameter_columns=parameter_columns,
                                 max_report_frequency=30)
     return tune.RunConfig(

@@ -150,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    storage = launch.storage_of(args)
     if args.trials < 1:
         raise SearchError(f"--trials {args.trials}: must be >= 1")
     try:
+        storage = launch.storage_of(args)
         launch.check_ray_arguments(args)
+        if args.name is not None:
+            launch.run_location(storage, args.name)
+        if args.study is not None:
+            launch.check_name(args.study, "--study")
     except launch.LaunchError as err:
         raise SearchError(str(err)) from None
     space = search_space(tuple(args.p), tuple(args.eta))
@@ -170,6 +174,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cost.format_plan(plans, args.trials, target))
         return 0
+    if "://" in storage and args.optuna_storage is None:  # before anything reads the remote storage
+        raise SearchError(f"--storage {storage} is remote; SQLite cannot live there: pass "
+                          "--optuna-storage URL (e.g. postgresql://user@host/db)")
     try:
         manifest = launch.existing_manifest(storage, args.name, MANIFEST_FILE, resume=args.resume,
                                             what="search")
@@ -178,10 +185,6 @@ def _main(args: argparse.Namespace) -> int:
 
     run = args.name or launch.default_run_name("search")
     run_uri = storage_join(storage, run)
-    remote = "://" in run_uri
-    if remote and args.optuna_storage is None:
-        raise SearchError(f"--storage {storage} is remote; SQLite cannot live there: pass "
-                          "--optuna-storage URL (e.g. postgresql://user@host/db)")
     study_name = args.study or (manifest or {}).get("study") or run
     if manifest is not None and manifest.get("study") != study_name:
         raise SearchError(f"--study {study_name}: run {run!r} searches study {manifest.get('study')!r}; "

@@ -113,19 +113,50 @@ def _plain(value: Any) -> Any:
 def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_trial: float = 0.0) -> None:
     """Train one trial to its last epoch, reporting readings and an Orbax checkpoint every epoch.
 
-    Resumes from `tune.get_checkpoint()` when Tune restarts the trial. A `DivergenceError` is reported
-    (with a checkpoint that records it, so a retry stops at once) and re-raised: the trial ends in ERROR."""
+    Resumes from `tune.get_checkpoint()` when Tune restarts the trial, falling back to an older checkpoint
+    if that one cannot be read. An error that a retry cannot cure (`sweep.failures.is_fatal`: divergence,
+    invalid config, no readable checkpoint) is reported, as one line with `FATAL_KEY`, before it is
+    raised, so the driver ends the trial in ERROR without retrying it; a divergence is reported with a
+    checkpoint that records it, so a later restart stops at once instead of training the epoch again."""
+    from ray import tune
+
+    from sweep.failures import FATAL_KEY, is_fatal, one_line
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one epoch line, not one per checkpoint
+    spec = tune_config.get(SPEC_KEY, tune_config)
+    trial_id = (spec.get("trial_id") if isinstance(spec, dict) else None) or tune.get_context().get_trial_id()
+    try:
+        _train_trial(tune_config, trial_id, samples_uri=samples_uri, gpus_per_trial=gpus_per_trial)
+    except Exception as err:
+        if not is_fatal(err):
+            raise
+        if not getattr(err, "reported_to_tune", False):  # the driver prints it, once (TrialFailures)
+            tune.report({"error": one_line(err), FATAL_KEY: True})
+        raise
+
+
+def _train_trial(tune_config: dict[str, Any], trial_id: str, *, samples_uri: str | None,
+                 gpus_per_trial: float) -> None:
     from ray import tune
 
     from model import loop as mt
     from model.data import load_dataset
     from model.nets import resolve_conv_impl
-    from sweep.checkpoint import TrialCheckpointer, mark_diverged
+    from sweep.checkpoint import (
+        CheckpointError,
+        TrialCheckpointer,
+        mark_diverged,
+        mark_unreadable,
+        recorded_divergence,
+        restore_newest_readable,
+    )
+    from sweep.failures import FATAL_KEY, one_line
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one epoch line, not one per checkpoint
     config, meta = resolve_trial(tune_config)
-    trial_id = meta["trial_id"] or tune.get_context().get_trial_id()
     meta = {**meta, "trial_id": trial_id}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None and (diverged := recorded_divergence(checkpoint)):
+        raise mt.DivergenceError(diverged.removeprefix("DivergenceError: "))  # no data or state needed
     devices = trial_devices(gpus_per_trial)
     static = {"devices": len(devices), "device_kind": devices[0].device_kind, "node": socket.gethostname(),
               "node_id": _node_id(), "conv_impl": resolve_conv_impl(config.conv_impl, devices[0].platform)}
@@ -134,12 +165,25 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
     state, history = template, []
     restored = False
     with TrialCheckpointer() as checkpointer:
-        checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                state, history, _ = checkpointer.restore(directory, template)
-            restored = True
-            print(f"[{trial_id}] resumed after epoch {int(state.epoch)}", flush=True)
+            def log(line: str) -> None:
+                print(f"[{trial_id}] {line}", flush=True)
+
+            try:
+                found = restore_newest_readable(checkpointer, checkpoint, template, log=log)
+            except CheckpointError as err:  # recorded, so that Ray can later restore something that exists
+                with tempfile.TemporaryDirectory() as directory:
+                    mark_unreadable(directory, one_line(err), {**meta, "epoch": 0})
+                    tune.report({**static, "error": one_line(err), FATAL_KEY: True},
+                                checkpoint=tune.Checkpoint.from_directory(directory))
+                err.reported_to_tune = True
+                raise
+            if found is None:
+                log("its checkpoints are gone (deleted?): training again from epoch 0")
+            else:
+                state, history, _ = found
+                restored = True
+                log(f"resumed after epoch {int(state.epoch)}")
         evaluator = None
         if int(state.epoch) < config.epochs:
             evaluator = mt.make_evaluator_or_none(config, dataset, log=lambda s: print(f"[{trial_id}] {s}"))
@@ -148,11 +192,11 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
                 state, readings = mt.run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
             except mt.DivergenceError as err:
                 message = f"DivergenceError: {err}"
-                print(f"[{trial_id}] {message}", flush=True)
                 with tempfile.TemporaryDirectory() as directory:
                     mark_diverged(directory, message, {**meta, "epoch": len(history)}, history)
-                    tune.report({**static, "epoch": len(history), "error": message},
+                    tune.report({**static, "epoch": len(history), "error": message, FATAL_KEY: True},
                                 checkpoint=tune.Checkpoint.from_directory(directory))
+                err.reported_to_tune = True
                 raise
             readings = {k: _plain(v) for k, v in readings.items()}
             history.append(readings)
