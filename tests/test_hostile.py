@@ -212,9 +212,14 @@ def test_integer_fields_take_integers_only(name: str, bad: float) -> None:
 
 def test_kl_ridge_zero_is_refused_where_the_batch_covariance_is_singular() -> None:
     thermo = dict(objective="thermo", z_dim=16, kl_ridge=0.0)
-    with pytest.raises(ValueError, match=r"kl_ridge=0.0 with batch_size=16 <= z_dim=16 makes the kl_batch"):
+    with pytest.raises(ValueError, match=r"kl_ridge=0.0 with batch_size \* chains_per_example = 16 <= "
+                                         r"z_dim=16 makes the kl_batch"):
         ExperimentConfig(**thermo, batch_size=16)
+    with pytest.raises(ValueError, match=r"= 16 <= z_dim=16"):  # every chain of the batch is a row of the fit
+        ExperimentConfig(**thermo, batch_size=8, chains_per_example=2)
+    ExperimentConfig(**thermo, batch_size=9, chains_per_example=2)
     ExperimentConfig(**thermo, batch_size=17)
+    ExperimentConfig(**{**thermo, "ti_rule": "trapezoid"}, batch_size=16)  # no covariance is fitted
     ExperimentConfig(**{**thermo, "objective": "vanilla"}, batch_size=16)  # no covariance is fitted
     ExperimentConfig(**{**thermo, "kl_ridge": 1e-6}, batch_size=4)
 
