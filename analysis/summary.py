@@ -140,8 +140,10 @@ def _mark_extras(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     df["extra"] = False
     df["varied"] = ""
+    df["estimator"] = ""
     thermo = df[df["objective"] == "thermo"]
     for _, grp in thermo.groupby(["run", "dataset"], sort=False):
+        _mark_estimators(df, grp)
         cells = grp.drop_duplicates("cell")
         # baseline: the setting shared by most cells; ties go to the smaller values (the paper's
         # extensions all raised N_t, K or eta above its defaults)
@@ -163,12 +165,31 @@ def _mark_extras(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+ESTIMATOR_PARAMS = {"ebm_gradient": "ebm", "gen_gradient": "gen", "ti_rule": "rule",
+                    "chains_per_example": "M"}
+
+
+def _mark_estimators(df: pd.DataFrame, grp: pd.DataFrame) -> None:
+    """Where a run's thermo cells of one data set use more than one estimator (ebm_gradient, gen_gradient,
+    ti_rule, chains_per_example; docs/estimators.md), name each cell's in `estimator`, e.g. 'ebm ml'."""
+    present = [p for p in ESTIMATOR_PARAMS if p in grp.columns]
+    varying = [p for p in present if grp[p].astype("string").nunique(dropna=False) > 1]
+    if not varying:
+        return
+    for idx, row in grp.iterrows():
+        values = [_num(row[p]) if p == "chains_per_example" else row[p] for p in varying]
+        df.loc[idx, "estimator"] = ", ".join(f"{ESTIMATOR_PARAMS[p]} {v}" for p, v in zip(varying, values,
+                                                                                         strict=True))
+
+
 def cell_label(row: pd.Series | dict) -> str:
-    """A short display label for a cell: 'b=25' (vanilla) or 'p=0.1' plus any varied setting."""
+    """A short display label for a cell: 'b=25' (vanilla) or 'p=0.1' plus any varied setting and, where a
+    run compares estimators, the cell's (e.g. 'p=1, ebm ml')."""
     if row["objective"] != "thermo":
         return f"b={_num(row['batch_size'])}" if pd.notna(row["batch_size"]) else str(row["cell"])
     base = f"p={_num(row['temp_power'])}" if pd.notna(row["temp_power"]) else str(row["cell"])
-    return f"{base}, {row['varied']}" if row.get("varied") else base
+    extras = [s for s in (row.get("varied"), row.get("estimator")) if isinstance(s, str) and s]
+    return ", ".join([base, *extras])
 
 
 def reading_columns(final: pd.DataFrame) -> list[str]:

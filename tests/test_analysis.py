@@ -505,3 +505,18 @@ def test_report_cli_reports_a_bad_path_and_exits_2(tmp_path, capsys):
     assert R.main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist; pass a run directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_labels_name_the_estimator_where_a_run_compares_estimators():
+    """Cells of one p that differ only in ebm_gradient must not share a label in the figures."""
+    from analysis.summary import _mark_extras, cell_label
+
+    base = dict(run="r", dataset="digits", objective="thermo", batch_size=32, temp_power=1.0, num_temps=4,
+                posterior_steps=8, prior_steps=15, kl_weight=1.0, gen_gradient="ti", ti_rule="kl_batch",
+                chains_per_example=1)
+    df = pd.DataFrame([dict(base, cell="a", ebm_gradient="none"), dict(base, cell="b", ebm_gradient="ml")])
+    labels = [cell_label(r) for r in _mark_extras(df).to_dict("records")]
+    assert labels == ["p=1, ebm none", "p=1, ebm ml"]
+    same = pd.DataFrame([dict(base, cell="a", ebm_gradient="none"), dict(base, cell="c", ebm_gradient="none",
+                                                                       temp_power=3.0)])
+    assert [cell_label(r) for r in _mark_extras(same).to_dict("records")] == ["p=1", "p=3"]
