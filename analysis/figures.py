@@ -435,8 +435,18 @@ def ti_curves(epochs: pd.DataFrame, final: pd.DataFrame, dataset: str) -> pd.Dat
         w = r.get("ti_weights")
         w = np.asarray(w, float) if _is_list(w) and len(w) == len(r["ti_temps"]) else None
         for i, (t, e) in enumerate(zip(r["ti_temps"], r["ti_expected_loglik"], strict=True)):
-            rows.append(dict(run=r["run"], cell=r["cell"], label=r["label"], trial_id=r["trial_id"], i=i,
-                             t=float(t), e=float(e), we=float(w[i] * e) if w is not None else np.nan))
+            rows.append(
+                dict(
+                    run=r["run"],
+                    cell=r["cell"],
+                    label=r["label"],
+                    trial_id=r["trial_id"],
+                    i=i,
+                    t=float(t),
+                    e=float(e),
+                    we=float(w[i] * e) if w is not None else np.nan,
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -455,14 +465,25 @@ def fig_ti_curve(epochs: pd.DataFrame, final: pd.DataFrame, dataset: str) -> Fig
     cells = list(dict.fromkeys(zip(long["run"], long["cell"], long["label"], strict=True)))
     runs = list(dict.fromkeys(long["run"]))
     colors = matplotlib.colormaps["tab10" if len(cells) <= 10 else "tab20"]
-    for ax, col, ylabel in zip(axes, ("e", "we"), ("E$_t$ = E$_{p(z|x,t)}$[log p(x|z)] (nats per image)",
-                                                   "w$_i$ E$_i$ (nats per image)"), strict=False):
+    for ax, col, ylabel in zip(
+        axes,
+        ("e", "we"),
+        ("E$_t$ = E$_{p(z|x,t)}$[log p(x|z)] (nats per image)", "w$_i$ E$_i$ (nats per image)"),
+        strict=False,
+    ):
         for k, (run, cell, label) in enumerate(cells):
             g = long[(long["run"] == run) & (long["cell"] == cell)].groupby("i")
             t, m, lo, hi = g["t"].mean(), g[col].mean(), g[col].min(), g[col].max()
             name = label + (f" [{run}]" if len(runs) > 1 else "")
-            ax.plot(t, m, color=colors(k % 20), ls="-" if runs.index(run) == 0 else "--", lw=1.2, marker=".",
-                    label=name)
+            ax.plot(
+                t,
+                m,
+                color=colors(k % 20),
+                ls="-" if runs.index(run) == 0 else "--",
+                lw=1.2,
+                marker=".",
+                label=name,
+            )
             ax.fill_between(t, lo, hi, color=colors(k % 20), alpha=0.15)
         values = long[col].dropna().abs()  # E_0 can be orders of magnitude below E_1: symlog then
         if col == "e" and values.min() > 0 and values.max() / values.min() >= 100:
@@ -473,8 +494,9 @@ def fig_ti_curve(epochs: pd.DataFrame, final: pd.DataFrame, dataset: str) -> Fig
     axes[0].set_title("the TI curve: mean (line), min-max (band) over repetitions", fontsize=9)
     if weighted:
         axes[1].set_title("the trapezium's terms (they sum to the trapezoid estimate)", fontsize=9)
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="thermo cells",
-                    title_fontsize=8)
+    axes[-1].legend(
+        fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="thermo cells", title_fontsize=8
+    )
     fig.suptitle(f"{dataset_title(dataset)}: E_t against t at each thermo trial's final epoch")
     fig.tight_layout()
     return fig

@@ -33,8 +33,13 @@ def fig_val_ll(epochs: pd.DataFrame, final: pd.DataFrame, dataset: str) -> Figur
     labels = {(r["run"], r["cell"]): cell_label(r) for r in mine.to_dict("records")}
     if "val_ll" in epochs:
         ep = epochs.merge(mine[["run", "trial_id"]], on=["run", "trial_id"]).dropna(subset=["val_ll"])
-        cell_of = dict(zip(zip(mine["run"], mine["trial_id"], strict=True),
-                           zip(mine["run"], mine["cell"], strict=True), strict=True))
+        cell_of = dict(
+            zip(
+                zip(mine["run"], mine["trial_id"], strict=True),
+                zip(mine["run"], mine["cell"], strict=True),
+                strict=True,
+            )
+        )
         ep = ep.assign(_cell=[cell_of[k] for k in zip(ep["run"], ep["trial_id"], strict=True)])
         for k, key in enumerate(cells):
             g = ep[ep["_cell"] == key].groupby("epoch")["val_ll"].mean()
@@ -48,10 +53,23 @@ def fig_val_ll(epochs: pd.DataFrame, final: pd.DataFrame, dataset: str) -> Figur
     mean, std = g["val_ll"].mean(), g["val_ll"].std(ddof=1)
     ais = g["val_ll_stderr"].mean() if "val_ll_stderr" in mine else mean * np.nan
     x = np.arange(len(mean))
-    ax_c.errorbar(x, mean.to_numpy(), yerr=std.fillna(0).to_numpy(), fmt="o", capsize=4,
-                  label="mean ± std over repetitions")
-    ax_c.errorbar(x + 0.15, mean.to_numpy(), yerr=ais.fillna(0).to_numpy(), fmt="none", ecolor="gray",
-                  capsize=2, label="± AIS stderr over the subset")
+    ax_c.errorbar(
+        x,
+        mean.to_numpy(),
+        yerr=std.fillna(0).to_numpy(),
+        fmt="o",
+        capsize=4,
+        label="mean ± std over repetitions",
+    )
+    ax_c.errorbar(
+        x + 0.15,
+        mean.to_numpy(),
+        yerr=ais.fillna(0).to_numpy(),
+        fmt="none",
+        ecolor="gray",
+        capsize=2,
+        label="± AIS stderr over the subset",
+    )
     ax_c.set_xticks(x, [labels[k] for k in mean.index], rotation=30, ha="right", fontsize=7)
     ax_c.set_ylabel("final val_ll (nats per image)")
     ax_c.grid(alpha=0.3)
@@ -65,8 +83,11 @@ def fig_grad_noise_vs_grad_var(final: pd.DataFrame, dataset: str) -> Figure | No
     """One point per trial: gradient noise (variance over minibatches and chains) against `grad_var` (the
     spread of one gradient's entries), per network, both in the same units, with the y = x line."""
     mine = final[final["dataset"] == dataset]
-    nets = [n for n in ("gen", "ebm") if f"grad_noise_{n}" in mine and f"grad_var_{n}" in mine
-            and mine[f"grad_noise_{n}"].notna().any()]
+    nets = [
+        n
+        for n in ("gen", "ebm")
+        if f"grad_noise_{n}" in mine and f"grad_var_{n}" in mine and mine[f"grad_noise_{n}"].notna().any()
+    ]
     if not nets:
         return None
     fig = Figure(figsize=(5.2 * len(nets), 4.4))
@@ -76,8 +97,13 @@ def fig_grad_noise_vs_grad_var(final: pd.DataFrame, dataset: str) -> Figure | No
         sub = mine.dropna(subset=[f"grad_noise_{net}", f"grad_var_{net}"])
         sub = sub[(sub[f"grad_noise_{net}"] > 0) & (sub[f"grad_var_{net}"] > 0)]
         for obj, grp in sub.groupby("objective", sort=False):
-            ax.scatter(grp[f"grad_var_{net}"], grp[f"grad_noise_{net}"], marker=markers.get(obj, "s"),
-                       label=obj, alpha=0.8)
+            ax.scatter(
+                grp[f"grad_var_{net}"],
+                grp[f"grad_noise_{net}"],
+                marker=markers.get(obj, "s"),
+                label=obj,
+                alpha=0.8,
+            )
         if len(sub):
             lo = min(sub[f"grad_var_{net}"].min(), sub[f"grad_noise_{net}"].min())
             hi = max(sub[f"grad_var_{net}"].max(), sub[f"grad_noise_{net}"].max())
@@ -94,8 +120,9 @@ def fig_grad_noise_vs_grad_var(final: pd.DataFrame, dataset: str) -> Figure | No
     return fig
 
 
-def paired_differences(final: pd.DataFrame, readings: tuple[str, ...] = PAIRED_READINGS,
-                       reference: str | None = None) -> pd.DataFrame:
+def paired_differences(
+    final: pd.DataFrame, readings: tuple[str, ...] = PAIRED_READINGS, reference: str | None = None
+) -> pd.DataFrame:
     """Per (run, dataset), reading and cell other than the reference cell (default: the first cell in
     table order, vanilla first when there is one): the within-repetition differences cell - reference,
     their mean, a 95% t confidence interval and the number of repetitions paired. Repetitions missing
@@ -104,6 +131,7 @@ def paired_differences(final: pd.DataFrame, readings: tuple[str, ...] = PAIRED_R
     if "repetition" not in final or final.empty:
         return pd.DataFrame(columns=cols)
     from scipy import stats  # installed with jax, a dependency of the project
+
     rows = []
     for (run, ds), grp in final.groupby(["run", "dataset"], sort=False):
         order = grp.sort_values("objective", key=lambda s: s != "vanilla", kind="stable")["cell"]
@@ -122,9 +150,22 @@ def paired_differences(final: pd.DataFrame, readings: tuple[str, ...] = PAIRED_R
                 if len(d) == 0:
                     continue
                 mean = float(d.mean())
-                half = (float(stats.t.ppf(0.5 + _CI / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-                        if len(d) > 1 else math.nan)
-                rows.append({"run": run, "dataset": ds, "reading": reading, "cell": cell, "reference": ref,
-                             "n_pairs": len(d), "mean_diff": mean, "ci_low": mean - half,
-                             "ci_high": mean + half})
+                half = (
+                    float(stats.t.ppf(0.5 + _CI / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+                    if len(d) > 1
+                    else math.nan
+                )
+                rows.append(
+                    {
+                        "run": run,
+                        "dataset": ds,
+                        "reading": reading,
+                        "cell": cell,
+                        "reference": ref,
+                        "n_pairs": len(d),
+                        "mean_diff": mean,
+                        "ci_low": mean - half,
+                        "ci_high": mean + half,
+                    }
+                )
     return pd.DataFrame(rows, columns=cols)

@@ -48,8 +48,17 @@ def _pm(summary: pd.DataFrame, col: str) -> pd.Series:
 def summary_view(summary: pd.DataFrame) -> pd.DataFrame:
     """The per-cell table as shown in the report: mean ± std of the key final readings."""
     view = summary[["run", "dataset", "cell", "label", "regime", "n_trials"]].copy()
-    for col in ("grad_var", "grad_noise_gen", "val_ll", "kid_rbf_nmax", "kid_rbf_inf", "kid_poly_inf",
-                "fid_inf", "train_loss", "wall_time_s"):
+    for col in (
+        "grad_var",
+        "grad_noise_gen",
+        "val_ll",
+        "kid_rbf_nmax",
+        "kid_rbf_inf",
+        "kid_poly_inf",
+        "fid_inf",
+        "train_loss",
+        "wall_time_s",
+    ):
         if f"{col}_mean" in summary.columns and summary[f"{col}_mean"].notna().any():
             view[col] = _pm(summary, col)
     return view
@@ -133,83 +142,110 @@ class FigureSpec:
 def _metric_figure(metric: str, by_regime: bool = False) -> Callable[[DatasetContext], Any]:
     def draw(c: DatasetContext) -> Any:
         return F.fig_metric_vs_grad_var(c.summary, c.fits_of(metric), c.dataset, metric, by_regime=by_regime)
+
     return draw
 
 
 def _why_no(objective: str, fig: str, what: str, readings: str) -> Callable[[DatasetContext], str]:
-    return lambda c: (f"{c.name} {fig} ({what}): "
-                      + (f"no {objective} cells" if not c.has(objective) else f"no {readings} readings"))
+    return lambda c: (
+        f"{c.name} {fig} ({what}): "
+        + (f"no {objective} cells" if not c.has(objective) else f"no {readings} readings")
+    )
 
 
 _FIDELITY = "quadratic fit per regime"
 DATASET_FIGURES: list[FigureSpec] = [
-    FigureSpec("fig03_grad_var_vs_batch_{tag}.png",
-               "{name}: final gradient variance of vanilla cells vs batch size; "
-               "boxes over repetitions (Fig. 3)",
-               _why_no("vanilla", "Fig. 3", "variance vs batch size", "grad_var or batch_size"),
-               lambda c: F.fig_grad_var_vs_batch(c.final, c.dataset),
-               needs=lambda c: c.has("vanilla") and "grad_var" in c.final,
-               section="1-2. Gradient variance vs batch size and vs p (Figs. 3-4)"),
-    FigureSpec("fig04_grad_var_vs_p_{tag}.png",
-               "{name}: final gradient variance of main thermo cells vs p; boxes over repetitions (Fig. 4)",
-               _why_no("thermo", "Fig. 4", "variance vs p", "grad_var or temp_power"),
-               lambda c: F.fig_grad_var_vs_p(c.final, c.dataset),
-               needs=lambda c: c.has("thermo") and "grad_var" in c.final),
-    FigureSpec("fig10_kid_vs_grad_var_{tag}.png",
-               f"{{name}}: kid_rbf_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 10)",
-               "{name} Fig. 10 (kid_rbf_inf vs variance): no kid_rbf_inf or grad_var readings",
-               _metric_figure("kid_rbf_inf"), needs=lambda c: "grad_var_mean" in c.summary,
-               section="3. Image fidelity vs gradient variance, quadratic fits per regime (Figs. 5, 10, 12)"),
-    FigureSpec("fig05_kid_vs_grad_var_regimes_{tag}.png",
-               "{name}: the same, one panel per regime (Fig. 5)", "",
-               _metric_figure("kid_rbf_inf", by_regime=True),
-               needs=lambda c: c.drawn.get("fig10_kid_vs_grad_var_{tag}.png", False)),
-    FigureSpec("fig10b_kid_poly_vs_grad_var_{tag}.png",
-               f"{{name}}: kid_poly_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 10, cubic "
-               "kernel)",
-               "{name} Fig. 10, cubic kernel (kid_poly_inf vs variance): "
-               "no kid_poly_inf or grad_var readings",
-               _metric_figure("kid_poly_inf"), needs=lambda c: "grad_var_mean" in c.summary),
-    FigureSpec("fig12_fid_vs_grad_var_{tag}.png",
-               f"{{name}}: fid_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 12)",
-               "{name} Fig. 12 (fid_inf vs variance): no fid_inf or grad_var readings",
-               _metric_figure("fid_inf"), needs=lambda c: "grad_var_mean" in c.summary),
-    FigureSpec("fig06_extras_{tag}.png",
-               "{name}: cells varying N_t, K or eta overlaid on the 0 < p <= 1 regime; "
-               "baseline circled (Fig. 6)",
-               "{name} Fig. 6 (extra cells): no thermo cells off the main setting, or no kid_rbf_inf",
-               lambda c: F.fig_extras(c.summary, c.fits_of("kid_rbf_inf"), c.dataset),
-               section="4. Extra thermo cells on the 0 < p <= 1 regime (Fig. 6)"),
-    FigureSpec("fig09_training_curves_{tag}.png",
-               "{name}: training loss, gradient variance and KID_inf per epoch; mean line, min-max band over "
-               "repetitions (Fig. 9)",
-               "{name} Fig. 9 (training curves): no per-epoch train_loss/grad_var/kid_rbf_inf",
-               lambda c: F.fig_training_curves(c.epochs, c.final, c.dataset),
-               section="5. Training curves (Fig. 9)"),
-    FigureSpec("fig17_ti_curve_{tag}.png",
-               "{name}: the TI curve E_t against t at each thermo trial's final epoch, one line per cell "
-               "(mean over repetitions, min-max band), and the trapezium's terms w_i E_i",
-               _why_no("thermo", "TI-curve figure", "E_t against t", "per-temperature ti_temps and "
-                       "ti_expected_loglik"),
-               lambda c: F.fig_ti_curve(c.epochs, c.final, c.dataset),
-               section="5a. The TI curve (per-temperature readings)"),
-    FigureSpec("fig15_val_ll_{tag}.png",
-               "{name}: validation log-likelihood by AIS per cell, the same estimate for every model "
-               "(docs/readings.md); per epoch (mean over repetitions) and final (mean ± std)",
-               "{name} val_ll figure: no val_ll readings (evaluation off, or runs older than the reading)",
-               lambda c: R.fig_val_ll(c.epochs, c.final, c.dataset),
-               section="5b. Log-likelihood and gradient noise, the same for every model"),
-    FigureSpec("fig16_grad_noise_vs_grad_var_{tag}.png",
-               "{name}: gradient noise (over minibatches and chains) against grad_var (the spread of one "
-               "gradient's entries), per network, one point per trial",
-               "{name} gradient-noise figure: no grad_noise readings",
-               lambda c: R.fig_grad_noise_vs_grad_var(c.final, c.dataset)),
-    FigureSpec("fig14_training_time_{tag}.png",
-               "{name}: training wall time per model type, mean and min-max over trials ({time_col}; "
-               "Fig. 14)",
-               "{name} Fig. 14 (training time): no wall_time_s or epoch_time_s readings",
-               lambda c: F.fig_training_time(c.final, c.dataset, c.time_col),
-               section="6. Training time (Fig. 14)"),
+    FigureSpec(
+        "fig03_grad_var_vs_batch_{tag}.png",
+        "{name}: final gradient variance of vanilla cells vs batch size; boxes over repetitions (Fig. 3)",
+        _why_no("vanilla", "Fig. 3", "variance vs batch size", "grad_var or batch_size"),
+        lambda c: F.fig_grad_var_vs_batch(c.final, c.dataset),
+        needs=lambda c: c.has("vanilla") and "grad_var" in c.final,
+        section="1-2. Gradient variance vs batch size and vs p (Figs. 3-4)",
+    ),
+    FigureSpec(
+        "fig04_grad_var_vs_p_{tag}.png",
+        "{name}: final gradient variance of main thermo cells vs p; boxes over repetitions (Fig. 4)",
+        _why_no("thermo", "Fig. 4", "variance vs p", "grad_var or temp_power"),
+        lambda c: F.fig_grad_var_vs_p(c.final, c.dataset),
+        needs=lambda c: c.has("thermo") and "grad_var" in c.final,
+    ),
+    FigureSpec(
+        "fig10_kid_vs_grad_var_{tag}.png",
+        f"{{name}}: kid_rbf_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 10)",
+        "{name} Fig. 10 (kid_rbf_inf vs variance): no kid_rbf_inf or grad_var readings",
+        _metric_figure("kid_rbf_inf"),
+        needs=lambda c: "grad_var_mean" in c.summary,
+        section="3. Image fidelity vs gradient variance, quadratic fits per regime (Figs. 5, 10, 12)",
+    ),
+    FigureSpec(
+        "fig05_kid_vs_grad_var_regimes_{tag}.png",
+        "{name}: the same, one panel per regime (Fig. 5)",
+        "",
+        _metric_figure("kid_rbf_inf", by_regime=True),
+        needs=lambda c: c.drawn.get("fig10_kid_vs_grad_var_{tag}.png", False),
+    ),
+    FigureSpec(
+        "fig10b_kid_poly_vs_grad_var_{tag}.png",
+        f"{{name}}: kid_poly_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 10, cubic kernel)",
+        "{name} Fig. 10, cubic kernel (kid_poly_inf vs variance): no kid_poly_inf or grad_var readings",
+        _metric_figure("kid_poly_inf"),
+        needs=lambda c: "grad_var_mean" in c.summary,
+    ),
+    FigureSpec(
+        "fig12_fid_vs_grad_var_{tag}.png",
+        f"{{name}}: fid_inf vs gradient variance, cell means ± std, {_FIDELITY} (Fig. 12)",
+        "{name} Fig. 12 (fid_inf vs variance): no fid_inf or grad_var readings",
+        _metric_figure("fid_inf"),
+        needs=lambda c: "grad_var_mean" in c.summary,
+    ),
+    FigureSpec(
+        "fig06_extras_{tag}.png",
+        "{name}: cells varying N_t, K or eta overlaid on the 0 < p <= 1 regime; baseline circled (Fig. 6)",
+        "{name} Fig. 6 (extra cells): no thermo cells off the main setting, or no kid_rbf_inf",
+        lambda c: F.fig_extras(c.summary, c.fits_of("kid_rbf_inf"), c.dataset),
+        section="4. Extra thermo cells on the 0 < p <= 1 regime (Fig. 6)",
+    ),
+    FigureSpec(
+        "fig09_training_curves_{tag}.png",
+        "{name}: training loss, gradient variance and KID_inf per epoch; mean line, min-max band over "
+        "repetitions (Fig. 9)",
+        "{name} Fig. 9 (training curves): no per-epoch train_loss/grad_var/kid_rbf_inf",
+        lambda c: F.fig_training_curves(c.epochs, c.final, c.dataset),
+        section="5. Training curves (Fig. 9)",
+    ),
+    FigureSpec(
+        "fig17_ti_curve_{tag}.png",
+        "{name}: the TI curve E_t against t at each thermo trial's final epoch, one line per cell "
+        "(mean over repetitions, min-max band), and the trapezium's terms w_i E_i",
+        _why_no(
+            "thermo", "TI-curve figure", "E_t against t", "per-temperature ti_temps and ti_expected_loglik"
+        ),
+        lambda c: F.fig_ti_curve(c.epochs, c.final, c.dataset),
+        section="5a. The TI curve (per-temperature readings)",
+    ),
+    FigureSpec(
+        "fig15_val_ll_{tag}.png",
+        "{name}: validation log-likelihood by AIS per cell, the same estimate for every model "
+        "(docs/readings.md); per epoch (mean over repetitions) and final (mean ± std)",
+        "{name} val_ll figure: no val_ll readings (evaluation off, or runs older than the reading)",
+        lambda c: R.fig_val_ll(c.epochs, c.final, c.dataset),
+        section="5b. Log-likelihood and gradient noise, the same for every model",
+    ),
+    FigureSpec(
+        "fig16_grad_noise_vs_grad_var_{tag}.png",
+        "{name}: gradient noise (over minibatches and chains) against grad_var (the spread of one "
+        "gradient's entries), per network, one point per trial",
+        "{name} gradient-noise figure: no grad_noise readings",
+        lambda c: R.fig_grad_noise_vs_grad_var(c.final, c.dataset),
+    ),
+    FigureSpec(
+        "fig14_training_time_{tag}.png",
+        "{name}: training wall time per model type, mean and min-max over trials ({time_col}; Fig. 14)",
+        "{name} Fig. 14 (training time): no wall_time_s or epoch_time_s readings",
+        lambda c: F.fig_training_time(c.final, c.dataset, c.time_col),
+        section="6. Training time (Fig. 14)",
+    ),
 ]
 
 

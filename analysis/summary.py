@@ -165,8 +165,12 @@ def _mark_extras(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-ESTIMATOR_PARAMS = {"ebm_gradient": "ebm", "gen_gradient": "gen", "ti_rule": "rule",
-                    "chains_per_example": "M"}
+ESTIMATOR_PARAMS = {
+    "ebm_gradient": "ebm",
+    "gen_gradient": "gen",
+    "ti_rule": "rule",
+    "chains_per_example": "M",
+}
 
 
 def _mark_estimators(df: pd.DataFrame, grp: pd.DataFrame) -> None:
@@ -178,8 +182,9 @@ def _mark_estimators(df: pd.DataFrame, grp: pd.DataFrame) -> None:
         return
     for idx, row in grp.iterrows():
         values = [_num(row[p]) if p == "chains_per_example" else row[p] for p in varying]
-        df.loc[idx, "estimator"] = ", ".join(f"{ESTIMATOR_PARAMS[p]} {v}" for p, v in zip(varying, values,
-                                                                                         strict=True))
+        df.loc[idx, "estimator"] = ", ".join(
+            f"{ESTIMATOR_PARAMS[p]} {v}" for p, v in zip(varying, values, strict=True)
+        )
 
 
 def cell_label(row: pd.Series | dict) -> str:

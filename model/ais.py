@@ -72,8 +72,10 @@ def _check_pilots(num_pilots: int) -> None:
     """The pilots are the last `num_pilots` chains; with none, [..., :-0] would leave no estimating chain
     and [..., -0:] would adapt on every chain, breaking the estimate's unbiasedness."""
     if num_pilots < 1:
-        raise ValueError(f"num_pilots={num_pilots} leaves no pilot chain to adapt the step size on (the "
-                         "estimating chains must not adapt it); use num_pilots=1 or more")
+        raise ValueError(
+            f"num_pilots={num_pilots} leaves no pilot chain to adapt the step size on (the "
+            "estimating chains must not adapt it); use num_pilots=1 or more"
+        )
 
 
 def power_schedule(num_temps: int, power: Array | float) -> Array:
@@ -88,8 +90,15 @@ def _value_and_grad(fn: Potential, z: Array) -> tuple[Array, Array]:
     return value, vjp(jnp.ones_like(value))[0]
 
 
-def anneal(fixed: Potential, annealed: Potential, betas: Array, state: AisState, key: Array,
-           prior_sigma: Array, num_pilots: int) -> tuple[AisState, Array]:
+def anneal(
+    fixed: Potential,
+    annealed: Potential,
+    betas: Array,
+    state: AisState,
+    key: Array,
+    prior_sigma: Array,
+    num_pilots: int,
+) -> tuple[AisState, Array]:
     """AIS over gamma_k(z) = -||z||^2 / (2 sigma_0^2) + fixed(z) + betas[k] annealed(z), k = 1..K.
 
     At each k the log-weight gains (betas[k] - betas[k-1]) annealed(z), then one MALA step targets
@@ -122,14 +131,17 @@ def anneal(fixed: Potential, annealed: Potential, betas: Array, state: AisState,
         mean_bwd = z_new + s * grad_gamma(z_new, gh_new, gu_new, beta)
         log_q_fwd = -jnp.sum((z_new - mean_fwd) ** 2, axis=-1) / (4.0 * s[..., 0])
         log_q_bwd = -jnp.sum((z - mean_bwd) ** 2, axis=-1) / (4.0 * s[..., 0])
-        log_ratio = (log_gamma(z_new, h_new, u_new, beta) - log_gamma(z, h, u, beta) + log_q_bwd - log_q_fwd)
+        log_ratio = log_gamma(z_new, h_new, u_new, beta) - log_gamma(z, h, u, beta) + log_q_bwd - log_q_fwd
         log_ratio = jnp.where(jnp.isfinite(log_ratio), log_ratio, -jnp.inf)  # a non-finite proposal: reject
         accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
         accept = jax.random.uniform(k_accept, accept_prob.shape) < accept_prob
-        pick = lambda new, old: jnp.where(accept.reshape(accept.shape + (1,) * (new.ndim - accept.ndim)),  # noqa: E731
-                                          new, old)
-        z, h, gh, u, gu = (pick(a, b) for a, b in ((z_new, z), (h_new, h), (gh_new, gh), (u_new, u),
-                                                      (gu_new, gu)))
+
+        def pick(new: Array, old: Array) -> Array:
+            return jnp.where(accept.reshape(accept.shape + (1,) * (new.ndim - accept.ndim)), new, old)
+
+        z, h, gh, u, gu = (
+            pick(a, b) for a, b in ((z_new, z), (h_new, h), (gh_new, gh), (u_new, u), (gu_new, gu))
+        )
         pilot_rate = jnp.mean(accept_prob[..., -num_pilots:], axis=-1)
         step = step * jnp.exp(_ADAPT_RATE * (pilot_rate - _TARGET_ACCEPT))
         rate = jnp.mean(accept[..., :-num_pilots].astype(jnp.float32))
@@ -142,8 +154,15 @@ def anneal(fixed: Potential, annealed: Potential, betas: Array, state: AisState,
     return AisState(carry[0], carry[1], carry[2]), jnp.mean(rates)
 
 
-def initial_state(key: Array, lead: tuple[int, ...], chains: int, num_pilots: int, z_dim: int,
-                  prior_sigma: Array, step_size: Array | float) -> AisState:
+def initial_state(
+    key: Array,
+    lead: tuple[int, ...],
+    chains: int,
+    num_pilots: int,
+    z_dim: int,
+    prior_sigma: Array,
+    step_size: Array | float,
+) -> AisState:
     """z ~ N(0, sigma_0^2 I) exactly, shaped lead + (chains + pilots, d); zero log-weights."""
     _check_pilots(num_pilots)
     z = prior_sigma * jax.random.normal(key, lead + (chains + num_pilots, z_dim))
@@ -175,24 +194,51 @@ def val_ll_and_stderr(log_z_x: Array, log_z_prior: Array, log_z_prior_var: Array
     return jnp.mean(log_z_x) - log_z_prior, stderr
 
 
-def log_z_prior(nets: Networks, ebm_params: Any, key: Array, *, prior_sigma: Array, z_dim: int,
-                num_temps: int, chains: int, num_pilots: int = 4, step_size: float = 0.5
-                ) -> tuple[Array, Array, Array]:
+def log_z_prior(
+    nets: Networks,
+    ebm_params: Any,
+    key: Array,
+    *,
+    prior_sigma: Array,
+    z_dim: int,
+    num_temps: int,
+    chains: int,
+    num_pilots: int = 4,
+    step_size: float = 0.5,
+) -> tuple[Array, Array, Array]:
     """AIS estimate of log Z_alpha (the EBM prior's normaliser over N(0, sigma_0^2 I)) with `chains` chains
     and `num_temps` linearly spaced temperatures. Returns (log Z_hat_alpha, acceptance rate, the
     delta-method variance of log Z_hat_alpha)."""
     state = initial_state(jax.random.fold_in(key, 0), (), chains, num_pilots, z_dim, prior_sigma, step_size)
     energy = functools.partial(nets.energy, ebm_params)
     zero = lambda z: jnp.zeros(z.shape[:-1], z.dtype)  # noqa: E731
-    state, rate = anneal(zero, energy, power_schedule(num_temps, 1.0), state, jax.random.fold_in(key, 1),
-                         prior_sigma, num_pilots)
+    state, rate = anneal(
+        zero,
+        energy,
+        power_schedule(num_temps, 1.0),
+        state,
+        jax.random.fold_in(key, 1),
+        prior_sigma,
+        num_pilots,
+    )
     return log_normaliser(state, num_pilots), rate, log_normaliser_variance(state, num_pilots)
 
 
-def log_z_data(nets: Networks, params: Any, x: Array, key: Array, *, prior_sigma: Array,
-               lkhood_sigma: Array, z_dim: int, num_temps: int, chains: int,
-               lkhood_power: Array | float = 4.0, num_pilots: int = 1, step_size: float = 0.5
-               ) -> tuple[Array, Array]:
+def log_z_data(
+    nets: Networks,
+    params: Any,
+    x: Array,
+    key: Array,
+    *,
+    prior_sigma: Array,
+    lkhood_sigma: Array,
+    z_dim: int,
+    num_temps: int,
+    chains: int,
+    lkhood_power: Array | float = 4.0,
+    num_pilots: int = 1,
+    step_size: float = 0.5,
+) -> tuple[Array, Array]:
     """AIS estimates of log Z(x) for each x (n, H, W, C): `num_temps` linear temperatures turning on f,
     then `num_temps` temperatures b_l = (k/K)^lkhood_power turning on log p(x|z), `chains` chains per x.
     Returns (log Z_hat(x) (n,), acceptance rate of the likelihood stage)."""
@@ -200,28 +246,70 @@ def log_z_data(nets: Networks, params: Any, x: Array, key: Array, *, prior_sigma
     state = initial_state(jax.random.fold_in(key, 0), (n,), chains, num_pilots, z_dim, prior_sigma, step_size)
     energy = functools.partial(nets.energy, params["ebm"])
     zero = lambda z: jnp.zeros(z.shape[:-1], z.dtype)  # noqa: E731
-    state, _ = anneal(zero, energy, power_schedule(num_temps, 1.0), state, jax.random.fold_in(key, 1),
-                      prior_sigma, num_pilots)
+    state, _ = anneal(
+        zero,
+        energy,
+        power_schedule(num_temps, 1.0),
+        state,
+        jax.random.fold_in(key, 1),
+        prior_sigma,
+        num_pilots,
+    )
 
     def loglik(z: Array) -> Array:
         return log_likelihood(x[:, None], nets.generate(params["gen"], z), lkhood_sigma)
 
-    state, rate = anneal(energy, loglik, power_schedule(num_temps, lkhood_power), state,
-                         jax.random.fold_in(key, 2), prior_sigma, num_pilots)
+    state, rate = anneal(
+        energy,
+        loglik,
+        power_schedule(num_temps, lkhood_power),
+        state,
+        jax.random.fold_in(key, 2),
+        prior_sigma,
+        num_pilots,
+    )
     return log_normaliser(state, num_pilots), rate
 
 
-def validation_log_likelihood(nets: Networks, params: Any, x: Array, key: Array, *, prior_sigma: Array,
-                              lkhood_sigma: Array, z_dim: int, num_temps: int = 100, chains: int = 4,
-                              prior_chains: int = 256, lkhood_power: Array | float = 4.0) -> ValLL:
+def validation_log_likelihood(
+    nets: Networks,
+    params: Any,
+    x: Array,
+    key: Array,
+    *,
+    prior_sigma: Array,
+    lkhood_sigma: Array,
+    z_dim: int,
+    num_temps: int = 100,
+    chains: int = 4,
+    prior_chains: int = 256,
+    lkhood_power: Array | float = 4.0,
+) -> ValLL:
     """val_ll = mean_x [log Z_hat(x)] - log Z_hat_alpha in nats per image, with its standard error over
     the examples of x (n >= 2) and the Monte Carlo error of the shared log Z_hat_alpha. Each of the two AIS
     estimates is a stochastic lower bound of its log-normaliser; val_ll is consistent but not a bound (see
     the module docstring). Pure and jittable with nets, z_dim, num_temps, chains and prior_chains static."""
     k_prior, k_data = jax.random.split(key)
-    lz_prior, acc_prior, lz_prior_var = log_z_prior(nets, params["ebm"], k_prior, prior_sigma=prior_sigma,
-                                                    z_dim=z_dim, num_temps=num_temps, chains=prior_chains)
-    lz_x, acc_x = log_z_data(nets, params, x, k_data, prior_sigma=prior_sigma, lkhood_sigma=lkhood_sigma,
-                             z_dim=z_dim, num_temps=num_temps, chains=chains, lkhood_power=lkhood_power)
+    lz_prior, acc_prior, lz_prior_var = log_z_prior(
+        nets,
+        params["ebm"],
+        k_prior,
+        prior_sigma=prior_sigma,
+        z_dim=z_dim,
+        num_temps=num_temps,
+        chains=prior_chains,
+    )
+    lz_x, acc_x = log_z_data(
+        nets,
+        params,
+        x,
+        k_data,
+        prior_sigma=prior_sigma,
+        lkhood_sigma=lkhood_sigma,
+        z_dim=z_dim,
+        num_temps=num_temps,
+        chains=chains,
+        lkhood_power=lkhood_power,
+    )
     val_ll, stderr = val_ll_and_stderr(lz_x, lz_prior, lz_prior_var)
     return ValLL(val_ll, stderr, lz_x, lz_prior, acc_x, acc_prior)

@@ -35,8 +35,18 @@ from model.nets import resolve_conv_impl
 from model.objectives import Hyper
 from model.step import StepSpec, compiled_train_step, loss_fn
 
-_REF = dict(batch_size=25, z_dim=32, ebm_width=64, gen_width=8, prior_steps=20, posterior_steps=10,
-            num_temps=5, temp_power=1.0, kl_weight=1.0, eval_every=0)
+_REF = dict(
+    batch_size=25,
+    z_dim=32,
+    ebm_width=64,
+    gen_width=8,
+    prior_steps=20,
+    posterior_steps=10,
+    num_temps=5,
+    temp_power=1.0,
+    kl_weight=1.0,
+    eval_every=0,
+)
 
 
 def workloads(suite: str = "small") -> dict[str, ExperimentConfig]:
@@ -48,28 +58,43 @@ def workloads(suite: str = "small") -> dict[str, ExperimentConfig]:
         "digits-thermo-nt10": get_preset("digits", eval_every=0, objective="thermo", num_temps=10),
         "digits-thermo-nt20": get_preset("digits", eval_every=0, objective="thermo", num_temps=20),
         # same shapes as digits-thermo-nt5, other p / eta / step size: must reuse its compiled step
-        "digits-thermo-nt5-other-cell": get_preset("digits", eval_every=0, objective="thermo", num_temps=5,
-                                                   temp_power=6.0, kl_weight=3.0, posterior_step_size=0.02),
+        "digits-thermo-nt5-other-cell": get_preset(
+            "digits",
+            eval_every=0,
+            objective="thermo",
+            num_temps=5,
+            temp_power=6.0,
+            kl_weight=3.0,
+            posterior_step_size=0.02,
+        ),
         "ref-vanilla": get_preset("cifar10", **_REF),
         "ref-thermo-nt5": get_preset("cifar10", **_REF, objective="thermo", ebm_gradient="none"),
-        "ref-thermo-nt10": get_preset("cifar10", **(_REF | dict(num_temps=10)), objective="thermo",
-                                      ebm_gradient="none"),
+        "ref-thermo-nt10": get_preset(
+            "cifar10", **(_REF | dict(num_temps=10)), objective="thermo", ebm_gradient="none"
+        ),
         "ref-thermo-nt5-chain": get_preset("cifar10", **_REF, objective="thermo", ebm_gradient="chains"),
         # the maximum-likelihood EBM gradient: one extra prior chain, no backprop through the chains
         "ref-thermo-nt5-ml": get_preset("cifar10", **_REF, objective="thermo", ebm_gradient="ml"),
         # per-example Gaussians from M = 8 chains per example: time and memory linear in M
-        "ref-thermo-nt5-kl-example-m8": get_preset("cifar10", **_REF, objective="thermo",
-                                                   ebm_gradient="none", ti_rule="kl_example",
-                                                   chains_per_example=8),
+        "ref-thermo-nt5-kl-example-m8": get_preset(
+            "cifar10",
+            **_REF,
+            objective="thermo",
+            ebm_gradient="none",
+            ti_rule="kl_example",
+            chains_per_example=8,
+        ),
     }
     # The heaviest cells of paper-celeba and paper-cifar10 (and the paper's own timed setting, stop-gradient
     # thermo at N_t = 10), at the grids' shapes.
     paper = {
         "celeba-vanilla-b150": get_preset("celeba", eval_every=0, batch_size=150),
-        "celeba-thermo-nt30": get_preset("celeba", eval_every=0, objective="thermo", num_temps=30,
-                                         temp_power=0.1),
-        "celeba-thermo-nt10-stopgrad": get_preset("celeba", eval_every=0, objective="thermo",
-                                                  ebm_gradient="none"),
+        "celeba-thermo-nt30": get_preset(
+            "celeba", eval_every=0, objective="thermo", num_temps=30, temp_power=0.1
+        ),
+        "celeba-thermo-nt10-stopgrad": get_preset(
+            "celeba", eval_every=0, objective="thermo", ebm_gradient="none"
+        ),
         "cifar10-vanilla-b150": get_preset("cifar10", eval_every=0, batch_size=150),
         "cifar10-thermo-nt10": get_preset("cifar10", eval_every=0, objective="thermo", temp_power=0.1),
     }
@@ -77,8 +102,17 @@ def workloads(suite: str = "small") -> dict[str, ExperimentConfig]:
 
 
 # Vendor float32 peaks (no tensor cores) by a substring of the JAX device kind, most specific first.
-GPU_PEAK_FLOPS = (("H100 PCIe", 51e12), ("H100", 67e12), ("H200", 67e12), ("A100", 19.5e12),
-                  ("A10G", 31.2e12), ("L40S", 91.6e12), ("L4", 30.3e12), ("V100", 15.7e12), ("T4", 8.1e12))
+GPU_PEAK_FLOPS = (
+    ("H100 PCIe", 51e12),
+    ("H100", 67e12),
+    ("H200", 67e12),
+    ("A100", 19.5e12),
+    ("A10G", 31.2e12),
+    ("L40S", 91.6e12),
+    ("L4", 30.3e12),
+    ("V100", 15.7e12),
+    ("T4", 8.1e12),
+)
 
 
 def device_peak_flops(device: Any, machine_gflops: float | None) -> tuple[float | None, str]:
@@ -112,6 +146,7 @@ def step_flops(config: ExperimentConfig) -> float:
     XLA's cost analysis counts a loop body once, so the chains are unrolled here: F(K) is measured at
     K = 1 and K = 2 and extended linearly, F(K) = F(1) + (K - 1) (F(2) - F(1)), separately for the prior
     and posterior chains. The optimiser update (a few FLOPs per parameter) is left out."""
+
     def flops(prior_steps: int, posterior_steps: int) -> float:
         cfg = dataclasses.replace(config, prior_steps=prior_steps, posterior_steps=posterior_steps)
         spec = StepSpec.from_config(cfg)
@@ -119,8 +154,11 @@ def step_flops(config: ExperimentConfig) -> float:
         state = loop.init_state(cfg)
         params = {"ebm": state.ebm_params, "gen": state.gen_params}
         x = jnp.zeros((cfg.batch_size,) + cfg.image_shape, jnp.float32)
-        fn = jax.jit(jax.value_and_grad(lambda p: loss(p, x, state.key, jnp.arange(cfg.batch_size),
-                                                       Hyper.from_config(cfg))[0]))
+        fn = jax.jit(
+            jax.value_and_grad(
+                lambda p: loss(p, x, state.key, jnp.arange(cfg.batch_size), Hyper.from_config(cfg))[0]
+            )
+        )
         cost = fn.lower(params).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return float(cost["flops"])
@@ -131,8 +169,14 @@ def step_flops(config: ExperimentConfig) -> float:
     return base + (config.posterior_steps - 1) * per_post + (config.prior_steps - 1) * per_prior
 
 
-def run_workload(name: str, config: ExperimentConfig, steps: int, devices: list[Any],
-                 machine_gflops: float | None, xla_flops: bool = True) -> dict[str, Any]:
+def run_workload(
+    name: str,
+    config: ExperimentConfig,
+    steps: int,
+    devices: list[Any],
+    machine_gflops: float | None,
+    xla_flops: bool = True,
+) -> dict[str, Any]:
     """Time `steps` train steps after the compiling first one. Returns one result row."""
     compiles: list[float] = []
 
@@ -169,25 +213,41 @@ def run_workload(name: str, config: ExperimentConfig, steps: int, devices: list[
     flops = step_flops(config) if xla_flops else cost.step_flops(config)
     peak, peak_source = device_peak_flops(devices[0], machine_gflops)
     row = {
-        "name": name, "backend": devices[0].platform, "device_kind": devices[0].device_kind,
-        "conv_impl": spec.conv_impl, "load_avg_1m": os.getloadavg()[0], "objective": config.objective,
+        "name": name,
+        "backend": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "conv_impl": spec.conv_impl,
+        "load_avg_1m": os.getloadavg()[0],
+        "objective": config.objective,
         "num_temps": config.num_temps if config.is_thermo else None,
-        **{f: getattr(config, f) if config.is_thermo else None
-           for f in ("ti_rule", "chains_per_example", "ebm_gradient", "gen_gradient")},
-        "batch_size": config.batch_size, "image_shape": list(config.image_shape), "devices": len(devices),
-        "images_per_s": config.batch_size / step_s, "step_s": step_s,
-        "compile_s": max(first - step_s, 0.0), "recompiled": bool(compiles), "compiles": len(compiles),
-        "peak_bytes": peak_bytes, "estimated_peak_bytes": memory.estimate_step_memory(config, len(devices)),
-        "flops_per_step": flops, "flops_counted_by": "xla" if xla_flops else "closed form (model.cost)",
-        "gflops_per_s": flops / step_s / 1e9, "peak_flops": peak, "peak_source": peak_source,
+        **{
+            f: getattr(config, f) if config.is_thermo else None
+            for f in ("ti_rule", "chains_per_example", "ebm_gradient", "gen_gradient")
+        },
+        "batch_size": config.batch_size,
+        "image_shape": list(config.image_shape),
+        "devices": len(devices),
+        "images_per_s": config.batch_size / step_s,
+        "step_s": step_s,
+        "compile_s": max(first - step_s, 0.0),
+        "recompiled": bool(compiles),
+        "compiles": len(compiles),
+        "peak_bytes": peak_bytes,
+        "estimated_peak_bytes": memory.estimate_step_memory(config, len(devices)),
+        "flops_per_step": flops,
+        "flops_counted_by": "xla" if xla_flops else "closed form (model.cost)",
+        "gflops_per_s": flops / step_s / 1e9,
+        "peak_flops": peak,
+        "peak_source": peak_source,
     }
     if peak:
         row["fraction_of_peak"] = flops / step_s / peak
     return row
 
 
-def interleaved(names: list[str], configs: dict[str, ExperimentConfig], rounds: int,
-                devices: list[Any]) -> dict[str, float]:
+def interleaved(
+    names: list[str], configs: dict[str, ExperimentConfig], rounds: int, devices: list[Any]
+) -> dict[str, float]:
     """Median images/s of each workload timed one step per round in turn, so a machine whose load moves
     affects them alike (for ratios on a shared machine). Compiles each step before the first round."""
     runs = {}
@@ -196,13 +256,23 @@ def interleaved(names: list[str], configs: dict[str, ExperimentConfig], rounds: 
         step = compiled_train_step(StepSpec.from_config(config), tuple(devices))
         state = loop.init_state(config)
         carry, lrs = loop.step_inputs(config, state, 1, devices)
-        x = np.random.default_rng(0).uniform(
-            -1, 1, (len(devices), config.batch_size // len(devices)) + config.image_shape).astype(np.float32)
+        x = (
+            np.random.default_rng(0)
+            .uniform(-1, 1, (len(devices), config.batch_size // len(devices)) + config.image_shape)
+            .astype(np.float32)
+        )
         hp = Hyper.from_config(config)
         carry, stats = step(carry, x, state.key, hp, lrs)
         jax.block_until_ready(stats)
-        runs[name] = {"step": step, "carry": carry, "x": x, "hp": hp, "lrs": lrs, "key": state.key,
-                      "times": []}
+        runs[name] = {
+            "step": step,
+            "carry": carry,
+            "x": x,
+            "hp": hp,
+            "lrs": lrs,
+            "key": state.key,
+            "times": [],
+        }
     for _ in range(rounds):
         for r in runs.values():
             r["key"], sub = jax.random.split(r["key"])
@@ -228,14 +298,22 @@ def _peak_bytes(step: Any, *args: Any) -> int | None:
 def format_row(r: dict[str, Any]) -> str:
     mem = f"{r['peak_bytes'] / 2**20:.0f} MiB" if r.get("peak_bytes") else "n/a"
     frac = f" = {100 * r['fraction_of_peak']:.0f}% of peak" if "fraction_of_peak" in r else ""
-    return (f"{r['name']:30s} {r['images_per_s']:8.2f} img/s  step {r['step_s']:.3f}s  compile "
-            f"{r['compile_s']:.1f}s{' (recompiled)' if r['recompiled'] else ' (cached)'}  peak {mem} "
-            f"(est. {r['estimated_peak_bytes'] / 2**20:.0f})  {r['gflops_per_s']:.1f} GFLOP/s{frac}  "
-            f"{r['conv_impl']}  load {r['load_avg_1m']:.1f}")
+    return (
+        f"{r['name']:30s} {r['images_per_s']:8.2f} img/s  step {r['step_s']:.3f}s  compile "
+        f"{r['compile_s']:.1f}s{' (recompiled)' if r['recompiled'] else ' (cached)'}  peak {mem} "
+        f"(est. {r['estimated_peak_bytes'] / 2**20:.0f})  {r['gflops_per_s']:.1f} GFLOP/s{frac}  "
+        f"{r['conv_impl']}  load {r['load_avg_1m']:.1f}"
+    )
 
 
-def compare_conv(names: list[str], all_workloads: dict[str, ExperimentConfig], steps: int,
-                 devices: list[Any], machine: float | None, emit: Any) -> str:
+def compare_conv(
+    names: list[str],
+    all_workloads: dict[str, ExperimentConfig],
+    steps: int,
+    devices: list[Any],
+    machine: float | None,
+    emit: Any,
+) -> str:
     """Time every workload with conv_impl phases and lax; returns the verdict line."""
     wins = {"phases": 0, "lax": 0}
     for name in names:
@@ -251,25 +329,38 @@ def compare_conv(names: list[str], all_workloads: dict[str, ExperimentConfig], s
         print(f"{name}: {best} is {rates[best] / rates[other]:.2f}x {other}", flush=True)
     backend = devices[0].platform
     best = max(wins, key=wins.get)
-    return (f"fastest on {backend}: {best} ({wins[best]} of {len(names)} workloads); "
-            f"model.nets.MEASURED_FASTEST_CONV[{backend!r}] is "
-            f"{resolve_conv_impl('auto', backend)!r}")
+    return (
+        f"fastest on {backend}: {best} ({wins[best]} of {len(names)} workloads); "
+        f"model.nets.MEASURED_FASTEST_CONV[{backend!r}] is "
+        f"{resolve_conv_impl('auto', backend)!r}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--suite", choices=("auto", "small", "paper", "all"), default="auto",
-                        help="auto: small on a CPU, paper on a GPU")
+    parser.add_argument(
+        "--suite",
+        choices=("auto", "small", "paper", "all"),
+        default="auto",
+        help="auto: small on a CPU, paper on a GPU",
+    )
     parser.add_argument("--only", action="append", help="run only this workload (repeatable)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per workload (median reported)")
     parser.add_argument("--devices", type=int, default=1, help="local devices to pmap over")
-    parser.add_argument("--compare-conv", action="store_true",
-                        help="time each workload with conv_impl phases and lax and name the faster")
+    parser.add_argument(
+        "--compare-conv",
+        action="store_true",
+        help="time each workload with conv_impl phases and lax and name the faster",
+    )
     parser.add_argument("--list", action="store_true", help="list workload names and exit")
-    parser.add_argument("--interleave", type=int, metavar="ROUNDS",
-                        help="time the --only workloads one step each per round for ROUNDS rounds and print "
-                             "median images/s and ratios to the first (for a machine whose load moves)")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        metavar="ROUNDS",
+        help="time the --only workloads one step each per round for ROUNDS rounds and print "
+        "median images/s and ratios to the first (for a machine whose load moves)",
+    )
     args = parser.parse_args(argv)
     suite = args.suite if args.suite != "auto" else ("small" if jax.default_backend() == "cpu" else "paper")
     all_workloads = workloads("all")
@@ -289,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     machine = matmul_gflops()
     if not args.json:
         load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-        print(f"{jax.default_backend()} x{len(devices)} ({devices[0].device_kind}); float32 2048^2 matmul: "
-              f"{machine:.0f} GFLOP/s; load average {load}", flush=True)
+        print(
+            f"{jax.default_backend()} x{len(devices)} ({devices[0].device_kind}); float32 2048^2 matmul: "
+            f"{machine:.0f} GFLOP/s; load average {load}",
+            flush=True,
+        )
 
     def emit(row: dict[str, Any]) -> None:
         print(json.dumps(row) if args.json else format_row(row), flush=True)

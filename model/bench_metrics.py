@@ -39,6 +39,7 @@ def extrapolation_cost(real: np.ndarray, gen: np.ndarray, sizes: tuple[int, ...]
     _, total = _timed(extrapolated_metrics, real, gen, sizes, 0)
     n = len(sizes)
     rng = np.random.default_rng(0)
+
     def masks(rows: int) -> np.ndarray:
         return np.stack([np.isin(np.arange(rows), rng.choice(rows, s, replace=False)) for s in sizes]) * 1.0
 
@@ -66,10 +67,19 @@ def bench_inception(num: int, n_max: int, points: int, batch_size: int) -> dict[
     sizes = sample_sizes(max(2, n_max * 2 // 9), n_max, points)
     cost = extrapolation_cost(real, gen, sizes)
     per_s = num / pass_s
-    return {"extractor": inception.NAME, "images": num, "batch_size": batch_size, "init_s": init_s,
-            "compile_and_first_batch_s": compile_s, "feature_pass_s": pass_s, "images_per_s": per_s,
-            "n_max": n_max, "sizes": list(sizes), **cost,
-            "estimated_full_eval_s": n_max / per_s + cost["extrapolation_s"]}
+    return {
+        "extractor": inception.NAME,
+        "images": num,
+        "batch_size": batch_size,
+        "init_s": init_s,
+        "compile_and_first_batch_s": compile_s,
+        "feature_pass_s": pass_s,
+        "images_per_s": per_s,
+        "n_max": n_max,
+        "sizes": list(sizes),
+        **cost,
+        "estimated_full_eval_s": n_max / per_s + cost["extrapolation_s"],
+    }
 
 
 def bench_digits(n_max: int, points: int) -> dict[str, Any]:
@@ -85,32 +95,41 @@ def bench_digits(n_max: int, points: int) -> dict[str, Any]:
     evaluator(gen, jax.random.key(0))  # compile
     _, eval_s = _timed(evaluator, gen, jax.random.key(1))
     feats, feat_s = _timed(evaluator.generated_features, gen, jax.random.key(1))
-    out = {"extractor": evaluator.extractor.name, "setup_s_incl_training": setup_s,
-           "real_split": evaluator.real_split, "preset_sizes": list(evaluator.sizes), "preset_eval_s": eval_s,
-           "preset_feature_pass_s": feat_s}
+    out = {
+        "extractor": evaluator.extractor.name,
+        "setup_s_incl_training": setup_s,
+        "real_split": evaluator.real_split,
+        "preset_sizes": list(evaluator.sizes),
+        "preset_eval_s": eval_s,
+        "preset_feature_pass_s": feat_s,
+    }
     # the paper's sizes on digits features: generated images through the classifier, real from the same pool
     images = _random_images(jax.random.key(2), 2 * n_max, shape)
     big, big_feat_s = _timed(evaluator.extractor, images)
     sizes = sample_sizes(max(2, n_max * 2 // 9), n_max, points)
     cost = extrapolation_cost(big[:n_max], big[n_max:], sizes)
-    out.update({"n_max": n_max, "feature_pass_n_max_s": big_feat_s / 2,
-                **{f"n_max_{k}": v for k, v in cost.items()}})
+    out.update(
+        {"n_max": n_max, "feature_pass_n_max_s": big_feat_s / 2, **{f"n_max_{k}": v for k, v in cost.items()}}
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.bench_metrics",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--num", type=int, default=4500,
-                        help="generated images through Inception (default 4500)")
+    parser = argparse.ArgumentParser(prog="python -m model.bench_metrics", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--num", type=int, default=4500, help="generated images through Inception (default 4500)"
+    )
     parser.add_argument("--n-max", type=int, default=4500, help="largest extrapolation size (default 4500)")
     parser.add_argument("--points", type=int, default=10, help="sizes in the extrapolation (default 10)")
     parser.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
     parser.add_argument("--skip-inception", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
-    result: dict[str, Any] = {"backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-                              "load_avg_1m": os.getloadavg()[0]}
+    result: dict[str, Any] = {
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
     result["digits"] = bench_digits(args.n_max, args.points)
     if not args.skip_inception:
         result["inception"] = bench_inception(args.num, args.n_max, args.points, args.batch_size)
@@ -119,22 +138,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"backend {result['backend']}, {result['cpu_count']} CPUs, load {result['load_avg_1m']:.1f}")
     d = result["digits"]
-    print(f"[digits] classifier setup (train + real features) {d['setup_s_incl_training']:.2f} s; preset "
-          f"evaluation (sizes {d['preset_sizes']}, real={d['real_split']}) {d['preset_eval_s']:.3f} s, "
-          f"of which feature pass {d['preset_feature_pass_s']:.3f} s")
-    print(f"[digits] N_max={d['n_max']}, {d['n_max_num_sizes']} sizes: feature pass "
-          f"{d['feature_pass_n_max_s']:.3f} s, "
-          f"extrapolation {d['n_max_extrapolation_s']:.2f} s (KID all sizes "
-          f"{d['n_max_kid_all_sizes_s']:.2f} s, one FID_N {d['n_max_fid_largest_n_s']:.3f} s)")
+    print(
+        f"[digits] classifier setup (train + real features) {d['setup_s_incl_training']:.2f} s; preset "
+        f"evaluation (sizes {d['preset_sizes']}, real={d['real_split']}) {d['preset_eval_s']:.3f} s, "
+        f"of which feature pass {d['preset_feature_pass_s']:.3f} s"
+    )
+    print(
+        f"[digits] N_max={d['n_max']}, {d['n_max_num_sizes']} sizes: feature pass "
+        f"{d['feature_pass_n_max_s']:.3f} s, "
+        f"extrapolation {d['n_max_extrapolation_s']:.2f} s (KID all sizes "
+        f"{d['n_max_kid_all_sizes_s']:.2f} s, one FID_N {d['n_max_fid_largest_n_s']:.3f} s)"
+    )
     if "inception" in result:
         r = result["inception"]
-        print(f"[inception] {r['images']} images 32x32x3 -> 299, batch {r['batch_size']}: compile+1st batch "
-              f"{r['compile_and_first_batch_s']:.1f} s, feature pass {r['feature_pass_s']:.1f} s = "
-              f"{r['images_per_s']:.1f} images/s")
-        print(f"[inception] extrapolation N_max={r['n_max']}, {r['num_sizes']} sizes, d=2048: "
-              f"{r['extrapolation_s']:.1f} s (KID all sizes {r['kid_all_sizes_s']:.1f} s, one FID_N "
-              f"{r['fid_largest_n_s']:.1f} s); estimated full evaluation ({r['n_max']} images) "
-              f"{r['estimated_full_eval_s']:.0f} s")
+        print(
+            f"[inception] {r['images']} images 32x32x3 -> 299, batch {r['batch_size']}: compile+1st batch "
+            f"{r['compile_and_first_batch_s']:.1f} s, feature pass {r['feature_pass_s']:.1f} s = "
+            f"{r['images_per_s']:.1f} images/s"
+        )
+        print(
+            f"[inception] extrapolation N_max={r['n_max']}, {r['num_sizes']} sizes, d=2048: "
+            f"{r['extrapolation_s']:.1f} s (KID all sizes {r['kid_all_sizes_s']:.1f} s, one FID_N "
+            f"{r['fid_largest_n_s']:.1f} s); estimated full evaluation ({r['n_max']} images) "
+            f"{r['estimated_full_eval_s']:.0f} s"
+        )
     return 0
 
 

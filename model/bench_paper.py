@@ -104,15 +104,28 @@ def paper_step_seconds(paper_dir: Path, mode: str, steps: int) -> float:
     from model.bench import workloads
 
     c = workloads("small")[MODES[mode]]
-    ini = _INI.format(batch=c.batch_size, z=c.z_dim, ebm=c.ebm_width, gen=c.gen_width, prior=c.prior_steps,
-                      post=c.posterior_steps, nt=c.num_temps,
-                      power=0 if mode == "vanilla" else c.temp_power,
-                      # its KILL_GRADIENT is read with bool(str): "0" stops the gradient, "" keeps it
-                      kill="" if mode == "thermo-chain" else 0)
+    ini = _INI.format(
+        batch=c.batch_size,
+        z=c.z_dim,
+        ebm=c.ebm_width,
+        gen=c.gen_width,
+        prior=c.prior_steps,
+        post=c.posterior_steps,
+        nt=c.num_temps,
+        power=0 if mode == "vanilla" else c.temp_power,
+        # its KILL_GRADIENT is read with bool(str): "0" stops the gradient, "" keeps it
+        kill="" if mode == "thermo-chain" else 0,
+    )
     (paper_dir / "hyperparams.ini").write_text(ini)
     env = {**os.environ, "PYTHONPATH": str(paper_dir)}
-    out = subprocess.run([sys.executable, "-c", _PAPER_TIMER, str(c.batch_size), str(steps)], cwd=paper_dir,
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PAPER_TIMER, str(c.batch_size), str(steps)],
+        cwd=paper_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["step_s"]
 
 
@@ -124,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (median)")
     args = parser.parse_args(argv)
     if not (args.paper_code / "src" / "pipeline" / "pipeline_steps.py").is_file():
-        parser.error(f"--paper-code {args.paper_code}: no src/pipeline/pipeline_steps.py there; pass a "
-                     "checkout of github.com/PritRaj1/JAX-ThermoEBM")
+        parser.error(
+            f"--paper-code {args.paper_code}: no src/pipeline/pipeline_steps.py there; pass a "
+            "checkout of github.com/PritRaj1/JAX-ThermoEBM"
+        )
     import jax
 
     from model.bench import run_workload, workloads
@@ -142,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(os.getloadavg()[0])
         b = config.batch_size
         rates = {"ours": [round(b / s, 1) for s in ours], "theirs": [round(b / s, 1) for s in theirs]}
-        print(f"{mode:13s} ours {b / np.median(ours):7.2f} img/s  paper's code {b / np.median(theirs):7.2f} "
-              f"img/s  ratio {np.median(theirs) / np.median(ours):.2f}x  (runs {rates}; load average "
-              f"{min(loads):.1f}-{max(loads):.1f})", flush=True)
+        print(
+            f"{mode:13s} ours {b / np.median(ours):7.2f} img/s  paper's code {b / np.median(theirs):7.2f} "
+            f"img/s  ratio {np.median(theirs) / np.median(ours):.2f}x  (runs {rates}; load average "
+            f"{min(loads):.1f}-{max(loads):.1f})",
+            flush=True,
+        )
     return 0
 
 

@@ -38,22 +38,43 @@ def measure(config: ExperimentConfig, repeats: int = 3) -> dict[str, float]:
         val_ll.append(warm["val_ll_time_s"])
         noise.append(warm["grad_noise_time_s"])
     epoch_s, val_ll_s, noise_s = (float(np.median(v)) for v in (epochs, val_ll, noise))
-    return {"objective": config.objective, "repeats": repeats, "epoch_s": epoch_s,
-            "val_ll_s": val_ll_s, "grad_noise_s": noise_s,
-            "readings_over_epoch": (val_ll_s + noise_s) / epoch_s,
-            "val_ll_cold_s": cold["val_ll_time_s"], "grad_noise_cold_s": cold["grad_noise_time_s"],
-            "val_ll": warm["val_ll"], "val_ll_stderr": warm["val_ll_stderr"], "sizes": {
-                k: getattr(config, k) for k in ("val_ll_examples", "val_ll_temps", "val_ll_chains",
-                                                "val_ll_prior_chains", "grad_noise_draws")},
-            "load_average_1m": os.getloadavg()[0], "devices": len(jax.local_devices())}
+    return {
+        "objective": config.objective,
+        "repeats": repeats,
+        "epoch_s": epoch_s,
+        "val_ll_s": val_ll_s,
+        "grad_noise_s": noise_s,
+        "readings_over_epoch": (val_ll_s + noise_s) / epoch_s,
+        "val_ll_cold_s": cold["val_ll_time_s"],
+        "grad_noise_cold_s": cold["grad_noise_time_s"],
+        "val_ll": warm["val_ll"],
+        "val_ll_stderr": warm["val_ll_stderr"],
+        "sizes": {
+            k: getattr(config, k)
+            for k in (
+                "val_ll_examples",
+                "val_ll_temps",
+                "val_ll_chains",
+                "val_ll_prior_chains",
+                "grad_noise_draws",
+            )
+        },
+        "load_average_1m": os.getloadavg()[0],
+        "devices": len(jax.local_devices()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.bench_readings",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m model.bench_readings", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--preset", default="digits")
-    parser.add_argument("--objective", action="append", choices=("vanilla", "thermo"),
-                        help="objective(s) to measure (default both)")
+    parser.add_argument(
+        "--objective",
+        action="append",
+        choices=("vanilla", "thermo"),
+        help="objective(s) to measure (default both)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     args = parser.parse_args(argv)
     try:

@@ -24,8 +24,8 @@ KL_EXAMPLE_MIN_CHAINS = 6  # diagonal per-x fits: 1/s^2 with M - 1 >= 5 degrees 
 # Fields that no longer exist, and what to set instead.
 REPLACED_FIELDS = {
     "chain_gradient": "it is replaced by ebm_gradient and gen_gradient: chain_gradient=true is "
-                      "ebm_gradient=chains, chain_gradient=false is ebm_gradient=none (both with "
-                      "gen_gradient=ti)",
+    "ebm_gradient=chains, chain_gradient=false is ebm_gradient=none (both with "
+    "gen_gradient=ti)",
 }
 CONV_IMPLS = ("auto", "phases", "lax")
 
@@ -115,25 +115,40 @@ def _fail(name: str, value: Any, why: str) -> None:
 
 def _validate_estimators(cfg: ExperimentConfig) -> None:
     """The TI rule, the gradient choices and the chains per example they need."""
-    for name, allowed in (("ti_rule", TI_RULES), ("ebm_gradient", EBM_GRADIENTS),
-                          ("gen_gradient", GEN_GRADIENTS)):
+    for name, allowed in (
+        ("ti_rule", TI_RULES),
+        ("ebm_gradient", EBM_GRADIENTS),
+        ("gen_gradient", GEN_GRADIENTS),
+    ):
         if getattr(cfg, name) not in allowed:
             _fail(name, getattr(cfg, name), f"is unknown; use one of {', '.join(allowed)}")
     m = cfg.chains_per_example
     if cfg.ti_rule in ("variance", "stepping_stone") and m < 2:
-        _fail("chains_per_example", m, f"is too few for ti_rule={cfg.ti_rule}, which works from the spread "
-              "of each example's chains; set chains_per_example=2 or more")
+        _fail(
+            "chains_per_example",
+            m,
+            f"is too few for ti_rule={cfg.ti_rule}, which works from the spread "
+            "of each example's chains; set chains_per_example=2 or more",
+        )
     if cfg.ti_rule == "kl_example" and m < KL_EXAMPLE_MIN_CHAINS:
-        _fail("chains_per_example", m, "is too few for ti_rule=kl_example: the per-example KL's trace term "
-              f"has no finite variance below {KL_EXAMPLE_MIN_CHAINS} chains; set chains_per_example="
-              f"{KL_EXAMPLE_MIN_CHAINS} or more")
+        _fail(
+            "chains_per_example",
+            m,
+            "is too few for ti_rule=kl_example: the per-example KL's trace term "
+            f"has no finite variance below {KL_EXAMPLE_MIN_CHAINS} chains; set chains_per_example="
+            f"{KL_EXAMPLE_MIN_CHAINS} or more",
+        )
     rows = cfg.batch_size * m  # kl_batch fits each temperature's Gaussian on every chain of the batch
     if cfg.is_thermo and cfg.ti_rule == "kl_batch" and rows <= cfg.z_dim:
-        warnings.warn(f"ti_rule=kl_batch with batch_size * chains_per_example = {cfg.batch_size} * {m} = "
-                      f"{rows} <= z_dim={cfg.z_dim}: the "
-                      "Gaussians fitted across the batch are rank-deficient and their KL is set by kl_ridge "
-                      "(noise of hundreds of nats); use ti_rule=kl_example, variance or stepping_stone for a "
-                      "correction that estimates something", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"ti_rule=kl_batch with batch_size * chains_per_example = {cfg.batch_size} * {m} = "
+            f"{rows} <= z_dim={cfg.z_dim}: the "
+            "Gaussians fitted across the batch are rank-deficient and their KL is set by kl_ridge "
+            "(noise of hundreds of nats); use ti_rule=kl_example, variance or stepping_stone for a "
+            "correction that estimates something",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_types(cfg: ExperimentConfig) -> None:
@@ -167,8 +182,19 @@ def validate(cfg: ExperimentConfig) -> None:
         v = getattr(cfg, name)
         if not (v > 0 and math.isfinite(v)):
             _fail(name, v, "must be a finite step size > 0 (Langevin, Eq. 10)")
-    for name in ("prior_steps", "posterior_steps", "epochs", "batch_size", "z_dim", "ebm_width",
-                 "gen_width", "num_train", "num_val", "channels", "chains_per_example"):
+    for name in (
+        "prior_steps",
+        "posterior_steps",
+        "epochs",
+        "batch_size",
+        "z_dim",
+        "ebm_width",
+        "gen_width",
+        "num_train",
+        "num_val",
+        "channels",
+        "chains_per_example",
+    ):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             _fail(name, v, "must be a positive integer")
@@ -185,9 +211,13 @@ def validate(cfg: ExperimentConfig) -> None:
     # Only the kl_batch evidence rule fits a covariance to the batch's chains (the others use no kl_ridge).
     rows = cfg.batch_size * cfg.chains_per_example
     if cfg.is_thermo and cfg.ti_rule == "kl_batch" and cfg.kl_ridge == 0 and rows <= cfg.z_dim:
-        _fail("kl_ridge", cfg.kl_ridge, f"with batch_size * chains_per_example = {rows} <= z_dim={cfg.z_dim} "
-              "makes the kl_batch rule fit a singular covariance (n samples span at most n-1 dimensions); "
-              "set kl_ridge > 0 (e.g. 1e-3), a larger batch, or another ti_rule")
+        _fail(
+            "kl_ridge",
+            cfg.kl_ridge,
+            f"with batch_size * chains_per_example = {rows} <= z_dim={cfg.z_dim} "
+            "makes the kl_batch rule fit a singular covariance (n samples span at most n-1 dimensions); "
+            "set kl_ridge > 0 (e.g. 1e-3), a larger batch, or another ti_rule",
+        )
     for name in ("ebm_beta1", "ebm_beta2", "gen_beta1", "gen_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             _fail(name, getattr(cfg, name), "must be in [0, 1) (an Adam decay rate)")
@@ -216,19 +246,33 @@ def inert_fields(cfg: ExperimentConfig) -> dict[str, str]:
     loss value, or images generated for evaluation)."""
     if not cfg.is_thermo:
         why = "vanilla has no temperatures and no TI estimate"
-        return {f: why for f in ("temp_power", "num_temps", "kl_weight", "kl_ridge", "ti_rule",
-                                 "chains_per_example", "ebm_gradient", "gen_gradient")}
+        return {
+            f: why
+            for f in (
+                "temp_power",
+                "num_temps",
+                "kl_weight",
+                "kl_ridge",
+                "ti_rule",
+                "chains_per_example",
+                "ebm_gradient",
+                "gen_gradient",
+            )
+        }
     inert: dict[str, str] = {}
     if cfg.ebm_gradient != "ml":
         why = f"with ebm_gradient={cfg.ebm_gradient} the prior chain runs only to make evaluation images"
         inert |= {"prior_steps": why, "prior_step_size": why}
     if cfg.ebm_gradient != "chains":
-        why = (f"with ebm_gradient={cfg.ebm_gradient} the chains are stop-gradient, so the KL term is a "
-               "constant")
+        why = (
+            f"with ebm_gradient={cfg.ebm_gradient} the chains are stop-gradient, so the KL term is a constant"
+        )
         inert |= {"kl_weight": why, "kl_ridge": why}
         if cfg.gen_gradient == "ml":
-            why = (f"with ebm_gradient={cfg.ebm_gradient} and gen_gradient=ml no gradient depends on the TI "
-                   "estimate")
+            why = (
+                f"with ebm_gradient={cfg.ebm_gradient} and gen_gradient=ml no gradient depends on the TI "
+                "estimate"
+            )
             inert |= {f: why for f in ("temp_power", "ti_rule", "kl_weight", "kl_ridge")}
     if cfg.ti_rule not in ("kl_batch", "kl_example"):
         inert.setdefault("kl_weight", f"ti_rule={cfg.ti_rule} has no KL term")
@@ -245,10 +289,16 @@ def equivalent_values(cfg: ExperimentConfig) -> dict[str, tuple[str, str]]:
     """The config fields whose value `cfg` trains like a whole class of values: name -> (class, reason).
     Two configs that differ in such a field train identically when both map it to the same class (a
     pairwise notion that `inert_fields` cannot express: ti_rule matters, but only up to its class)."""
-    if (cfg.is_thermo and cfg.ebm_gradient != "chains" and cfg.gen_gradient == "ti"
-            and cfg.ti_rule in _STOP_GRADIENT_TRAPEZOID_RULES):
-        why = (f"with ebm_gradient={cfg.ebm_gradient} and gen_gradient=ti the chains are stop-gradient, so "
-               "the KL terms of kl_batch and kl_example are constants and those rules train like trapezoid")
+    if (
+        cfg.is_thermo
+        and cfg.ebm_gradient != "chains"
+        and cfg.gen_gradient == "ti"
+        and cfg.ti_rule in _STOP_GRADIENT_TRAPEZOID_RULES
+    ):
+        why = (
+            f"with ebm_gradient={cfg.ebm_gradient} and gen_gradient=ti the chains are stop-gradient, so "
+            "the KL terms of kl_batch and kl_example are constants and those rules train like trapezoid"
+        )
         return {"ti_rule": ("trapezoid", why)}
     return {}
 
@@ -274,10 +324,27 @@ def training_differences(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, 
 
 # Paper Table 3 (CelebA) and Table 4 (CIFAR-10); SVHN uses the CIFAR-10 family at 32x32.
 _PAPER_COMMON = dict(
-    num_train=12000, num_val=4500, ebm_width=100, gen_width=64, epochs=50, batch_size=75,
-    ebm_lr=2e-5, gen_lr=1e-4, ebm_final_lr=1e-5, gen_final_lr=5e-5, prior_step_size=0.16,
-    prior_steps=60, posterior_step_size=0.01, num_temps=10, kl_weight=1.0, lkhood_sigma=0.3,
-    prior_sigma=1.0, channels=3, eval_every=5, eval_num_min=1000, eval_num_max=4500,
+    num_train=12000,
+    num_val=4500,
+    ebm_width=100,
+    gen_width=64,
+    epochs=50,
+    batch_size=75,
+    ebm_lr=2e-5,
+    gen_lr=1e-4,
+    ebm_final_lr=1e-5,
+    gen_final_lr=5e-5,
+    prior_step_size=0.16,
+    prior_steps=60,
+    posterior_step_size=0.01,
+    num_temps=10,
+    kl_weight=1.0,
+    lkhood_sigma=0.3,
+    prior_sigma=1.0,
+    channels=3,
+    eval_every=5,
+    eval_num_min=1000,
+    eval_num_max=4500,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -287,10 +354,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: sklearn's 1797 digits at 16x16x1, small enough for a 2-core laptop.
     # Larger learning rates than the paper's because the run is 10 short epochs, not 50 long ones.
     "digits": dict(
-        dataset="digits", image_size=16, channels=1, num_train=1438, num_val=359, z_dim=16,
-        ebm_width=64, gen_width=2, epochs=10, batch_size=50, ebm_lr=2e-4, gen_lr=1e-3,
-        ebm_final_lr=1e-4, gen_final_lr=5e-4, prior_steps=30, posterior_steps=10,
-        posterior_step_size=0.01, num_temps=5, eval_every=5, eval_num_min=100, eval_num_max=350,
+        dataset="digits",
+        image_size=16,
+        channels=1,
+        num_train=1438,
+        num_val=359,
+        z_dim=16,
+        ebm_width=64,
+        gen_width=2,
+        epochs=10,
+        batch_size=50,
+        ebm_lr=2e-4,
+        gen_lr=1e-3,
+        ebm_final_lr=1e-4,
+        gen_final_lr=5e-4,
+        prior_steps=30,
+        posterior_steps=10,
+        posterior_step_size=0.01,
+        num_temps=5,
+        eval_every=5,
+        eval_num_min=100,
+        eval_num_max=350,
         eval_num_points=5,
     ),
 }

@@ -60,14 +60,19 @@ def target_from(name: str | None, flops: float | None = None, memory_gib: float 
     """The named target with optional overrides (peak FLOP/s, memory in GiB); a custom one needs both."""
     if name is None:
         if flops is None or memory_gib is None:
-            raise ValueError("a custom target needs both --target-flops and --target-memory-gib "
-                             f"(or --target {'|'.join(TARGETS)})")
+            raise ValueError(
+                "a custom target needs both --target-flops and --target-memory-gib "
+                f"(or --target {'|'.join(TARGETS)})"
+            )
         return Target("custom", float(flops), int(memory_gib * GIB))
     if name not in TARGETS:
         raise ValueError(f"--target {name!r} is unknown; use one of {', '.join(TARGETS)}")
     t = TARGETS[name]
-    return Target(t.name, float(flops) if flops else t.peak_flops,
-                  int(memory_gib * GIB) if memory_gib else t.memory_bytes)
+    return Target(
+        t.name,
+        float(flops) if flops else t.peak_flops,
+        int(memory_gib * GIB) if memory_gib else t.memory_bytes,
+    )
 
 
 def generator_flops(config: ExperimentConfig) -> float:
@@ -131,8 +136,9 @@ def trial_flops(config: ExperimentConfig) -> float:
     per_epoch = steps_per_epoch(config) * step_flops(config) + val_steps * eval_step_flops(config)
     evals = 0
     if config.eval_every:
-        evals = sum(1 for e in range(1, config.epochs + 1)
-                    if e % config.eval_every == 0 or e == config.epochs)
+        evals = sum(
+            1 for e in range(1, config.epochs + 1) if e % config.eval_every == 0 or e == config.epochs
+        )
     return config.epochs * per_epoch + evals * evaluation_flops(config)
 
 
@@ -186,8 +192,17 @@ def plan_cell(name: str, config: ExperimentConfig, target: Target, gpus_per_tria
     hours = trial_flops(config) / rate / 3600
     per_device = target.usable_bytes // memory if memory <= target.usable_bytes else 0
     fix = "" if per_device else suggest_fix(config, target, devices, backend)
-    return CellPlan(name, step_flops(config), evaluation_flops(config), steps_per_epoch(config), memory,
-                    devices, hours, int(min(per_device, 8)), fix)
+    return CellPlan(
+        name,
+        step_flops(config),
+        evaluation_flops(config),
+        steps_per_epoch(config),
+        memory,
+        devices,
+        hours,
+        int(min(per_device, 8)),
+        fix,
+    )
 
 
 def suggested_gpus_per_trial(plans: list[CellPlan]) -> float:
@@ -203,8 +218,11 @@ def refusal(plans: list[CellPlan], target: Target) -> str | None:
     bad = [p for p in plans if not p.trials_per_device]
     if not bad:
         return None
-    lines = [f"cell {p.name!r} needs {p.memory_bytes / GIB:.1f} GiB per device on {p.devices} {target.name} "
-             f"device(s) ({target.usable_bytes / GIB:.1f} GiB usable): {p.fix}" for p in bad]
+    lines = [
+        f"cell {p.name!r} needs {p.memory_bytes / GIB:.1f} GiB per device on {p.devices} {target.name} "
+        f"device(s) ({target.usable_bytes / GIB:.1f} GiB usable): {p.fix}"
+        for p in bad
+    ]
     return "\n".join(lines)
 
 
@@ -215,8 +233,10 @@ def format_plan(plans: list[CellPlan], repetitions: int, target: Target | None) 
         head += f" {'h/trial':>8s} {'per dev':>7s}"
     rows = [head]
     for p in plans:
-        row = (f"{p.name:34s} {p.step_flops / 1e12:10.3f} {p.eval_flops / 1e12:10.3f} "
-               f"{p.steps_per_epoch:8d} {p.memory_bytes / GIB:8.2f}")
+        row = (
+            f"{p.name:34s} {p.step_flops / 1e12:10.3f} {p.eval_flops / 1e12:10.3f} "
+            f"{p.steps_per_epoch:8d} {p.memory_bytes / GIB:8.2f}"
+        )
         if target is not None:
             row += f" {p.trial_hours:8.2f} {p.trials_per_device or 'NO FIT':>7}"
         rows.append(row)
@@ -224,8 +244,12 @@ def format_plan(plans: list[CellPlan], repetitions: int, target: Target | None) 
         rows.append("(memory per device; name a device with --target h100|a100|a10g|cpu for hours and fit)")
         return "\n".join(rows)
     device_hours = sum(p.trial_hours * p.devices for p in plans) * repetitions
-    rows.append(f"target {target.name}: {target.peak_flops / 1e12:.1f} TFLOP/s float32 peak x "
-                f"{UTILISATION:.0%} assumed utilisation, {target.usable_bytes / GIB:.1f} GiB usable")
-    rows.append(f"whole run: {len(plans) * repetitions} trials, {device_hours:.1f} device-hours; "
-                f"suggested --gpus-per-trial {suggested_gpus_per_trial(plans):.2f}")
+    rows.append(
+        f"target {target.name}: {target.peak_flops / 1e12:.1f} TFLOP/s float32 peak x "
+        f"{UTILISATION:.0%} assumed utilisation, {target.usable_bytes / GIB:.1f} GiB usable"
+    )
+    rows.append(
+        f"whole run: {len(plans) * repetitions} trials, {device_hours:.1f} device-hours; "
+        f"suggested --gpus-per-trial {suggested_gpus_per_trial(plans):.2f}"
+    )
     return "\n".join(rows)

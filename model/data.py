@@ -83,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         help="download and prepare a TFDS data set as ArrayRecord (needs 'thermosweep[prepare]')",
     )
     prep.add_argument("name", help="cifar10, celeb_a or svhn_cropped (or the preset names celeba, svhn)")
-    prep.add_argument("--data-dir", default=None, help="where to write it (default: $TFDS_DATA_DIR, else "
-                      "~/tensorflow_datasets); training reads it with --set data_dir=DIR or TFDS_DATA_DIR")
-    prep.add_argument("--manual-dir", default=None, help="directory holding files downloaded by hand "
-                      "(celeb_a: when Google Drive refuses the download)")
+    prep.add_argument(
+        "--data-dir",
+        default=None,
+        help="where to write it (default: $TFDS_DATA_DIR, else "
+        "~/tensorflow_datasets); training reads it with --set data_dir=DIR or TFDS_DATA_DIR",
+    )
+    prep.add_argument(
+        "--manual-dir",
+        default=None,
+        help="directory holding files downloaded by hand (celeb_a: when Google Drive refuses the download)",
+    )
     args = parser.parse_args(argv)
 
     from model import tfds_data

@@ -68,7 +68,8 @@ def check_step_fits(config: ExperimentConfig, devices: Sequence[Any]) -> None:
     if need * (1 - ESTIMATE_TOLERANCE) > limit:
         raise DeviceMemoryError(
             f"the train step needs about {_gib(need)} per device (estimated from the shapes) but a "
-            f"{device.platform} device here has {_gib(limit)}: {memory_advice(config)}")
+            f"{device.platform} device here has {_gib(limit)}: {memory_advice(config)}"
+        )
 
 
 def is_out_of_memory(err: BaseException) -> bool:

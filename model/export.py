@@ -31,8 +31,9 @@ def _on_one_device_mesh(fn: Callable[..., Any], n_args: int) -> Callable[..., An
     """`fn` with its "batch"-axis collectives bound over a one-device mesh (check_vma off: as under pmap,
     gradients stay per device and the step's own pmean averages them)."""
     mesh = jax.make_mesh((1,), ("batch",), devices=jax.devices()[:1])
-    return jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(),) * n_args, out_specs=PartitionSpec(),
-                         check_vma=False)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(PartitionSpec(),) * n_args, out_specs=PartitionSpec(), check_vma=False
+    )
 
 
 def _abstract(tree: Any) -> Any:
@@ -56,8 +57,9 @@ def step_arguments(config: ExperimentConfig) -> dict[str, tuple[Any, ...]]:
     }
 
 
-def export_step_functions(config: ExperimentConfig, platforms: Sequence[str] = ("cuda",),
-                          generate_batch: int = 8) -> dict[str, jax.export.Exported]:
+def export_step_functions(
+    config: ExperimentConfig, platforms: Sequence[str] = ("cuda",), generate_batch: int = 8
+) -> dict[str, jax.export.Exported]:
     """The train step, the validation-loss step and generation of `config` exported for `platforms`.
     Raises whatever jax.export raises when an operation cannot be lowered."""
     spec = StepSpec.from_config(config)
@@ -70,8 +72,9 @@ def export_step_functions(config: ExperimentConfig, platforms: Sequence[str] = (
     return {name: jax.export.export(fn, platforms=list(platforms))(*args[name]) for name, fn in fns.items()}
 
 
-def export_inception(platforms: Sequence[str] = ("cuda",), batch: int = 2, image_size: int = 32,
-                     channels: int = 3) -> jax.export.Exported:
+def export_inception(
+    platforms: Sequence[str] = ("cuda",), batch: int = 2, image_size: int = 32, channels: int = 3
+) -> jax.export.Exported:
     """The InceptionV3-FID feature pass exported for `platforms` on a batch of generated-size images (the
     resize to 299x299 included), with the weights an argument (random ones: lowering needs only their
     shapes) so they are not baked into the module as constants."""

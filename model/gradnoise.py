@@ -39,12 +39,18 @@ def _flat(tree: Any) -> jax.Array:
 
 
 @jax.jit
-def _accumulate(acc: dict[str, jax.Array], shift: jax.Array, g: jax.Array, g2: jax.Array
-                ) -> dict[str, jax.Array]:
+def _accumulate(
+    acc: dict[str, jax.Array], shift: jax.Array, g: jax.Array, g2: jax.Array
+) -> dict[str, jax.Array]:
     """Running per-entry sums of the shifted draws (the shift keeps float32 sums well conditioned)."""
     a, b = g - shift, g2 - shift
-    return {"s1": acc["s1"] + a, "s11": acc["s11"] + a * a, "s2": acc["s2"] + b, "s12": acc["s12"] + a * b,
-            "dd": acc["dd"] + (a - b) ** 2}
+    return {
+        "s1": acc["s1"] + a,
+        "s11": acc["s11"] + a * a,
+        "s2": acc["s2"] + b,
+        "s12": acc["s12"] + a * b,
+        "dd": acc["dd"] + (a - b) ** 2,
+    }
 
 
 @jax.jit
@@ -72,8 +78,9 @@ def minibatches(num: int, batch_size: int, draws: int, seed: Any) -> list[np.nda
     return [np.sort(rng.choice(num, batch_size, replace=False)) for _ in range(draws)]
 
 
-def gradient_noise(grad_fn: GradFn, params: Any, data: np.ndarray, key: jax.Array, *, batch_size: int,
-                   draws: int = 8) -> dict[str, float]:
+def gradient_noise(
+    grad_fn: GradFn, params: Any, data: np.ndarray, key: jax.Array, *, batch_size: int, draws: int = 8
+) -> dict[str, float]:
     """Gradient noise at fixed `params` from `draws` (G >= 2) minibatches of `data`, two chain keys each.
 
     grad_fn(params, x_batch, key) must return {"ebm": pytree, "gen": pytree} (the minibatch gradient).
@@ -99,6 +106,12 @@ def gradient_noise(grad_fn: GradFn, params: Any, data: np.ndarray, key: jax.Arra
     out: dict[str, float] = {}
     for net in NETWORKS:
         s = jax.device_get(_summarise(acc[net], shift[net], draws))
-        out.update({f"grad_noise_{net}": float(s["total"]), f"grad_noise_data_{net}": float(s["data"]),
-                    f"grad_noise_langevin_{net}": float(s["langevin"]), f"grad_snr_{net}": float(s["snr"])})
+        out.update(
+            {
+                f"grad_noise_{net}": float(s["total"]),
+                f"grad_noise_data_{net}": float(s["data"]),
+                f"grad_noise_langevin_{net}": float(s["langevin"]),
+                f"grad_snr_{net}": float(s["snr"]),
+            }
+        )
     return out

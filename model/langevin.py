@@ -16,8 +16,9 @@ from jax import Array
 LogDensity = Callable[[Array], Array]  # z (..., d) -> per-chain log q(z) up to a constant, shape z.shape[:-1]
 
 
-def langevin_chain(log_density: LogDensity, z0: Array, noise: Array, step_size: Array | float,
-                   unroll: bool = False) -> Array:
+def langevin_chain(
+    log_density: LogDensity, z0: Array, noise: Array, step_size: Array | float, unroll: bool = False
+) -> Array:
     """Run K = noise.shape[0] Langevin steps from z0 toward q ∝ exp(log_density).
 
     z0: (..., d); noise: (K, ..., d) standard normal draws. Chains are independent, so the gradient of

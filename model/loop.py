@@ -65,23 +65,33 @@ def init_state(config: ExperimentConfig) -> TrainState:
     ebm_params = ebm.init(k_ebm, z)
     gen_params = gen.init(k_gen, z)
     ebm_tx, gen_tx = optimizers(StepSpec.from_config(config))
-    return TrainState(ebm_params, gen_params, ebm_tx.init(ebm_params), gen_tx.init(gen_params), key,
-                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    return TrainState(
+        ebm_params,
+        gen_params,
+        ebm_tx.init(ebm_params),
+        gen_tx.init(gen_params),
+        key,
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
 
 
-def step_inputs(config: ExperimentConfig, state: TrainState, epoch: int, devices: Sequence[Any]
-                ) -> tuple[Any, tuple[jax.Array, jax.Array]]:
+def step_inputs(
+    config: ExperimentConfig, state: TrainState, epoch: int, devices: Sequence[Any]
+) -> tuple[Any, tuple[jax.Array, jax.Array]]:
     """What compiled_train_step takes besides the batch, key and hyper-parameters: the replicated
     (params, optimiser states) carry and the float32 (EBM, generator) learning rates of 1-based `epoch`."""
-    carry = replicate(({"ebm": state.ebm_params, "gen": state.gen_params},
-                        (state.ebm_opt_state, state.gen_opt_state)), devices)
+    carry = replicate(
+        ({"ebm": state.ebm_params, "gen": state.gen_params}, (state.ebm_opt_state, state.gen_opt_state)),
+        devices,
+    )
     lrs = tuple(jnp.asarray(v, jnp.float32) for v in learning_rates(config, epoch))
     return carry, lrs
 
 
 def _batches(images: np.ndarray, order: np.ndarray, batch_size: int, n_dev: int):
     for i in range(len(order) // batch_size):
-        x = images[order[i * batch_size:(i + 1) * batch_size]]
+        x = images[order[i * batch_size : (i + 1) * batch_size]]
         yield x.reshape((n_dev, batch_size // n_dev) + x.shape[1:])
 
 
@@ -90,8 +100,9 @@ def epoch_order(config: ExperimentConfig, epoch: int, num: int) -> np.ndarray:
     return np.random.default_rng([config.seed, epoch]).permutation(num)
 
 
-def validation_loss(config: ExperimentConfig, params: dict[str, Any], images: np.ndarray, epoch: int,
-                    devices: Sequence[Any]) -> float:
+def validation_loss(
+    config: ExperimentConfig, params: dict[str, Any], images: np.ndarray, epoch: int, devices: Sequence[Any]
+) -> float:
     """Mean objective over the full validation batches (the last partial batch is left out), with chain
     noise seeded by (seed, epoch) so it does not consume the training key."""
     n_dev = len(devices)
@@ -105,8 +116,9 @@ def validation_loss(config: ExperimentConfig, params: dict[str, Any], images: np
     return float(np.mean(jax.device_get(losses))) if losses else float("nan")
 
 
-def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
-                devices: Sequence[Any] | None = None) -> tuple[TrainState, dict[str, float]]:
+def train_epoch(
+    config: ExperimentConfig, state: TrainState, dataset: Dataset, *, devices: Sequence[Any] | None = None
+) -> tuple[TrainState, dict[str, float]]:
     """One pass over the training set. Returns the new state and the epoch's readings: loss and the
     learning-gradient statistics averaged over the epoch's steps, validation loss, time, learning rates.
     Raises DivergenceError (with the step) if the loss or gradient statistics go non-finite."""
@@ -129,24 +141,38 @@ def train_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *
         if (i + 1) % _DIVERGENCE_CHECK_EVERY == 0:
             _check_finite(jax.device_get(stats), epoch, i + 1, config)
     if not history:
-        raise ValueError(f"batch_size={config.batch_size} leaves no full batch in {len(dataset.train)} "
-                         "training images; lower batch_size")
+        raise ValueError(
+            f"batch_size={config.batch_size} leaves no full batch in {len(dataset.train)} "
+            "training images; lower batch_size"
+        )
     host = jax.device_get(history)
     for i, s in enumerate(host):
         _check_finite(s, epoch, i + 1, config)
     params, (ebm_opt, gen_opt) = unreplicate(carry)
-    new_state = TrainState(params["ebm"], params["gen"], ebm_opt, gen_opt, key,
-                           jnp.asarray(epoch, jnp.int32), state.step + len(history))
-    readings = {name: float(np.mean([s[name][0] for s in host]))
-                for name in ("grad_mean", "grad_var", "grad_var_ebm", "grad_var_gen")}
+    new_state = TrainState(
+        params["ebm"],
+        params["gen"],
+        ebm_opt,
+        gen_opt,
+        key,
+        jnp.asarray(epoch, jnp.int32),
+        state.step + len(history),
+    )
+    readings = {
+        name: float(np.mean([s[name][0] for s in host]))
+        for name in ("grad_mean", "grad_var", "grad_var_ebm", "grad_var_gen")
+    }
     readings["train_loss"] = float(np.mean([s["loss"][0] for s in host]))
     readings.update(temperature_readings(config, host))
     readings["val_loss"] = validation_loss(config, params, dataset.val, epoch, devices)
     if not math.isfinite(readings["val_loss"]) and len(dataset.val) >= config.batch_size:
-        raise DivergenceError(f"validation loss is {readings['val_loss']} after epoch {epoch}: training "
-                              f"diverged; {divergence_advice(config)}")
-    readings.update(epoch=epoch, epoch_time_s=time.perf_counter() - start, ebm_lr=float(lrs[0]),
-                    gen_lr=float(lrs[1]))
+        raise DivergenceError(
+            f"validation loss is {readings['val_loss']} after epoch {epoch}: training "
+            f"diverged; {divergence_advice(config)}"
+        )
+    readings.update(
+        epoch=epoch, epoch_time_s=time.perf_counter() - start, ebm_lr=float(lrs[0]), gen_lr=float(lrs[1])
+    )
     return new_state, readings
 
 
@@ -163,21 +189,27 @@ def temperature_readings(config: ExperimentConfig, host: list[dict[str, Any]]) -
         return None if np.all(np.isnan(values)) else [float(v) for v in values]
 
     error = float(np.mean([s["kl_identity_error"][0] for s in host]))
-    return {"ti_temps": [float(t) for t in temps], "ti_weights": [float(w) for w in trapezoid_weights(temps)],
-            **{n: mean_list(n) for n in ("ti_expected_loglik", "ti_kl_forward", "ti_kl_backward")},
-            "kl_identity_error": None if math.isnan(error) else error}
+    return {
+        "ti_temps": [float(t) for t in temps],
+        "ti_weights": [float(w) for w in trapezoid_weights(temps)],
+        **{n: mean_list(n) for n in ("ti_expected_loglik", "ti_kl_forward", "ti_kl_backward")},
+        "kl_identity_error": None if math.isnan(error) else error,
+    }
 
 
 def divergence_advice(config: ExperimentConfig) -> str:
     """Every config field whose value can make training go non-finite, with its value and which way to
     move it (the fix half of a DivergenceError message)."""
+
     def values(*names: str) -> str:
         return ", ".join(f"{n}={getattr(config, n):g}" for n in names)
 
     langevin = values("prior_step_size", "posterior_step_size", "prior_steps", "posterior_steps")
-    advice = (f"lower the learning rates ({values('ebm_lr', 'gen_lr')}) or the Langevin step sizes and "
-              f"lengths ({langevin}), or raise lkhood_sigma ({values('lkhood_sigma')}) or lower prior_sigma "
-              f"({values('prior_sigma')})")
+    advice = (
+        f"lower the learning rates ({values('ebm_lr', 'gen_lr')}) or the Langevin step sizes and "
+        f"lengths ({langevin}), or raise lkhood_sigma ({values('lkhood_sigma')}) or lower prior_sigma "
+        f"({values('prior_sigma')})"
+    )
     if config.is_thermo:
         advice += f"; for thermo also raise kl_ridge or lower kl_weight ({values('kl_ridge', 'kl_weight')})"
     return advice
@@ -187,12 +219,15 @@ def _check_finite(stats: dict[str, Any], epoch: int, step: int, config: Experime
     for name in ("loss", "grad_var", "grad_mean"):
         value = float(np.asarray(stats[name]).reshape(-1)[0])
         if not math.isfinite(value):
-            raise DivergenceError(f"{name} is {value} at epoch {epoch}, step {step}: training diverged; "
-                                  f"{divergence_advice(config)}")
+            raise DivergenceError(
+                f"{name} is {value} at epoch {epoch}, step {step}: training diverged; "
+                f"{divergence_advice(config)}"
+            )
 
 
-def generate_images(config: ExperimentConfig, state: TrainState, key: jax.Array, num: int,
-                    batch_size: int = 500) -> np.ndarray:
+def generate_images(
+    config: ExperimentConfig, state: TrainState, key: jax.Array, num: int, batch_size: int = 500
+) -> np.ndarray:
     """`num` images x = g(z), z ~ p_alpha(z) by prior Langevin (Eq. 2, 11), made in batches of at most
     `batch_size` so memory stays bounded. Returns float32 (num, H, W, C) in [-1, 1]; XLA's
     out-of-memory error comes out as a one-line DeviceMemoryError."""
@@ -207,9 +242,14 @@ def generate_images(config: ExperimentConfig, state: TrainState, key: jax.Array,
     return np.concatenate(out) if out else np.zeros((0,) + config.image_shape, np.float32)
 
 
-def run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
-              devices: Sequence[Any] | None = None, evaluator: Callable[..., dict] | None = None
-              ) -> tuple[TrainState, dict[str, Any]]:
+def run_epoch(
+    config: ExperimentConfig,
+    state: TrainState,
+    dataset: Dataset,
+    *,
+    devices: Sequence[Any] | None = None,
+    evaluator: Callable[..., dict] | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
     """train_epoch, then every config.eval_every epochs val_ll and the gradient noise (model.readings) and,
     if an evaluator is given, KID_inf and FID_inf of generated images. Those columns are NaN on epochs
     without evaluation.
@@ -221,16 +261,25 @@ def run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
         return _run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
 
 
-def _run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *, devices: Sequence[Any],
-               evaluator: Callable[..., dict] | None) -> tuple[TrainState, dict[str, Any]]:
+def _run_epoch(
+    config: ExperimentConfig,
+    state: TrainState,
+    dataset: Dataset,
+    *,
+    devices: Sequence[Any],
+    evaluator: Callable[..., dict] | None,
+) -> tuple[TrainState, dict[str, Any]]:
     state, readings = train_epoch(config, state, dataset, devices=devices)
     for name in (*METRIC_COLUMNS, *READING_NAMES):
         readings[name] = float("nan")
     epoch = readings["epoch"]
     due = bool(config.eval_every) and (epoch % config.eval_every == 0 or epoch == config.epochs)
     if due:  # val_ll and gradient noise, the same for every model (model.readings)
-        readings.update(evaluation_readings(config, {"ebm": state.ebm_params, "gen": state.gen_params},
-                                            dataset.train, dataset.val, epoch))
+        readings.update(
+            evaluation_readings(
+                config, {"ebm": state.ebm_params, "gen": state.gen_params}, dataset.train, dataset.val, epoch
+            )
+        )
     if evaluator is not None and due:
         start = time.perf_counter()
         eval_key = jax.random.fold_in(jax.random.key(config.seed), 2_000_000 + epoch)
@@ -239,8 +288,9 @@ def _run_epoch(config: ExperimentConfig, state: TrainState, dataset: Dataset, *,
     return state, readings
 
 
-def make_evaluator_or_none(config: ExperimentConfig, dataset: Dataset,
-                           log: Callable[[str], None] = print) -> Callable[..., dict] | None:
+def make_evaluator_or_none(
+    config: ExperimentConfig, dataset: Dataset, log: Callable[[str], None] = print
+) -> Callable[..., dict] | None:
     """The fidelity evaluator of model.metrics when evaluation is on (eval_every > 0), else None."""
     if not config.eval_every:
         return None
@@ -254,9 +304,11 @@ def make_evaluator_or_none(config: ExperimentConfig, dataset: Dataset,
 
 def format_readings(r: dict[str, Any]) -> str:
     """One human-readable line per epoch."""
-    line = (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4g}  val {r['val_loss']:.4g}  "
-            f"grad mean {r['grad_mean']:.3e} var {r['grad_var']:.3e} "
-            f"(ebm {r['grad_var_ebm']:.2e}, gen {r['grad_var_gen']:.2e})  {r['epoch_time_s']:.1f}s")
+    line = (
+        f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4g}  val {r['val_loss']:.4g}  "
+        f"grad mean {r['grad_mean']:.3e} var {r['grad_var']:.3e} "
+        f"(ebm {r['grad_var_ebm']:.2e}, gen {r['grad_var_gen']:.2e})  {r['epoch_time_s']:.1f}s"
+    )
     if not math.isnan(r.get("val_ll", float("nan"))):
         line += f"  val_ll {r['val_ll']:.4g} +- {r['val_ll_stderr']:.2g}"
     if not math.isnan(r.get("kid_rbf_inf", float("nan"))):
@@ -264,9 +316,14 @@ def format_readings(r: dict[str, Any]) -> str:
     return line
 
 
-def fit(config: ExperimentConfig, *, dataset: Dataset | None = None, devices: Sequence[Any] | None = None,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None, log: Callable[[str], None] = print
-        ) -> tuple[TrainState, list[dict[str, Any]]]:
+def fit(
+    config: ExperimentConfig,
+    *,
+    dataset: Dataset | None = None,
+    devices: Sequence[Any] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train `config.epochs` epochs from scratch. Returns the final state and every epoch's readings;
     `on_epoch(readings)` is called after each epoch (e.g. to write them)."""
     dataset = dataset or load_dataset(config)

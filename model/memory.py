@@ -182,5 +182,7 @@ def estimate_generate_memory(config: ExperimentConfig, num: int = 500, backend: 
     params = sum(parameter_count(config))
     acts = layer_peak_floats(config, resolved_conv_impl(config, backend))
     images = num * config.image_size**2 * config.channels
-    return int(FLOAT_BYTES * (params + _KEEP["forward"] * num * acts + images
-                              + (config.prior_steps + 2) * num * config.z_dim))
+    return int(
+        FLOAT_BYTES
+        * (params + _KEEP["forward"] * num * acts + images + (config.prior_steps + 2) * num * config.z_dim)
+    )

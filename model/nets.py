@@ -53,8 +53,9 @@ class UpConv(nn.Module):
     def __call__(self, x: Array) -> Array:
         padding = "SAME" if self.strides == 2 else "VALID"
         if self.impl == "lax":
-            return nn.ConvTranspose(self.features, (4, 4), strides=(self.strides,) * 2, padding=padding,
-                                    name="ConvTranspose_0")(x)
+            return nn.ConvTranspose(
+                self.features, (4, 4), strides=(self.strides,) * 2, padding=padding, name="ConvTranspose_0"
+            )(x)
         if self.impl != "phases":
             raise ValueError(f"conv_impl={self.impl!r} is unknown; use 'phases' or 'lax'")
         # Parameters live under the same path as with impl="lax", so checkpoints are interchangeable.
@@ -72,7 +73,7 @@ class UpConv(nn.Module):
         for py in (0, 1):
             cols = []
             for px in (0, 1):
-                taps = [xp[:, r:r + h, q:q + w, :] for r in (py, py + 1) for q in (px, px + 1)]
+                taps = [xp[:, r : r + h, q : q + w, :] for r in (py, py + 1) for q in (px, px + 1)]
                 weights = [kernel[2 * r - py, 2 * q - px] for r in (py, py + 1) for q in (px, px + 1)]
                 patches = jnp.concatenate(taps, axis=-1)  # (n, h, w, 4c)
                 cols.append(patches @ jnp.concatenate(weights, axis=0))  # (n, h, w, out)
@@ -92,11 +93,20 @@ def _joint_phases(xp: Array, kernel: Array, h: int, w: int) -> Array:
     out[2i+py, 2j+px] = sum over the 3x3 window (r, q) of xp[i+r, j+q] @ K[r, q, py, px], where
     K[r, q, py, px] = kernel[2r-py, 2q-px] when r - py and q - px are 0 or 1, else 0."""
     n, c, out = xp.shape[0], xp.shape[-1], kernel.shape[-1]
-    patches = jnp.concatenate([xp[:, r:r + h, q:q + w, :] for r in range(3) for q in range(3)], axis=-1)
+    patches = jnp.concatenate([xp[:, r : r + h, q : q + w, :] for r in range(3) for q in range(3)], axis=-1)
     zero = jnp.zeros((c, out), kernel.dtype)
-    blocks = [jnp.concatenate([kernel[2 * r - py, 2 * q - px] if 0 <= r - py <= 1 and 0 <= q - px <= 1
-                               else zero for py in (0, 1) for px in (0, 1)], axis=-1)
-              for r in range(3) for q in range(3)]  # each (c, 4 out), phases ordered (py, px)
+    blocks = [
+        jnp.concatenate(
+            [
+                kernel[2 * r - py, 2 * q - px] if 0 <= r - py <= 1 and 0 <= q - px <= 1 else zero
+                for py in (0, 1)
+                for px in (0, 1)
+            ],
+            axis=-1,
+        )
+        for r in range(3)
+        for q in range(3)
+    ]  # each (c, 4 out), phases ordered (py, px)
     y = patches @ jnp.concatenate(blocks, axis=0)  # (n, h, w, 4 out)
     y = y.reshape(n, h, w, 2, 2, out).transpose(0, 1, 3, 2, 4, 5)  # (n, h, py, w, px, out)
     return y.reshape(n, 2 * h, 2 * w, out)
@@ -151,13 +161,26 @@ class Generator(nn.Module):
         return x.reshape(lead + x.shape[1:])
 
 
-def make_networks(*, ebm_width: int, ebm_leak: float, image_size: int, channels: int, gen_width: int,
-                  gen_leak: float, conv_impl: str = "auto") -> tuple[EnergyPrior, Generator]:
+def make_networks(
+    *,
+    ebm_width: int,
+    ebm_leak: float,
+    image_size: int,
+    channels: int,
+    gen_width: int,
+    gen_leak: float,
+    conv_impl: str = "auto",
+) -> tuple[EnergyPrior, Generator]:
     """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5); conv_impl "auto" is
     resolved for the default backend (resolve_conv_impl)."""
     ebm = EnergyPrior(width=ebm_width, leak=ebm_leak)
-    gen = Generator(image_size=image_size, channels=channels, width=gen_width, leak=gen_leak,
-                    conv_impl=resolve_conv_impl(conv_impl))
+    gen = Generator(
+        image_size=image_size,
+        channels=channels,
+        width=gen_width,
+        leak=gen_leak,
+        conv_impl=resolve_conv_impl(conv_impl),
+    )
     return ebm, gen
 
 

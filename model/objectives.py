@@ -42,7 +42,6 @@ from model.thermo import (
 Params = dict[str, Any]  # {"ebm": ..., "gen": ...}
 
 
-
 class Networks(NamedTuple):
     """How to apply the two networks: energy(ebm_params, z) -> f_alpha(z); generate(gen_params, z) -> g(z)."""
 
@@ -72,8 +71,9 @@ def example_noise(key: Array, example_ids: Array, shape: tuple[int, ...]) -> Arr
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(example_ids)
 
 
-def _chain_inputs(key: Array, example_ids: Array, lead: tuple[int, ...], steps: int, z_dim: int,
-                  prior_sigma: Array) -> tuple[Array, Array]:
+def _chain_inputs(
+    key: Array, example_ids: Array, lead: tuple[int, ...], steps: int, z_dim: int, prior_sigma: Array
+) -> tuple[Array, Array]:
     """z0 ~ N(0, sigma_0^2 I) and the Langevin noise for chains shaped lead + (B, d), B = len(ids).
     Returns z0: lead + (B, d) and noise: (K,) + lead + (B, d)."""
     draws = example_noise(key, example_ids, (steps + 1,) + lead + (z_dim,))  # (B, K+1, *lead, d)
@@ -81,17 +81,35 @@ def _chain_inputs(key: Array, example_ids: Array, lead: tuple[int, ...], steps: 
     return prior_sigma * draws[0], draws[1:]
 
 
-def sample_prior(nets: Networks, ebm_params: Any, key: Array, example_ids: Array, steps: int,
-                 z_dim: int, hp: Hyper, unroll: bool = False) -> Array:
+def sample_prior(
+    nets: Networks,
+    ebm_params: Any,
+    key: Array,
+    example_ids: Array,
+    steps: int,
+    z_dim: int,
+    hp: Hyper,
+    unroll: bool = False,
+) -> Array:
     """z ~ p_alpha(z) by K prior Langevin steps from N(0, sigma_0^2 I) (Eq. 11): (B, d)."""
     z0, noise = _chain_inputs(key, example_ids, (), steps, z_dim, hp.prior_sigma)
     density = prior_log_density(lambda z: nets.energy(ebm_params, z), hp.prior_sigma)
     return langevin_chain(density, z0, noise, hp.prior_step_size, unroll)
 
 
-def sample_power_posteriors(nets: Networks, params: Params, x: Array, temps: Array, key: Array,
-                            example_ids: Array, steps: int, z_dim: int, hp: Hyper,
-                            unroll: bool = False, chains: int = 1) -> Array:
+def sample_power_posteriors(
+    nets: Networks,
+    params: Params,
+    x: Array,
+    temps: Array,
+    key: Array,
+    example_ids: Array,
+    steps: int,
+    z_dim: int,
+    hp: Hyper,
+    unroll: bool = False,
+    chains: int = 1,
+) -> Array:
     """z ~ p(z|x, t_i) by K Langevin steps (Eq. 17), `chains` = M chains per example and temperature:
     (N_t, B, d), or (N_t, M, B, d) when chains > 1."""
     lead = (temps.shape[0], chains)
@@ -106,19 +124,32 @@ def sample_power_posteriors(nets: Networks, params: Params, x: Array, temps: Arr
     return z[:, 0] if chains == 1 else z
 
 
-def vanilla_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hyper, *, nets: Networks,
-                 prior_steps: int, posterior_steps: int, z_dim: int, axis_name: str | None = None,
-                 unroll: bool = False) -> tuple[Array, dict[str, Array]]:
+def vanilla_loss(
+    params: Params,
+    x: Array,
+    key: Array,
+    example_ids: Array,
+    hp: Hyper,
+    *,
+    nets: Networks,
+    prior_steps: int,
+    posterior_steps: int,
+    z_dim: int,
+    axis_name: str | None = None,
+    unroll: bool = False,
+) -> tuple[Array, dict[str, Array]]:
     """The vanilla LEBM loss (Eq. 7-9) on the local batch; its gradient is -(delta_alpha, delta_beta).
 
     Returns (loss, aux) with aux = {ebm_loss, gen_loss}. The loss value is a surrogate whose gradient is
     the learning gradient; it is not log p(x)."""
     k_prior, k_post = jax.random.split(key)
     z_prior = jax.lax.stop_gradient(
-        sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll))
+        sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll)
+    )
     temps_one = jnp.ones((1,), jnp.float32)
-    z_post = sample_power_posteriors(nets, params, x, temps_one, k_post, example_ids, posterior_steps,
-                                     z_dim, hp, unroll)[0]
+    z_post = sample_power_posteriors(
+        nets, params, x, temps_one, k_post, example_ids, posterior_steps, z_dim, hp, unroll
+    )[0]
     z_post = jax.lax.stop_gradient(z_post)
     ebm_loss = jnp.mean(nets.energy(params["ebm"], z_prior)) - jnp.mean(nets.energy(params["ebm"], z_post))
     sq = jnp.sum((x - nets.generate(params["gen"], z_post)) ** 2, axis=(-3, -2, -1))
@@ -142,8 +173,9 @@ def fitted_gaussians(z: Array, ridge: Array, axis_name: str | None = None) -> tu
     return mean, cov
 
 
-def ti_estimate(rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axis_name: str | None = None
-                ) -> tuple[Array, dict[str, Array]]:
+def ti_estimate(
+    rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axis_name: str | None = None
+) -> tuple[Array, dict[str, Array]]:
     """log p(x) from the chains by `rule` (one of TI_RULES), in nats per image, averaged over the local batch.
 
     loglik: (N_t, M, B) log p(x_b|z) per chain; z: (N_t, M, B, d). Returns (estimate, readings) with
@@ -154,8 +186,10 @@ def ti_estimate(rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axi
     M = 1 the variance is NaN and stepping-stone is the left Riemann sum), as the config does; M is static.
     """
     if rule in ("variance", "stepping_stone") and loglik.shape[1] < 2:
-        raise ValueError(f"chains_per_example={loglik.shape[1]} is too few for ti_rule={rule}, which works "
-                         "from the spread of each example's chains; set chains_per_example=2 or more")
+        raise ValueError(
+            f"chains_per_example={loglik.shape[1]} is too few for ti_rule={rule}, which works "
+            "from the spread of each example's chains; set chains_per_example=2 or more"
+        )
     expected = jnp.mean(loglik, axis=(1, 2))
     nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
     kl_forward = kl_backward = identity = nan
@@ -181,8 +215,12 @@ def ti_estimate(rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axi
         estimate = trapezoid_log_evidence(temps, expected)
     else:
         raise ValueError(f"ti_rule={rule!r} is unknown; use one of {', '.join(TI_RULES)}")
-    readings = {"expected_loglik": expected, "kl_forward": kl_forward, "kl_backward": kl_backward,
-                "kl_identity": identity}
+    readings = {
+        "expected_loglik": expected,
+        "kl_forward": kl_forward,
+        "kl_backward": kl_backward,
+        "kl_identity": identity,
+    }
     return estimate, readings
 
 
@@ -191,11 +229,25 @@ def _surrogate(term: Array) -> Array:
     return term - jax.lax.stop_gradient(term)
 
 
-def thermo_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hyper, *, nets: Networks,
-                num_temps: int, posterior_steps: int, z_dim: int, ti_rule: str = "kl_batch",
-                chains_per_example: int = 1, ebm_gradient: str = "chains", gen_gradient: str = "ti",
-                prior_steps: int = 0, axis_name: str | None = None, unroll: bool = False
-                ) -> tuple[Array, dict[str, Array]]:
+def thermo_loss(
+    params: Params,
+    x: Array,
+    key: Array,
+    example_ids: Array,
+    hp: Hyper,
+    *,
+    nets: Networks,
+    num_temps: int,
+    posterior_steps: int,
+    z_dim: int,
+    ti_rule: str = "kl_batch",
+    chains_per_example: int = 1,
+    ebm_gradient: str = "chains",
+    gen_gradient: str = "ti",
+    prior_steps: int = 0,
+    axis_name: str | None = None,
+    unroll: bool = False,
+) -> tuple[Array, dict[str, Array]]:
     """Minus the TI estimate of log p(x) by `ti_rule` (Eq. 22 for kl_batch), in nats per image, with the
     gradients chosen by `ebm_gradient` and `gen_gradient` (see the module docstring).
 
@@ -210,11 +262,14 @@ def thermo_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hy
         raise ValueError(f"gen_gradient={gen_gradient!r} is unknown; use one of {', '.join(GEN_GRADIENTS)}")
     through_chains = ebm_gradient == "chains"
     # The TI estimate carries a network's gradient only where that network's gradient is `chains`/`ti`.
-    ti_params = {"ebm": params["ebm"] if through_chains else jax.lax.stop_gradient(params["ebm"]),
-                 "gen": params["gen"] if gen_gradient == "ti" else jax.lax.stop_gradient(params["gen"])}
+    ti_params = {
+        "ebm": params["ebm"] if through_chains else jax.lax.stop_gradient(params["ebm"]),
+        "gen": params["gen"] if gen_gradient == "ti" else jax.lax.stop_gradient(params["gen"]),
+    }
     temps = temperature_schedule(num_temps, hp.temp_power)
-    z = sample_power_posteriors(nets, ti_params, x, temps, key, example_ids, posterior_steps, z_dim, hp,
-                                unroll, chains_per_example)
+    z = sample_power_posteriors(
+        nets, ti_params, x, temps, key, example_ids, posterior_steps, z_dim, hp, unroll, chains_per_example
+    )
     if chains_per_example == 1:
         z = z[:, None]  # (N_t, M, B, d)
     if not through_chains:
@@ -226,11 +281,14 @@ def thermo_loss(params: Params, x: Array, key: Array, example_ids: Array, hp: Hy
     if ebm_gradient == "ml":
         k_prior = jax.random.split(key)[1]  # the posterior chains keep `key` itself
         z_prior = jax.lax.stop_gradient(
-            sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll))
-        loss = loss + _surrogate(jnp.mean(nets.energy(params["ebm"], z_prior))
-                                 - jnp.mean(nets.energy(params["ebm"], z_post)))
+            sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll)
+        )
+        loss = loss + _surrogate(
+            jnp.mean(nets.energy(params["ebm"], z_prior)) - jnp.mean(nets.energy(params["ebm"], z_post))
+        )
     if gen_gradient == "ml":
-        loss = loss - _surrogate(jnp.mean(log_likelihood(x, nets.generate(params["gen"], z_post),
-                                                         hp.lkhood_sigma)))
+        loss = loss - _surrogate(
+            jnp.mean(log_likelihood(x, nets.generate(params["gen"], z_post), hp.lkhood_sigma))
+        )
     aux = {"log_evidence": log_evidence, "temps": temps, "weights": trapezoid_weights(temps), **readings}
     return loss, aux

@@ -26,8 +26,15 @@ EPOCHS_FILE = "epochs.parquet"
 Columns = dict[str, tuple[pa.DataType, str]]  # name: (arrow type, meaning)
 
 # Config fields that only a thermodynamic objective uses: null in the rows of vanilla trials.
-THERMO_ONLY = ("temp_power", "num_temps", "kl_weight", "ti_rule", "chains_per_example", "ebm_gradient",
-               "gen_gradient")
+THERMO_ONLY = (
+    "temp_power",
+    "num_temps",
+    "kl_weight",
+    "ti_rule",
+    "chains_per_example",
+    "ebm_gradient",
+    "gen_gradient",
+)
 
 # Config fields written beside every reading, so a table read on its own says what produced it.
 CONFIG_COLUMNS: Columns = {
@@ -38,14 +45,23 @@ CONFIG_COLUMNS: Columns = {
     "temp_power": (pa.float64(), "p of the temperature schedule t_i = (i/(N_t-1))^p; null for vanilla"),
     "num_temps": (pa.int64(), "N_t, temperatures including both ends; null for vanilla"),
     "kl_weight": (pa.float64(), "eta, weight of the KL terms (Eq. 22); null for vanilla"),
-    "ti_rule": (pa.string(), "how log p(x) is estimated from the chains: kl_batch (Eq. 20 as published), "
-                             "kl_example, variance, stepping_stone or trapezoid; null for vanilla"),
+    "ti_rule": (
+        pa.string(),
+        "how log p(x) is estimated from the chains: kl_batch (Eq. 20 as published), "
+        "kl_example, variance, stepping_stone or trapezoid; null for vanilla",
+    ),
     "chains_per_example": (pa.int64(), "M, posterior chains per example and temperature; null for vanilla"),
-    "ebm_gradient": (pa.string(), "the EBM's gradient: chains (through the Langevin chains, the paper's "
-                                  "text), none (stop-gradient chains, the published code) or ml; null for "
-                                  "vanilla"),
-    "gen_gradient": (pa.string(), "the generator's gradient: ti (of the TI estimate) or ml (E_{t=1}[grad log "
-                                  "p(x|z)]); null for vanilla"),
+    "ebm_gradient": (
+        pa.string(),
+        "the EBM's gradient: chains (through the Langevin chains, the paper's "
+        "text), none (stop-gradient chains, the published code) or ml; null for "
+        "vanilla",
+    ),
+    "gen_gradient": (
+        pa.string(),
+        "the generator's gradient: ti (of the TI estimate) or ml (E_{t=1}[grad log "
+        "p(x|z)]); null for vanilla",
+    ),
     "prior_steps": (pa.int64(), "K_z, prior Langevin steps"),
     "posterior_steps": (pa.int64(), "K_post, posterior Langevin steps (per temperature for thermo)"),
     "prior_step_size": (pa.float64(), "s of the prior chain (Eq. 10)"),
@@ -63,12 +79,18 @@ TRIAL_COLUMNS: Columns = {
     "epochs_completed": (pa.int64(), "epochs with a row in epochs.parquet so far"),
     "status": (pa.string(), "PENDING, RUNNING, TERMINATED (finished) or ERROR (diverged or crashed)"),
     "error": (pa.string(), "why the trial ended in ERROR (e.g. the DivergenceError message); null otherwise"),
-    "wall_time_s": (pa.float64(), "Ray Tune's total time of the trial (all epochs, evaluation, "
-                                  "checkpointing, across restarts), seconds"),
+    "wall_time_s": (
+        pa.float64(),
+        "Ray Tune's total time of the trial (all epochs, evaluation, "
+        "checkpointing, across restarts), seconds",
+    ),
     "devices": (pa.int64(), "devices the trial trained on data-parallel (pmap)"),
     "device_kind": (pa.string(), "JAX device kind, e.g. `cpu` or `NVIDIA H100 80GB HBM3`"),
-    "conv_impl": (pa.string(), "generator transposed convolutions the trial ran: `phases` or `lax` "
-                               "(`conv_impl=auto` resolved on the trial's backend)"),
+    "conv_impl": (
+        pa.string(),
+        "generator transposed convolutions the trial ran: `phases` or `lax` "
+        "(`conv_impl=auto` resolved on the trial's backend)",
+    ),
     "node": (pa.string(), "host name of the node that ran the trial's latest epoch"),
     "node_id": (pa.string(), "Ray node id of that node (tells nodes apart on one host)"),
     "final_train_loss": (pa.float64(), "train_loss of the last completed epoch"),
@@ -86,58 +108,110 @@ TRIAL_COLUMNS: Columns = {
 # The readings of one epoch, as the training loop produces them (model.loop.run_epoch).
 READING_COLUMNS: Columns = {
     "epoch": (pa.int64(), "1-based epoch"),
-    "train_loss": (pa.float64(), "mean training objective over the epoch's steps (vanilla: EBM + generator "
-                                 "loss; thermo: minus the TI log-evidence estimate, nats per image)"),
+    "train_loss": (
+        pa.float64(),
+        "mean training objective over the epoch's steps (vanilla: EBM + generator "
+        "loss; thermo: minus the TI log-evidence estimate, nats per image)",
+    ),
     "val_loss": (pa.float64(), "the same objective on the validation set after the epoch"),
-    "grad_mean": (pa.float64(), "mean over all entries of the concatenated EBM+generator gradient, "
-                                "averaged over the epoch's steps"),
-    "grad_var": (pa.float64(), "learning-gradient variance (the paper's reading): variance over all entries "
-                               "of the concatenated EBM+generator gradient per step, averaged over the "
-                               "epoch's steps; the spread of one gradient's entries, not gradient noise"),
+    "grad_mean": (
+        pa.float64(),
+        "mean over all entries of the concatenated EBM+generator gradient, averaged over the epoch's steps",
+    ),
+    "grad_var": (
+        pa.float64(),
+        "learning-gradient variance (the paper's reading): variance over all entries "
+        "of the concatenated EBM+generator gradient per step, averaged over the "
+        "epoch's steps; the spread of one gradient's entries, not gradient noise",
+    ),
     "grad_var_ebm": (pa.float64(), "the same for the EBM prior's gradient alone"),
     "grad_var_gen": (pa.float64(), "the same for the generator's gradient alone"),
     "kid_rbf_inf": (pa.float64(), "KID_inf with the RBF kernel (paper's metric); NaN when not evaluated"),
     "kid_poly_inf": (pa.float64(), "KID_inf with the cubic polynomial kernel; NaN when not evaluated"),
     "fid_inf": (pa.float64(), "FID_inf; NaN when not evaluated"),
-    "val_ll": (pa.float64(), "validation log-likelihood log p(x) by AIS, nats per image (higher is "
-                             "better), on a fixed validation subset, the same for every model; NaN when not "
-                             "evaluated"),
+    "val_ll": (
+        pa.float64(),
+        "validation log-likelihood log p(x) by AIS, nats per image (higher is "
+        "better), on a fixed validation subset, the same for every model; NaN when not "
+        "evaluated",
+    ),
     "val_ll_stderr": (pa.float64(), "standard error of val_ll over the subset's examples"),
-    **{f"grad_noise_{net}": (pa.float64(), f"gradient noise of the {name}: mean per-entry variance of its "
-                                           "gradient over minibatches and chain keys (units of grad_var)")
-       for net, name in (("ebm", "EBM prior"), ("gen", "generator"))},
-    **{f"grad_noise_data_{net}": (pa.float64(), f"the data part of grad_noise_{net} (across minibatches), "
-                                                "measured from its own draws")
-       for net in ("ebm", "gen")},
-    **{f"grad_noise_langevin_{net}": (pa.float64(), f"the Langevin part of grad_noise_{net} (same batch, "
-                                                    "different chain keys), measured from its own draws")
-       for net in ("ebm", "gen")},
-    **{f"grad_snr_{net}": (pa.float64(), f"signal-to-noise ratio of the {net} gradient, (||mean g||^2 - "
-                                         "trace(Cov)/G) / trace(Cov); ~0 for pure noise, inf if noiseless")
-       for net in ("ebm", "gen")},
-    **{f"kid_{k}_nmax": (pa.float64(), f"KID ({k} kernel) of the N_max generated and real features, "
-                                       "unbiased; NaN when not evaluated") for k in ("rbf", "poly")},
-    **{f"kid_{k}_nmax_stderr": (pa.float64(), f"jackknife standard error of kid_{k}_nmax over the pooled "
-                                              "rows") for k in ("rbf", "poly")},
+    **{
+        f"grad_noise_{net}": (
+            pa.float64(),
+            f"gradient noise of the {name}: mean per-entry variance of its "
+            "gradient over minibatches and chain keys (units of grad_var)",
+        )
+        for net, name in (("ebm", "EBM prior"), ("gen", "generator"))
+    },
+    **{
+        f"grad_noise_data_{net}": (
+            pa.float64(),
+            f"the data part of grad_noise_{net} (across minibatches), measured from its own draws",
+        )
+        for net in ("ebm", "gen")
+    },
+    **{
+        f"grad_noise_langevin_{net}": (
+            pa.float64(),
+            f"the Langevin part of grad_noise_{net} (same batch, "
+            "different chain keys), measured from its own draws",
+        )
+        for net in ("ebm", "gen")
+    },
+    **{
+        f"grad_snr_{net}": (
+            pa.float64(),
+            f"signal-to-noise ratio of the {net} gradient, (||mean g||^2 - "
+            "trace(Cov)/G) / trace(Cov); ~0 for pure noise, inf if noiseless",
+        )
+        for net in ("ebm", "gen")
+    },
+    **{
+        f"kid_{k}_nmax": (
+            pa.float64(),
+            f"KID ({k} kernel) of the N_max generated and real features, unbiased; NaN when not evaluated",
+        )
+        for k in ("rbf", "poly")
+    },
+    **{
+        f"kid_{k}_nmax_stderr": (
+            pa.float64(),
+            f"jackknife standard error of kid_{k}_nmax over the pooled rows",
+        )
+        for k in ("rbf", "poly")
+    },
     "val_ll_time_s": (pa.float64(), "wall time of the val_ll reading, seconds"),
     "grad_noise_time_s": (pa.float64(), "wall time of the gradient-noise reading, seconds"),
     "epoch_time_s": (pa.float64(), "wall time of the epoch's training and validation, seconds"),
     "ebm_lr": (pa.float64(), "EBM learning rate used in the epoch"),
     "gen_lr": (pa.float64(), "generator learning rate used in the epoch"),
     "ti_temps": (pa.list_(pa.float64()), "the schedule t_0 = 0 .. t_{N_t-1} = 1; null for vanilla"),
-    "ti_weights": (pa.list_(pa.float64()), "trapezoid weights w_i (sum_i w_i E_i is the trapezium; also the "
-                                           "weights of the TI generator gradient); null for vanilla"),
-    "ti_expected_loglik": (pa.list_(pa.float64()), "E_i = E_{p(z|x,t_i)}[log p(x|z)] per temperature, "
-                                                   "nats per image, averaged over the epoch's steps (the TI "
-                                                   "curve); null for vanilla"),
-    "ti_kl_forward": (pa.list_(pa.float64()), "fitted KL(p_{i-1}||p_i) per interval i = 1..N_t-1, "
-                                              "averaged over the steps; null unless ti_rule is kl_batch or "
-                                              "kl_example"),
+    "ti_weights": (
+        pa.list_(pa.float64()),
+        "trapezoid weights w_i (sum_i w_i E_i is the trapezium; also the "
+        "weights of the TI generator gradient); null for vanilla",
+    ),
+    "ti_expected_loglik": (
+        pa.list_(pa.float64()),
+        "E_i = E_{p(z|x,t_i)}[log p(x|z)] per temperature, "
+        "nats per image, averaged over the epoch's steps (the TI "
+        "curve); null for vanilla",
+    ),
+    "ti_kl_forward": (
+        pa.list_(pa.float64()),
+        "fitted KL(p_{i-1}||p_i) per interval i = 1..N_t-1, "
+        "averaged over the steps; null unless ti_rule is kl_batch or "
+        "kl_example",
+    ),
     "ti_kl_backward": (pa.list_(pa.float64()), "fitted KL(p_i||p_{i-1}) per interval; null as ti_kl_forward"),
-    "kl_identity_error": (pa.float64(), "sum_i |KL_f + KL_b - dt_i (E_i - E_{i-1})| of the fitted Gaussians "
-                                        "(0 for the exact posteriors; for kl_example taken per x, then "
-                                        "averaged over x), nats, averaged over the steps; null unless "
-                                        "ti_rule is kl_batch or kl_example"),
+    "kl_identity_error": (
+        pa.float64(),
+        "sum_i |KL_f + KL_b - dt_i (E_i - E_{i-1})| of the fitted Gaussians "
+        "(0 for the exact posteriors; for kl_example taken per x, then "
+        "averaged over x), nats, averaged over the steps; null unless "
+        "ti_rule is kl_batch or kl_example",
+    ),
 }
 
 EPOCH_COLUMNS: Columns = {
@@ -157,8 +231,11 @@ RUN_EPOCH_COLUMNS: Columns = {
 
 # Extra columns with a fixed type even when every value is null.
 EXTRA_TYPES: dict[str, pa.DataType] = {
-    "eval_time_s": pa.float64(), "search": pa.string(), "optuna_trial": pa.int64(),
-    "optuna_state": pa.string(), "search_value": pa.float64(),
+    "eval_time_s": pa.float64(),
+    "search": pa.string(),
+    "optuna_trial": pa.int64(),
+    "optuna_state": pa.string(),
+    "search_value": pa.float64(),
 }
 
 
@@ -211,7 +288,9 @@ def to_table(rows: list[dict[str, Any]], columns: Columns) -> pa.Table:
 # ------------------------------------------------------------------------------------------- the docs
 
 TABLES: dict[str, Columns] = {
-    "trials": TRIAL_COLUMNS, "epochs": EPOCH_COLUMNS, "run-epochs": RUN_EPOCH_COLUMNS,
+    "trials": TRIAL_COLUMNS,
+    "epochs": EPOCH_COLUMNS,
+    "run-epochs": RUN_EPOCH_COLUMNS,
 }
 
 
@@ -230,8 +309,10 @@ def render_docs(text: str) -> str:
     for name, columns in TABLES.items():
         pattern = re.compile(rf"(<!-- schema:{name} -->\n).*?(<!-- /schema:{name} -->)", re.S)
         if not pattern.search(text):
-            raise ValueError(f"no '<!-- schema:{name} -->' ... '<!-- /schema:{name} -->' markers; add them "
-                             "where the table belongs")
+            raise ValueError(
+                f"no '<!-- schema:{name} -->' ... '<!-- /schema:{name} -->' markers; add them "
+                "where the table belongs"
+            )
         text = pattern.sub(lambda m, c=columns: m.group(1) + markdown_columns(c) + "\n" + m.group(2), text)
     return text
 

@@ -53,12 +53,28 @@ class StepSpec:
         """The spec of `c`, with conv_impl "auto" resolved for the default backend. The estimator fields
         change only the thermodynamic step: vanilla specs leave them at defaults so vanilla cells share one
         compilation whatever they say."""
-        ti = (c.ti_rule, c.chains_per_example, c.ebm_gradient, c.gen_gradient) if c.is_thermo else (
-            "", 1, "", "")
-        return cls(c.objective, c.num_temps if c.is_thermo else 0, c.prior_steps, c.posterior_steps,
-                   *ti, c.z_dim, c.ebm_width, c.ebm_leak, c.gen_width, c.gen_leak,
-                   resolve_conv_impl(c.conv_impl), c.image_size, c.channels, (c.ebm_beta1, c.ebm_beta2),
-                   (c.gen_beta1, c.gen_beta2))
+        ti = (
+            (c.ti_rule, c.chains_per_example, c.ebm_gradient, c.gen_gradient)
+            if c.is_thermo
+            else ("", 1, "", "")
+        )
+        return cls(
+            c.objective,
+            c.num_temps if c.is_thermo else 0,
+            c.prior_steps,
+            c.posterior_steps,
+            *ti,
+            c.z_dim,
+            c.ebm_width,
+            c.ebm_leak,
+            c.gen_width,
+            c.gen_leak,
+            resolve_conv_impl(c.conv_impl),
+            c.image_size,
+            c.channels,
+            (c.ebm_beta1, c.ebm_beta2),
+            (c.gen_beta1, c.gen_beta2),
+        )
 
 
 def networks(spec: StepSpec | ExperimentConfig) -> Networks:
@@ -69,9 +85,15 @@ def networks(spec: StepSpec | ExperimentConfig) -> Networks:
 
 def network_modules(spec: StepSpec | ExperimentConfig) -> tuple[Any, Any]:
     """The Flax modules of the EBM prior and the generator sized by a spec or config."""
-    return make_networks(ebm_width=spec.ebm_width, ebm_leak=spec.ebm_leak, image_size=spec.image_size,
-                         channels=spec.channels, gen_width=spec.gen_width, gen_leak=spec.gen_leak,
-                         conv_impl=spec.conv_impl)
+    return make_networks(
+        ebm_width=spec.ebm_width,
+        ebm_leak=spec.ebm_leak,
+        image_size=spec.image_size,
+        channels=spec.channels,
+        gen_width=spec.gen_width,
+        gen_leak=spec.gen_leak,
+        conv_impl=spec.conv_impl,
+    )
 
 
 def optimizers(spec: StepSpec) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
@@ -80,17 +102,26 @@ def optimizers(spec: StepSpec) -> tuple[optax.GradientTransformation, optax.Grad
     # A float32 array, not a Python float: a weak-typed state would change type after the first update
     # and make pmap compile the step a second time.
     lr = jnp.zeros((), jnp.float32)
-    return (make(learning_rate=lr, b1=spec.ebm_betas[0], b2=spec.ebm_betas[1]),
-            make(learning_rate=lr, b1=spec.gen_betas[0], b2=spec.gen_betas[1]))
+    return (
+        make(learning_rate=lr, b1=spec.ebm_betas[0], b2=spec.ebm_betas[1]),
+        make(learning_rate=lr, b1=spec.gen_betas[0], b2=spec.gen_betas[1]),
+    )
 
 
 def learning_rate_schedules(config: ExperimentConfig) -> tuple[optax.Schedule, optax.Schedule]:
     """Per-epoch learning rates of the EBM and the generator as optax schedules over the 0-based epoch
     index: constant until `lr_decay_begin`, then x lr_decay per epoch, floored at the final rate."""
+
     def schedule(initial: float, final: float) -> optax.Schedule:
-        return optax.exponential_decay(initial, transition_steps=1, decay_rate=config.lr_decay,
-                                       transition_begin=max(config.lr_decay_begin - 1, 0), staircase=True,
-                                       end_value=final)
+        return optax.exponential_decay(
+            initial,
+            transition_steps=1,
+            decay_rate=config.lr_decay,
+            transition_begin=max(config.lr_decay_begin - 1, 0),
+            staircase=True,
+            end_value=final,
+        )
+
     return schedule(config.ebm_lr, config.ebm_final_lr), schedule(config.gen_lr, config.gen_final_lr)
 
 
@@ -103,25 +134,46 @@ def learning_rates(config: ExperimentConfig, epoch: int) -> tuple[float, float]:
 def gradient_statistics(ebm_grads: Any, gen_grads: Any) -> dict[str, jax.Array]:
     """The paper's learning-gradient statistics of one step: mean and variance over all entries of the
     concatenated EBM+generator gradient (`grad_mean`, `grad_var`), and the variance per network."""
+
     def flat(tree: Any) -> jax.Array:
         return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
     e, g = flat(ebm_grads), flat(gen_grads)
     both = jnp.concatenate([e, g])
-    return {"grad_mean": jnp.mean(both), "grad_var": jnp.var(both), "grad_var_ebm": jnp.var(e),
-            "grad_var_gen": jnp.var(g)}
+    return {
+        "grad_mean": jnp.mean(both),
+        "grad_var": jnp.var(both),
+        "grad_var_ebm": jnp.var(e),
+        "grad_var_gen": jnp.var(g),
+    }
 
 
 def loss_fn(spec: StepSpec, axis_name: str | None = None, unroll: bool = False) -> Callable[..., Any]:
     """The objective of `spec` as loss(params, x, key, example_ids, hyper) -> (loss, aux)."""
     nets = networks(spec)
     if spec.objective == "thermo":
-        return functools.partial(thermo_loss, nets=nets, num_temps=spec.num_temps,
-                                 posterior_steps=spec.posterior_steps, z_dim=spec.z_dim, ti_rule=spec.ti_rule,
-                                 chains_per_example=spec.chains_per_example, ebm_gradient=spec.ebm_gradient,
-                                 gen_gradient=spec.gen_gradient, prior_steps=spec.prior_steps,
-                                 axis_name=axis_name, unroll=unroll)
-    return functools.partial(vanilla_loss, nets=nets, prior_steps=spec.prior_steps,
-                             posterior_steps=spec.posterior_steps, z_dim=spec.z_dim, unroll=unroll)
+        return functools.partial(
+            thermo_loss,
+            nets=nets,
+            num_temps=spec.num_temps,
+            posterior_steps=spec.posterior_steps,
+            z_dim=spec.z_dim,
+            ti_rule=spec.ti_rule,
+            chains_per_example=spec.chains_per_example,
+            ebm_gradient=spec.ebm_gradient,
+            gen_gradient=spec.gen_gradient,
+            prior_steps=spec.prior_steps,
+            axis_name=axis_name,
+            unroll=unroll,
+        )
+    return functools.partial(
+        vanilla_loss,
+        nets=nets,
+        prior_steps=spec.prior_steps,
+        posterior_steps=spec.posterior_steps,
+        z_dim=spec.z_dim,
+        unroll=unroll,
+    )
 
 
 def temperature_statistics(aux: dict[str, jax.Array], axis_name: str) -> dict[str, jax.Array]:
@@ -131,8 +183,12 @@ def temperature_statistics(aux: dict[str, jax.Array], axis_name: str) -> dict[st
     a mean over examples of per-x absolute residuals, so pmean over equal local batches keeps both exact."""
     names = ("expected_loglik", "kl_forward", "kl_backward", "kl_identity")
     mean = jax.lax.pmean({n: aux[n] for n in names}, axis_name)
-    return {"ti_expected_loglik": mean["expected_loglik"], "ti_kl_forward": mean["kl_forward"],
-            "ti_kl_backward": mean["kl_backward"], "kl_identity_error": jnp.sum(jnp.abs(mean["kl_identity"]))}
+    return {
+        "ti_expected_loglik": mean["expected_loglik"],
+        "ti_kl_forward": mean["kl_forward"],
+        "ti_kl_backward": mean["kl_backward"],
+        "kl_identity_error": jnp.sum(jnp.abs(mean["kl_identity"])),
+    }
 
 
 def _local_example_ids(local_batch: int, axis_name: str) -> jax.Array:
@@ -161,8 +217,10 @@ def device_train_step(spec: StepSpec) -> Callable[..., Any]:
         gen_opt.hyperparams["learning_rate"] = lrs[1]
         ebm_up, ebm_opt = ebm_tx.update(grads["ebm"], ebm_opt, params["ebm"])
         gen_up, gen_opt = gen_tx.update(grads["gen"], gen_opt, params["gen"])
-        params = {"ebm": optax.apply_updates(params["ebm"], ebm_up),
-                  "gen": optax.apply_updates(params["gen"], gen_up)}
+        params = {
+            "ebm": optax.apply_updates(params["ebm"], ebm_up),
+            "gen": optax.apply_updates(params["gen"], gen_up),
+        }
         return (params, (ebm_opt, gen_opt)), stats
 
     return step
@@ -174,8 +232,9 @@ def compiled_train_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..
 
     step(replicated (params, opt_states), x (n_dev, B/n_dev, H, W, C), key, hyper, (ebm_lr, gen_lr))
       -> (new replicated (params, opt_states), stats dict) with stats identical on every device."""
-    return jax.pmap(device_train_step(spec), axis_name="batch", in_axes=(0, 0, None, None, None),
-                    devices=list(devices))
+    return jax.pmap(
+        device_train_step(spec), axis_name="batch", in_axes=(0, 0, None, None, None), devices=list(devices)
+    )
 
 
 def device_eval_step(spec: StepSpec) -> Callable[..., Any]:
@@ -194,8 +253,9 @@ def device_eval_step(spec: StepSpec) -> Callable[..., Any]:
 @functools.lru_cache(maxsize=64)
 def compiled_eval_step(spec: StepSpec, devices: tuple[Any, ...]) -> Callable[..., Any]:
     """The pmapped loss on a batch without a parameter update (validation loss)."""
-    return jax.pmap(device_eval_step(spec), axis_name="batch", in_axes=(0, 0, None, None),
-                    devices=list(devices))
+    return jax.pmap(
+        device_eval_step(spec), axis_name="batch", in_axes=(0, 0, None, None), devices=list(devices)
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -225,5 +285,3 @@ def compiled_generate(spec: StepSpec, num: int) -> Callable[..., Any]:
         return nets.generate(gen_params, z)
 
     return jax.jit(generate)
-
-

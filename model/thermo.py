@@ -103,8 +103,9 @@ def stepping_stone_log_evidence(temps: Array, loglik: Array) -> Array:
     return jnp.sum(jax.nn.logsumexp(scaled, axis=1) - jnp.log(float(m)), axis=0)
 
 
-def kl_identity_residual(temps: Array, expected_loglik: Array, kl_forward: Array, kl_backward: Array
-                         ) -> Array:
+def kl_identity_residual(
+    temps: Array, expected_loglik: Array, kl_forward: Array, kl_backward: Array
+) -> Array:
     """KL(p_{i-1}||p_i) + KL(p_i||p_{i-1}) - dt_i (E_i - E_{i-1}) for i = 1..N_t-1: zero for the exact
     tempered posteriors, so its size measures how far fitted Gaussians are from them. (N_t - 1, ...)."""
     e = expected_loglik
@@ -161,8 +162,10 @@ def example_gaussian_kls(z: Array) -> tuple[Array, Array]:
     m, d = z.shape[1], z.shape[-1]
     full = m >= full_covariance_chains(d)
     if not full and m < MIN_CHAINS_DIAGONAL:
-        raise ValueError(f"chains_per_example={m} is too few for per-example Gaussian KLs: the trace "
-                         f"term has no finite variance; use chains_per_example >= {MIN_CHAINS_DIAGONAL}")
+        raise ValueError(
+            f"chains_per_example={m} is too few for per-example Gaussian KLs: the trace "
+            f"term has no finite variance; use chains_per_example >= {MIN_CHAINS_DIAGONAL}"
+        )
     n = m - 1
     mean = jnp.mean(z, axis=1)
     centred = z - mean[:, None]

@@ -43,10 +43,30 @@ from model.step import (
 )
 
 __all__ = [
-    "DivergenceError", "StepSpec", "TrainState", "check_devices", "compiled_eval_step", "compiled_train_step",
-    "epoch_order", "fit", "format_readings", "generate_images", "gradient_statistics", "init_state",
-    "learning_rate_schedules", "learning_rates", "loss_fn", "main", "make_evaluator_or_none", "networks",
-    "optimizers", "run_epoch", "step_inputs", "train_epoch", "validation_loss", "write_epochs_parquet",
+    "DivergenceError",
+    "StepSpec",
+    "TrainState",
+    "check_devices",
+    "compiled_eval_step",
+    "compiled_train_step",
+    "epoch_order",
+    "fit",
+    "format_readings",
+    "generate_images",
+    "gradient_statistics",
+    "init_state",
+    "learning_rate_schedules",
+    "learning_rates",
+    "loss_fn",
+    "main",
+    "make_evaluator_or_none",
+    "networks",
+    "optimizers",
+    "run_epoch",
+    "step_inputs",
+    "train_epoch",
+    "validation_loss",
+    "write_epochs_parquet",
 ]
 
 
@@ -71,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="digits", help="celeba | cifar10 | svhn | digits")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set objective=thermo --set temp_power=6")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set objective=thermo --set temp_power=6",
+    )
     parser.add_argument("--out", type=Path, help="directory for epochs.parquet (and config.json)")
     args = parser.parse_args(argv)
     try:
@@ -89,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    print(f"training {config.objective} on {config.dataset} for {config.epochs} epochs on "
-          f"{len(jax.local_devices())} {jax.default_backend()} device(s)", flush=True)
+    print(
+        f"training {config.objective} on {config.dataset} for {config.epochs} epochs on "
+        f"{len(jax.local_devices())} {jax.default_backend()} device(s)",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
 
     def on_epoch(readings: dict[str, Any]) -> None:

@@ -25,8 +25,13 @@ class ResultsCallback(Callback):
     The callback pickles with the Tuner (for `Tuner.restore`): it reloads the tables in `setup`.
     """
 
-    def __init__(self, results_uri: str, run: str, resolve: Callable[[dict], tuple[Any, dict]],
-                 extra_trial_columns: Callable[[Any], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        results_uri: str,
+        run: str,
+        resolve: Callable[[dict], tuple[Any, dict]],
+        extra_trial_columns: Callable[[Any], dict[str, Any]] | None = None,
+    ) -> None:
         self.results_uri = results_uri
         self.run = run
         self.resolve = resolve
@@ -50,9 +55,15 @@ class ResultsCallback(Callback):
     def _trial_base(self, trial: Any) -> tuple[str, dict[str, Any]]:
         config, meta = self.resolve(trial.config)
         trial_id = meta.get("trial_id") or trial.trial_id
-        values = {"run": self.run, **config_columns(config), "cell": meta.get("cell"),
-                  "repetition": meta.get("repetition"), "grid": meta.get("grid"),
-                  "ray_trial_id": trial.trial_id, **meta.get("columns", {})}
+        values = {
+            "run": self.run,
+            **config_columns(config),
+            "cell": meta.get("cell"),
+            "repetition": meta.get("repetition"),
+            "grid": meta.get("grid"),
+            "ray_trial_id": trial.trial_id,
+            **meta.get("columns", {}),
+        }
         if self.extra_trial_columns is not None:
             values.update(self.extra_trial_columns(trial))
         return trial_id, values
@@ -85,9 +96,16 @@ class ResultsCallback(Callback):
         history = [self.tables.epochs[k] for k in sorted(self.tables.epochs) if k[0] == trial_id]
         checkpoint = trial.checkpoint
         self.tables.upsert_trial(
-            trial_id, **values, **final_columns(history), status="RUNNING",
-            error=result.get("error"), wall_time_s=result.get("time_total_s"), devices=result.get("devices"),
-            device_kind=result.get("device_kind"), node=result.get("node"), node_id=result.get("node_id"),
+            trial_id,
+            **values,
+            **final_columns(history),
+            status="RUNNING",
+            error=result.get("error"),
+            wall_time_s=result.get("time_total_s"),
+            devices=result.get("devices"),
+            device_kind=result.get("device_kind"),
+            node=result.get("node"),
+            node_id=result.get("node_id"),
             conv_impl=result.get("conv_impl"),
             checkpoint=checkpoint.path if checkpoint is not None else None,
         )
@@ -101,13 +119,23 @@ class ResultsCallback(Callback):
         last = trial.last_result or {}
         error = None
         if status == "ERROR":
-            error = (last.get("error") or error_message(trial.get_error())
-                     or "trial failed (see error.txt in its trial directory)")
+            error = (
+                last.get("error")
+                or error_message(trial.get_error())
+                or "trial failed (see error.txt in its trial directory)"
+            )
         checkpoint = trial.checkpoint
         self.tables.upsert_trial(
-            trial_id, **values, **final_columns(history), status=status, error=error,
-            wall_time_s=last.get("time_total_s"), devices=last.get("devices"),
-            device_kind=last.get("device_kind"), node=last.get("node"), node_id=last.get("node_id"),
+            trial_id,
+            **values,
+            **final_columns(history),
+            status=status,
+            error=error,
+            wall_time_s=last.get("time_total_s"),
+            devices=last.get("devices"),
+            device_kind=last.get("device_kind"),
+            node=last.get("node"),
+            node_id=last.get("node_id"),
             conv_impl=last.get("conv_impl"),
             checkpoint=checkpoint.path if checkpoint is not None else None,
         )

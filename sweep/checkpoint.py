@@ -81,8 +81,9 @@ class TrialCheckpointer:
     def close(self) -> None:
         self._ckptr.close()
 
-    def save(self, directory: str | os.PathLike, state: Any, history: list[dict[str, Any]],
-             meta: dict[str, Any]) -> None:
+    def save(
+        self, directory: str | os.PathLike, state: Any, history: list[dict[str, Any]], meta: dict[str, Any]
+    ) -> None:
         """Write `state` (Orbax), `history` and `meta` into the existing empty `directory`, and wait until
         the asynchronous Orbax write has finished, so the directory is complete when this returns."""
         directory = Path(directory).absolute()
@@ -112,8 +113,9 @@ class TrialCheckpointer:
         return state, history, meta
 
 
-def mark_diverged(directory: str | os.PathLike, error: str, meta: dict[str, Any],
-                  history: list[dict[str, Any]]) -> None:
+def mark_diverged(
+    directory: str | os.PathLike, error: str, meta: dict[str, Any], history: list[dict[str, Any]]
+) -> None:
     """Write a checkpoint that records a divergence (no state): restoring it re-raises the error."""
     directory = Path(directory)
     write_json(directory / DIVERGED_FILE, {"error": error})
@@ -205,8 +207,9 @@ def _epoch_of(checkpoint: Any) -> int | None:
 Restored = tuple[Any, list[dict[str, Any]], dict[str, Any]]  # (state, history, meta)
 
 
-def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, template: Any,
-                            log: Callable[[str], None] = print) -> Restored | None:
+def restore_newest_readable(
+    checkpointer: TrialCheckpointer, checkpoint: Any, template: Any, log: Callable[[str], None] = print
+) -> Restored | None:
     """(state, history, meta) from the newest readable checkpoint of the trial, starting at
     `checkpoint` (the one Ray restores) and going back through the older ones beside it.
 
@@ -233,8 +236,11 @@ def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, te
             continue
         if failed:
             epoch, newest = int(restored[0].epoch), _epoch_of(failed[0][0])
-            cost = ("the epochs after it will be trained again" if newest is None
-                    else f"{newest - epoch} epoch(s) ({epoch + 1}..{newest}) will be trained again")
+            cost = (
+                "the epochs after it will be trained again"
+                if newest is None
+                else f"{newest - epoch} epoch(s) ({epoch + 1}..{newest}) will be trained again"
+            )
             unreadable = "; ".join(f"{_name(c)} cannot be read ({_why(e)})" for c, e in failed)
             log(f"{unreadable}; fell back to {_name(candidate)} (epoch {epoch}): {cost}")
         return restored
@@ -244,7 +250,8 @@ def restore_newest_readable(checkpointer: TrialCheckpointer, checkpoint: Any, te
     names = ", ".join(f"{_name(c)} ({_why(e)})" for c, e in failed)
     raise CheckpointError(
         f"no readable checkpoint in {where}: {names}; delete {' '.join(_name(c) for c, _ in failed)} "
-        "there and resume the run with --retry-errored to restart this trial from epoch 0")
+        "there and resume the run with --retry-errored to restart this trial from epoch 0"
+    )
 
 
 def _quiet_closed_loop_callbacks() -> None:

@@ -23,14 +23,26 @@ class PlanError(ValueError):
 
 def add_target_arguments(p: argparse.ArgumentParser) -> None:
     """--target, --target-flops, --target-memory-gib."""
-    p.add_argument("--target", choices=sorted(TARGETS), default=None,
-                   help="plan for this device: hours per trial, device-hours, memory fit (refuses cells "
-                        "that do not fit)")
-    p.add_argument("--target-flops", type=float, default=None,
-                   help="float32 peak FLOP/s of the target (overrides --target's; with --target-memory-gib "
-                        "alone, a custom device)")
-    p.add_argument("--target-memory-gib", type=float, default=None,
-                   help="device memory in GiB (overrides --target's, e.g. 79 for an 80 GB A100)")
+    p.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default=None,
+        help="plan for this device: hours per trial, device-hours, memory fit (refuses cells "
+        "that do not fit)",
+    )
+    p.add_argument(
+        "--target-flops",
+        type=float,
+        default=None,
+        help="float32 peak FLOP/s of the target (overrides --target's; with --target-memory-gib "
+        "alone, a custom device)",
+    )
+    p.add_argument(
+        "--target-memory-gib",
+        type=float,
+        default=None,
+        help="device memory in GiB (overrides --target's, e.g. 79 for an 80 GB A100)",
+    )
 
 
 def target_of(args: argparse.Namespace) -> Target | None:
@@ -47,8 +59,9 @@ def target_of(args: argparse.Namespace) -> Target | None:
         raise PlanError(str(err)) from None
 
 
-def plan(cells: Sequence[tuple[str, ExperimentConfig]], args: argparse.Namespace
-         ) -> tuple[list[CellPlan], Target | None]:
+def plan(
+    cells: Sequence[tuple[str, ExperimentConfig]], args: argparse.Namespace
+) -> tuple[list[CellPlan], Target | None]:
     """Plans of `cells` on the flags' target (None when none is named: memory and FLOPs only); raises
     PlanError naming every cell that does not fit a named target."""
     target = target_of(args)

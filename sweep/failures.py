@@ -57,8 +57,12 @@ class TrialFailures(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         limit = "unlimited" if self.max_failures < 0 else str(self.max_failures)
-        print(f"trial {trial} failed ({_reason(trial)}); retrying from its last checkpoint "
-              f"(retry {trial.num_failures} of {limit})", file=sys.stderr, flush=True)
+        print(
+            f"trial {trial} failed ({_reason(trial)}); retrying from its last checkpoint "
+            f"(retry {trial.num_failures} of {limit})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}

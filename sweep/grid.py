@@ -36,23 +36,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sweep.grid",
         description="Run every cell x repetition of a grid as Ray Tune trials, checkpointed and resumable, "
-                    "with every reading written to Parquet.",
+        "with every reading written to Parquet.",
     )
-    p.add_argument("--grid", default=DEFAULT_GRID,
-                   help=f"built-in grid name or a .json/.toml grid file (default: {DEFAULT_GRID})")
+    p.add_argument(
+        "--grid",
+        default=DEFAULT_GRID,
+        help=f"built-in grid name or a .json/.toml grid file (default: {DEFAULT_GRID})",
+    )
     p.add_argument("--repetitions", type=int, help="repetitions per cell (default: the grid's)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the grid's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field in every cell, e.g. --set eval_every=0 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field in every cell, e.g. --set eval_every=0 (repeatable)",
+    )
     p.add_argument("--name", help="run name (default: <grid>-<UTC time>); results go to <storage>/<name>/")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run --name: finished trials are kept, interrupted ones continue")
-    p.add_argument("--retry-errored", action="store_true",
-                   help="with --resume: retry the trials that ended in ERROR too, from their newest readable "
-                        "checkpoint (one whose error cannot go away ends again at once)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run --name: finished trials are kept, interrupted ones continue",
+    )
+    p.add_argument(
+        "--retry-errored",
+        action="store_true",
+        help="with --resume: retry the trials that ended in ERROR too, from their newest readable "
+        "checkpoint (one whose error cannot go away ends again at once)",
+    )
     launch.add_ray_arguments(p)
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the trials and the plan (FLOPs, memory, hours with --target) and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the trials and the plan (FLOPs, memory, hours with --target) and exit",
+    )
     cost.add_target_arguments(p)
     return p
 
@@ -68,8 +85,10 @@ def plan_from_args(args: argparse.Namespace) -> tuple[str, str, list[TrialPlan]]
 
 
 def specs_of(plans: list[TrialPlan], grid: str) -> list[dict[str, Any]]:
-    return [trial_spec(p.config, trial_id=p.trial_id, cell=p.cell, repetition=p.repetition, grid=grid)
-            for p in plans]
+    return [
+        trial_spec(p.config, trial_id=p.trial_id, cell=p.cell, repetition=p.repetition, grid=grid)
+        for p in plans
+    ]
 
 
 def plans_of(specs: list[dict[str, Any]]) -> list[TrialPlan]:
@@ -99,35 +118,48 @@ def main(argv: list[str] | None = None) -> int:
             launch.run_location(storage, args.name)
         # A dry run may name an existing run: it only prints the plan.
         checked_name = args.name if args.resume or not args.dry_run else None
-        manifest = launch.existing_manifest(storage, checked_name, MANIFEST_FILE, resume=args.resume,
-                                            what="run")
+        manifest = launch.existing_manifest(
+            storage, checked_name, MANIFEST_FILE, resume=args.resume, what="run"
+        )
         if manifest is not None:
             ignored = [f for f in ("repetitions", "epochs") if getattr(args, f) is not None] + (
-                ["set"] if args.set else [])
+                ["set"] if args.set else []
+            )
             if ignored or args.grid != DEFAULT_GRID:
-                print(f"note: --resume runs the plan stored in {MANIFEST_FILE}; ignoring --grid/"
-                      f"{'/'.join('--' + f for f in ignored) or '--grid'}", file=sys.stderr)
+                print(
+                    f"note: --resume runs the plan stored in {MANIFEST_FILE}; ignoring --grid/"
+                    f"{'/'.join('--' + f for f in ignored) or '--grid'}",
+                    file=sys.stderr,
+                )
             grid_name, grid_source, specs = manifest["grid"], manifest["grid_source"], manifest["trials"]
             plans = plans_of(specs)
         else:
             grid_name, grid_source, plans = plan_from_args(args)
             specs = specs_of(plans, grid_name)
         n_dev = launch.devices_per_trial(args)
-        check_plan_devices(plans, n_dev, "use batch sizes divisible by the device count, or fewer devices "
-                                         "per trial (--cpu-devices 1 on CPU, --gpus-per-trial 1 on GPU)")
+        check_plan_devices(
+            plans,
+            n_dev,
+            "use batch sizes divisible by the device count, or fewer devices "
+            "per trial (--cpu-devices 1 on CPU, --gpus-per-trial 1 on GPU)",
+        )
         cells = {p.cell: p.config for p in plans}  # one plan per cell: repetitions share its shapes
         cell_plans, target = cost.plan(list(cells.items()), args)
     except (GridError, launch.LaunchError, cost.PlanError) as err:
         parser.error(str(err))
     except UnicodeDecodeError as err:
-        parser.error(f"--grid {args.grid}: not UTF-8 text ({err.reason} at byte {err.start}); save the grid "
-                     "file as UTF-8")
+        parser.error(
+            f"--grid {args.grid}: not UTF-8 text ({err.reason} at byte {err.start}); save the grid "
+            "file as UTF-8"
+        )
 
     for line in identical_cells(plans):
         print(f"warning: {line}", file=sys.stderr)
     if args.dry_run:
-        print(f"grid {grid_name} ({grid_source}): {len(plans)} trials, "
-              f"{len({p.cell for p in plans})} cells, {n_dev} device(s) per trial")
+        print(
+            f"grid {grid_name} ({grid_source}): {len(plans)} trials, "
+            f"{len({p.cell for p in plans})} cells, {n_dev} device(s) per trial"
+        )
         print(trial_table(plans, launch.resources_of(args)))
         print(cost.format_plan(cell_plans, len(plans) // max(len(cells), 1), target))
         return 0
@@ -136,12 +168,29 @@ def main(argv: list[str] | None = None) -> int:
         launch.run_location(storage, run)
     except launch.LaunchError as err:  # a default name made from the grid's name
         parser.error(f"{err}; pass --name")
-    return run_sweep(args, run=run, storage=storage, grid_name=grid_name, grid_source=grid_source,
-                     specs=specs, plans=plans, n_dev=n_dev)
+    return run_sweep(
+        args,
+        run=run,
+        storage=storage,
+        grid_name=grid_name,
+        grid_source=grid_source,
+        specs=specs,
+        plans=plans,
+        n_dev=n_dev,
+    )
 
 
-def run_sweep(args: argparse.Namespace, *, run: str, storage: str, grid_name: str, grid_source: str,
-              specs: list[dict[str, Any]], plans: list[TrialPlan], n_dev: int) -> int:
+def run_sweep(
+    args: argparse.Namespace,
+    *,
+    run: str,
+    storage: str,
+    grid_name: str,
+    grid_source: str,
+    specs: list[dict[str, Any]],
+    plans: list[TrialPlan],
+    n_dev: int,
+) -> int:
     """Start or resume the Tune experiment of `specs` and print the summary; returns the exit code."""
     launch.set_ray_defaults(args, storage)
     import ray
@@ -152,42 +201,76 @@ def run_sweep(args: argparse.Namespace, *, run: str, storage: str, grid_name: st
     run_uri = storage_join(storage, run)
     results_uri = f"{run_uri}/results"
     if not args.resume:
-        write_json_uri(f"{run_uri}/{MANIFEST_FILE}", {
-            "run": run, "grid": grid_name, "grid_source": grid_source,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "argv": sys.argv[1:], "trials": specs})
+        write_json_uri(
+            f"{run_uri}/{MANIFEST_FILE}",
+            {
+                "run": run,
+                "grid": grid_name,
+                "grid_source": grid_source,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "argv": sys.argv[1:],
+                "trials": specs,
+            },
+        )
     tables = ResultsTables(results_uri)
     for plan, spec in zip(plans, specs, strict=True):
         if plan.trial_id not in tables.trials:
-            tables.upsert_trial(plan.trial_id, run=run, grid=grid_name, cell=plan.cell,
-                                repetition=plan.repetition, **config_columns(plan.config), status="PENDING",
-                                epochs_completed=0, **spec.get("columns", {}))
+            tables.upsert_trial(
+                plan.trial_id,
+                run=run,
+                grid=grid_name,
+                cell=plan.cell,
+                repetition=plan.repetition,
+                **config_columns(plan.config),
+                status="PENDING",
+                epochs_completed=0,
+                **spec.get("columns", {}),
+            )
     tables.flush()
     start = time.perf_counter()
-    print(f"run {run}: grid {grid_name} ({grid_source}), {len(plans)} trials "
-          f"({len({p.cell for p in plans})} cells), {n_dev} device(s) and "
-          f"{args.cpus_per_trial:g} CPU / {args.gpus_per_trial:g} GPU per trial; storage "
-          f"{storage_join(storage)}", flush=True)
+    print(
+        f"run {run}: grid {grid_name} ({grid_source}), {len(plans)} trials "
+        f"({len({p.cell for p in plans})} cells), {n_dev} device(s) and "
+        f"{args.cpus_per_trial:g} CPU / {args.gpus_per_trial:g} GPU per trial; storage "
+        f"{storage_join(storage)}",
+        flush=True,
+    )
 
     launch.init_ray(args, n_dev)
     try:
-        trainable = make_trainable(samples_uri=f"{run_uri}/samples", gpus_per_trial=args.gpus_per_trial,
-                                   cpus_per_trial=args.cpus_per_trial)
+        trainable = make_trainable(
+            samples_uri=f"{run_uri}/samples",
+            gpus_per_trial=args.gpus_per_trial,
+            cpus_per_trial=args.cpus_per_trial,
+        )
         if args.resume and tune.Tuner.can_restore(run_uri):
-            tuner = tune.Tuner.restore(run_uri, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=args.retry_errored, restart_errored=False)
+            tuner = tune.Tuner.restore(
+                run_uri,
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=args.retry_errored,
+                restart_errored=False,
+            )
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(specs)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=False,
-                                            **launch.trial_naming()),
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=args.max_concurrent, reuse_actors=False, **launch.trial_naming()
+                ),
                 run_config=launch.run_config(
-                    args, run=run, storage=storage,
+                    args,
+                    run=run,
+                    storage=storage,
                     callbacks=[ResultsCallback(results_uri, run, resolve_trial)],
-                    metric_columns={"epoch": "epoch", "train_loss": "loss", "grad_var": "grad_var",
-                                    "kid_rbf_inf": "KID_inf"},
-                    parameter_columns={"trial/cell": "cell", "trial/repetition": "rep"}),
+                    metric_columns={
+                        "epoch": "epoch",
+                        "train_loss": "loss",
+                        "grad_var": "grad_var",
+                        "kid_rbf_inf": "KID_inf",
+                    },
+                    parameter_columns={"trial/cell": "cell", "trial/repetition": "rep"},
+                ),
             )
         tuner.fit()
     finally:
@@ -206,8 +289,10 @@ def run_sweep(args: argparse.Namespace, *, run: str, storage: str, grid_name: st
         print(f"ERROR {row['trial_id']}: {row['error']}")
     unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
     if len(unfinished):
-        print(f"{len(unfinished)} trials did not finish; continue with: python -m sweep.grid --name {run} "
-              f"--resume" + (f" --storage {storage}" if storage != launch.DEFAULT_STORAGE else ""))
+        print(
+            f"{len(unfinished)} trials did not finish; continue with: python -m sweep.grid --name {run} "
+            f"--resume" + (f" --storage {storage}" if storage != launch.DEFAULT_STORAGE else "")
+        )
     print("\nper cell, mean +- std over repetitions (std with ddof=1):")
     print(format_summary(summarize(trials, epochs)))
     return 0 if not len(unfinished) else 1

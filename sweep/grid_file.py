@@ -73,9 +73,7 @@ class Grid:
 def builtin_grids() -> list[str]:
     """Names of the grids shipped in `sweep/grids/` (usable as `--grid NAME`)."""
     root = resources.files("sweep.grids")
-    return sorted(
-        p.name.rsplit(".", 1)[0] for p in root.iterdir() if p.name.endswith((".json", ".toml"))
-    )
+    return sorted(p.name.rsplit(".", 1)[0] for p in root.iterdir() if p.name.endswith((".json", ".toml")))
 
 
 def _read_text(name_or_path: str) -> tuple[str, str, str]:
@@ -150,10 +148,12 @@ def _expand_cell(grid: str, index: int, cell: dict[str, Any]) -> list[tuple[str,
             )
         if isinstance(value, list) and not value:
             raise GridError(
-                f"grid {grid!r}, cell {label}: key {key!r} is an empty list; give at least one value")
+                f"grid {grid!r}, cell {label}: key {key!r} is an empty list; give at least one value"
+            )
         if isinstance(value, dict):
             raise GridError(
-                f"grid {grid!r}, cell {label}: key {key!r} has a table value {value!r}; use a plain value")
+                f"grid {grid!r}, cell {label}: key {key!r} has a table value {value!r}; use a plain value"
+            )
     listed = [k for k, v in values.items() if isinstance(v, list)]
     out = []
     for combo in itertools.product(*(values[k] for k in listed)):
@@ -264,12 +264,14 @@ def identical_cells(plans: list[TrialPlan]) -> list[str]:
     cells = list(first.items())
     lines = []
     for i, (cell_a, a) in enumerate(cells):
-        for cell_b, b in cells[i + 1:]:
+        for cell_b, b in cells[i + 1 :]:
             differ = training_differences(a, b)
             if differ:
                 why = "; ".join(dict.fromkeys(differ.values()))
-                lines.append(f"cells {cell_a!r} and {cell_b!r} train identically: they differ only in "
-                             f"{', '.join(differ)} ({why})")
+                lines.append(
+                    f"cells {cell_a!r} and {cell_b!r} train identically: they differ only in "
+                    f"{', '.join(differ)} ({why})"
+                )
     return lines
 
 
@@ -285,18 +287,46 @@ def check_plan_devices(plans: list[TrialPlan], devices_per_trial: int, fix: str)
 def trial_table(plans: list[TrialPlan], resources: dict[str, float]) -> str:
     """The plain-text table `--dry-run` prints: one line per trial with its seed, key fields and resources."""
     res = " ".join(f"{k}={v:g}" for k, v in resources.items() if v)
-    header = ["#", "trial_id", "cell", "rep", "seed", "objective", "batch", "p", "N_t", "eta", "rule/M",
-              "ebm/gen", "K_post", "K_prior", "epochs", "resources"]
+    header = [
+        "#",
+        "trial_id",
+        "cell",
+        "rep",
+        "seed",
+        "objective",
+        "batch",
+        "p",
+        "N_t",
+        "eta",
+        "rule/M",
+        "ebm/gen",
+        "K_post",
+        "K_prior",
+        "epochs",
+        "resources",
+    ]
     rows = []
     for i, p in enumerate(plans):
         c = p.config
         thermo = c.is_thermo
-        rows.append([
-            str(i), p.trial_id, p.cell, str(p.repetition), str(p.seed), c.objective, str(c.batch_size),
-            f"{c.temp_power:g}" if thermo else "-", str(c.num_temps) if thermo else "-",
-            f"{c.kl_weight:g}" if thermo else "-",
-            f"{c.ti_rule}/{c.chains_per_example}" if thermo else "-",
-            f"{c.ebm_gradient}/{c.gen_gradient}" if thermo else "-",
-            str(c.posterior_steps), str(c.prior_steps), str(c.epochs), res,
-        ])
+        rows.append(
+            [
+                str(i),
+                p.trial_id,
+                p.cell,
+                str(p.repetition),
+                str(p.seed),
+                c.objective,
+                str(c.batch_size),
+                f"{c.temp_power:g}" if thermo else "-",
+                str(c.num_temps) if thermo else "-",
+                f"{c.kl_weight:g}" if thermo else "-",
+                f"{c.ti_rule}/{c.chains_per_example}" if thermo else "-",
+                f"{c.ebm_gradient}/{c.gen_gradient}" if thermo else "-",
+                str(c.posterior_steps),
+                str(c.prior_steps),
+                str(c.epochs),
+                res,
+            ]
+        )
     return text_table(header, rows)

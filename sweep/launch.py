@@ -27,22 +27,47 @@ class LaunchError(ValueError):
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     """Where runs live and what each trial gets from Ray: flags shared by sweep.grid and sweep.search."""
-    p.add_argument("--storage", default=None,
-                   help="where runs live: a directory, NFS path or s3://bucket/prefix "
-                        f"(default: ${STORAGE_ENV} or ./{DEFAULT_STORAGE})")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray instance)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial (0: CPU; a fraction shares a GPU between trials)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="where runs live: a directory, NFS path or s3://bucket/prefix "
+        f"(default: ${STORAGE_ENV} or ./{DEFAULT_STORAGE})",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray instance)",
+    )
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0.0,
+        help="GPUs per trial (0: CPU; a fraction shares a GPU between trials)",
+    )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
-    p.add_argument("--cpu-devices", type=int, default=None,
-                   help="on CPU, XLA devices per trial to pmap over (default: --cpus-per-trial)")
-    p.add_argument("--max-concurrent", type=int, default=None,
-                   help="at most this many trials at once (default: as many as the resources allow)")
-    p.add_argument("--max-failures", type=int, default=2,
-                   help="retries of a crashed trial from its last checkpoint (default 2)")
-    p.add_argument("--compile-cache", default=DEFAULT_COMPILE_CACHE,
-                   help="JAX persistent compilation cache shared by trials ('none' disables)")
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="on CPU, XLA devices per trial to pmap over (default: --cpus-per-trial)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="at most this many trials at once (default: as many as the resources allow)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="retries of a crashed trial from its last checkpoint (default 2)",
+    )
+    p.add_argument(
+        "--compile-cache",
+        default=DEFAULT_COMPILE_CACHE,
+        help="JAX persistent compilation cache shared by trials ('none' disables)",
+    )
 
 
 def check_ray_arguments(args: argparse.Namespace) -> None:
@@ -62,8 +87,10 @@ def storage_of(args: argparse.Namespace) -> str:
         while not os.path.exists(path) and os.path.dirname(path) != path:
             path = os.path.dirname(path)
         if not os.path.isdir(path):
-            raise LaunchError(f"--storage {storage}: {path} is a file, not a directory; pass a directory "
-                              "(created if missing) or s3://bucket/prefix")
+            raise LaunchError(
+                f"--storage {storage}: {path} is a file, not a directory; pass a directory "
+                "(created if missing) or s3://bucket/prefix"
+            )
     return storage
 
 
@@ -75,8 +102,10 @@ def check_name(name: str, flag: str) -> str:
     '.' or '..', not starting with '-'), so that it is one directory inside the storage. Raises
     LaunchError."""
     if not _NAME.fullmatch(name) or name in (".", "..") or name.startswith("-"):
-        raise LaunchError(f"{flag} {name!r}: a name may hold only letters, digits and . _ = + -, and may not "
-                          "be '.' or '..' or start with '-' (it names a directory inside --storage)")
+        raise LaunchError(
+            f"{flag} {name!r}: a name may hold only letters, digits and . _ = + -, and may not "
+            "be '.' or '..' or start with '-' (it names a directory inside --storage)"
+        )
     return name
 
 
@@ -88,8 +117,10 @@ def run_location(storage: str, run: str, flag: str = "--name") -> str:
     if "://" not in run_uri:
         root = os.path.realpath(storage_join(storage))
         if os.path.commonpath([root, os.path.realpath(run_uri)]) != root:
-            raise LaunchError(f"{flag} {run!r}: {run_uri} resolves to {os.path.realpath(run_uri)}, outside "
-                              f"--storage {root}; pick another name or remove the link")
+            raise LaunchError(
+                f"{flag} {run!r}: {run_uri} resolves to {os.path.realpath(run_uri)}, outside "
+                f"--storage {root}; pick another name or remove the link"
+            )
     return run_uri
 
 
@@ -98,8 +129,9 @@ def default_run_name(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def existing_manifest(storage: str, run: str | None, manifest_file: str, *, resume: bool, what: str
-                      ) -> dict[str, Any] | None:
+def existing_manifest(
+    storage: str, run: str | None, manifest_file: str, *, resume: bool, what: str
+) -> dict[str, Any] | None:
     """The manifest of run `run` under `storage` (None for a new run), after the checks every launch
     makes: --resume needs --name and an existing run; a new run must not reuse a name. Raises
     LaunchError naming the fix."""
@@ -110,14 +142,19 @@ def existing_manifest(storage: str, run: str | None, manifest_file: str, *, resu
     try:
         manifest = read_json_uri(f"{run_location(storage, run)}/{manifest_file}")
     except OSError as err:  # e.g. an unreachable bucket or missing credentials
-        raise LaunchError(f"--storage {storage}: cannot read it ({' '.join(str(err).split())[:200]}); check "
-                          "the path, the network and the credentials") from None
+        raise LaunchError(
+            f"--storage {storage}: cannot read it ({' '.join(str(err).split())[:200]}); check "
+            "the path, the network and the credentials"
+        ) from None
     if resume and manifest is None:
-        raise LaunchError(f"--resume: no {what} {run!r} under {storage} (no {manifest_file}); start it "
-                          "without --resume, or pass the --storage it was started with")
+        raise LaunchError(
+            f"--resume: no {what} {run!r} under {storage} (no {manifest_file}); start it "
+            "without --resume, or pass the --storage it was started with"
+        )
     if manifest is not None and not resume:
-        raise LaunchError(f"run {run!r} already exists under {storage}; continue it with --resume or pick "
-                          "another --name")
+        raise LaunchError(
+            f"run {run!r} already exists under {storage}; continue it with --resume or pick another --name"
+        )
     return manifest
 
 
@@ -132,8 +169,14 @@ def resources_of(args: argparse.Namespace) -> dict[str, float]:
     return {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
 
 
-def trial_env(*, gpus_per_trial: float, cpus_per_trial: int, cpu_devices: int,
-              compilation_cache: str | None = None, base_xla_flags: str = "") -> dict[str, str]:
+def trial_env(
+    *,
+    gpus_per_trial: float,
+    cpus_per_trial: int,
+    cpu_devices: int,
+    compilation_cache: str | None = None,
+    base_xla_flags: str = "",
+) -> dict[str, str]:
     """Environment variables for the trial processes (passed with `ray.init(runtime_env=...)`).
 
     - GPU trials: no memory preallocation, so trials sharing a GPU do not fail on the first allocation.
@@ -143,8 +186,13 @@ def trial_env(*, gpus_per_trial: float, cpus_per_trial: int, cpu_devices: int,
     - A persistent compilation cache lets repetitions of a cell (same shapes) reuse compiled steps.
     """
     threads = str(max(1, int(cpus_per_trial)))
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "OMP_NUM_THREADS": threads,
-           "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "OMP_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     # The device count is this function's to set: drop one inherited from the driver's environment.
     flags = [f for f in base_xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
     if gpus_per_trial <= 0:
@@ -166,9 +214,13 @@ def ray_trial_env(args: argparse.Namespace, n_dev: int) -> dict[str, str]:
     devices, the shared compilation cache `--compile-cache`), and Ray's auth token off for a local
     instance."""
     cache = None if str(args.compile_cache).lower() == "none" else os.path.expanduser(args.compile_cache)
-    env = trial_env(gpus_per_trial=args.gpus_per_trial, cpus_per_trial=int(args.cpus_per_trial),
-                    cpu_devices=n_dev, compilation_cache=cache,
-                    base_xla_flags=os.environ.get("XLA_FLAGS", ""))
+    env = trial_env(
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=int(args.cpus_per_trial),
+        cpu_devices=n_dev,
+        compilation_cache=cache,
+        base_xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
     if args.address is None:
         env["RAY_AUTH_MODE"] = "disabled"
     return env
@@ -200,20 +252,32 @@ def init_ray(args: argparse.Namespace, n_dev: int) -> None:
     import ray
 
     local = args.address is None
-    ray.init(address=args.address, runtime_env={"env_vars": ray_trial_env(args, n_dev)},
-             include_dashboard=False if local else None, log_to_driver=True)
+    ray.init(
+        address=args.address,
+        runtime_env={"env_vars": ray_trial_env(args, n_dev)},
+        include_dashboard=False if local else None,
+        log_to_driver=True,
+    )
 
 
 def trial_naming() -> dict[str, Callable[[Any], str]]:
     """TuneConfig arguments that name every trial (and its directory) by its `trial_id`."""
+
     def name(trial: Any) -> str:
         return str(trial.config["trial"]["trial_id"])
 
     return {"trial_name_creator": name, "trial_dirname_creator": name}
 
 
-def run_config(args: argparse.Namespace, *, run: str, storage: str, callbacks: list[Any],
-               metric_columns: dict[str, str], parameter_columns: dict[str, str]) -> Any:
+def run_config(
+    args: argparse.Namespace,
+    *,
+    run: str,
+    storage: str,
+    callbacks: list[Any],
+    metric_columns: dict[str, str],
+    parameter_columns: dict[str, str],
+) -> Any:
     """The Tune RunConfig of a launch: the run's storage, its progress table, checkpoint retention and
     retries of crashed trials (none for an error a retry cannot cure: `sweep.failures`)."""
     from ray import tune
@@ -221,10 +285,15 @@ def run_config(args: argparse.Namespace, *, run: str, storage: str, callbacks: l
     from sweep.failures import TrialFailures
 
     callbacks = [*callbacks, TrialFailures(args.max_failures)]
-    reporter = tune.CLIReporter(metric_columns=metric_columns, parameter_columns=parameter_columns,
-                                max_report_frequency=30)
+    reporter = tune.CLIReporter(
+        metric_columns=metric_columns, parameter_columns=parameter_columns, max_report_frequency=30
+    )
     return tune.RunConfig(
-        name=run, storage_path=storage_join(storage), callbacks=callbacks, progress_reporter=reporter,
+        name=run,
+        storage_path=storage_join(storage),
+        callbacks=callbacks,
+        progress_reporter=reporter,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-        failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1,
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        verbose=1,
     )

@@ -54,8 +54,9 @@ def searcher_class() -> type:
                 return
             self._report(trial_id, result.get(self.metric), result.get("epoch"))
 
-        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
-                              error: bool = False) -> None:
+        def on_trial_complete(
+            self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+        ) -> None:
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             ot_trial = self._ot_trials[trial_id]
@@ -78,8 +79,9 @@ def searcher_class() -> type:
             try:
                 if reason:
                     ot_trial.set_user_attr(FAIL_REASON_ATTR, reason)
-                self._ot_study.tell(ot_trial, float(value) if state == optuna.trial.TrialState.COMPLETE
-                                    else None, state=state)
+                self._ot_study.tell(
+                    ot_trial, float(value) if state == optuna.trial.TrialState.COMPLETE else None, state=state
+                )
             except Exception as exc:  # noqa: BLE001 - e.g. told already; never stop the whole search
                 print(f"warning: could not tell Optuna trial {ot_trial.number}: {exc}", file=sys.stderr)
             self._completed_trials.add(trial_id)
@@ -91,14 +93,19 @@ def searcher_class() -> type:
 _SEARCHER: type | None = None
 
 
-def search_trial_config(experiment: dict[str, Any], study: str, number: int, p: float, eta: float
-                        ) -> dict[str, Any]:
+def search_trial_config(
+    experiment: dict[str, Any], study: str, number: int, p: float, eta: float
+) -> dict[str, Any]:
     """The Tune config of one search trial: a grid-like trial spec whose experiment is the base config with
     temp_power = p and kl_weight = eta, plus the `search` and `optuna_trial` columns."""
     config = ExperimentConfig(**{**experiment, "temp_power": float(p), "kl_weight": float(eta)})
     trial_id = trial_id_of(number)
-    spec = trial_spec(config, trial_id=trial_id, cell=trial_id, repetition=0, grid="search",
-                      columns={"search": study, "optuna_trial": number})
+    spec = trial_spec(
+        config,
+        trial_id=trial_id,
+        cell=trial_id,
+        repetition=0,
+        grid="search",
+        columns={"search": study, "optuna_trial": number},
+    )
     return {"trial": spec, "p": float(p), "eta": float(eta), "optuna_trial": number}
-
-

@@ -139,7 +139,7 @@ def error_message(text: str | None) -> str | None:
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "DivergenceError" in ln:
-            return ln[ln.index("DivergenceError"):]
+            return ln[ln.index("DivergenceError") :]
     for ln in reversed(lines):
         if ln.split(":", 1)[0].endswith(("Error", "Exception", "Interrupt")):
             return ln
@@ -156,8 +156,11 @@ def summarize(trials: Any, epochs: Any) -> Any:
         done = group[group["status"] == "TERMINATED"]
         errors = int((group["status"] == "ERROR").sum())
         row: dict[str, Any] = {"cell": cell, "finished": len(done), "errors": errors, "trials": len(group)}
-        for name, col in (("grad_var", "final_grad_var"), ("kid_rbf_inf", "final_kid_rbf_inf"),
-                          ("train_loss", "final_train_loss")):
+        for name, col in (
+            ("grad_var", "final_grad_var"),
+            ("kid_rbf_inf", "final_kid_rbf_inf"),
+            ("train_loss", "final_train_loss"),
+        ):
             values = pd.to_numeric(done[col], errors="coerce").dropna() if col in done else pd.Series([])
             row[f"{name}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
@@ -167,6 +170,7 @@ def summarize(trials: Any, epochs: Any) -> Any:
 
 def format_summary(summary: Any) -> str:
     """The per-cell summary as aligned text: `mean +- std` over repetitions."""
+
     def pm(row: Any, name: str, fmt: str) -> str:
         mean, std = row[f"{name}_mean"], row[f"{name}_std"]
         if math.isnan(mean):
@@ -174,6 +178,15 @@ def format_summary(summary: Any) -> str:
         return f"{mean:{fmt}} +- {std:{fmt}}" if not math.isnan(std) else f"{mean:{fmt}}"
 
     header = ["cell", "done", "err", "final grad_var", "final KID_inf (rbf)", "final train_loss"]
-    body = [[str(r["cell"]), f"{r['finished']}/{r['trials']}", str(r["errors"]), pm(r, "grad_var", ".3e"),
-             pm(r, "kid_rbf_inf", ".4f"), pm(r, "train_loss", ".4g")] for _, r in summary.iterrows()]
+    body = [
+        [
+            str(r["cell"]),
+            f"{r['finished']}/{r['trials']}",
+            str(r["errors"]),
+            pm(r, "grad_var", ".3e"),
+            pm(r, "kid_rbf_inf", ".4f"),
+            pm(r, "train_loss", ".4g"),
+        ]
+        for _, r in summary.iterrows()
+    ]
     return text_table(header, body)

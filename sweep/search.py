@@ -43,8 +43,14 @@ from sweep.trainable import make_trainable, resolve_trial
 MANIFEST_FILE = "search.json"
 STUDY_DB_FILE = "optuna.db"
 # Readings a search can optimise, and which way: the fidelity metrics are distances, val_ll a log-likelihood.
-METRICS = {"kid_rbf_inf": "min", "kid_poly_inf": "min", "fid_inf": "min", "kid_rbf_nmax": "min",
-           "kid_poly_nmax": "min", "val_ll": "max"}
+METRICS = {
+    "kid_rbf_inf": "min",
+    "kid_poly_inf": "min",
+    "fid_inf": "min",
+    "kid_rbf_nmax": "min",
+    "kid_poly_nmax": "min",
+    "val_ll": "max",
+}
 DEFAULT_P = (0.1, 10.0)
 DEFAULT_ETA = (0.5, 4.0)
 DEFAULT_SAMPLER_SEED = 0
@@ -56,40 +62,78 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sweep.search",
         description="Search the temperature power p and the KL weight eta with Optuna (TPE), each proposal "
-                    "run as a Ray Tune trial like a grid trial, minimising the final KID_inf.",
+        "run as a Ray Tune trial like a grid trial, minimising the final KID_inf.",
     )
     p.add_argument("--base", default="digits", help="base preset (default: digits)")
     p.add_argument("--study", default=None, help="Optuna study name (default: the run name)")
-    p.add_argument("--optuna-storage", default=None, metavar="URL",
-                   help="SQLAlchemy URL of the study's database, e.g. postgresql://user@host/db "
-                        f"(default: sqlite:///<storage>/<run>/{STUDY_DB_FILE}; required for s3:// storage)")
+    p.add_argument(
+        "--optuna-storage",
+        default=None,
+        metavar="URL",
+        help="SQLAlchemy URL of the study's database, e.g. postgresql://user@host/db "
+        f"(default: sqlite:///<storage>/<run>/{STUDY_DB_FILE}; required for s3:// storage)",
+    )
     p.add_argument("--trials", type=int, default=20, help="trials in total (default 20)")
-    p.add_argument("--p", type=float, nargs=2, default=list(DEFAULT_P), metavar=("LOW", "HIGH"),
-                   help="range of the temperature power p, sampled log-uniformly (default 0.1 10)")
-    p.add_argument("--eta", type=float, nargs=2, default=list(DEFAULT_ETA), metavar=("LOW", "HIGH"),
-                   help="range of the KL weight eta, sampled uniformly (default 0.5 4)")
-    p.add_argument("--metric", default="kid_rbf_inf", choices=list(METRICS),
-                   help="objective at the last epoch (default kid_rbf_inf); val_ll is maximised, the "
-                        "others minimised")
+    p.add_argument(
+        "--p",
+        type=float,
+        nargs=2,
+        default=list(DEFAULT_P),
+        metavar=("LOW", "HIGH"),
+        help="range of the temperature power p, sampled log-uniformly (default 0.1 10)",
+    )
+    p.add_argument(
+        "--eta",
+        type=float,
+        nargs=2,
+        default=list(DEFAULT_ETA),
+        metavar=("LOW", "HIGH"),
+        help="range of the KL weight eta, sampled uniformly (default 0.5 4)",
+    )
+    p.add_argument(
+        "--metric",
+        default="kid_rbf_inf",
+        choices=list(METRICS),
+        help="objective at the last epoch (default kid_rbf_inf); val_ll is maximised, the others minimised",
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the preset's)")
-    p.add_argument("--scheduler", default="none", choices=("none", "asha"),
-                   help="asha: stop weak trials early on the per-epoch metric (evaluates every epoch)")
+    p.add_argument(
+        "--scheduler",
+        default="none",
+        choices=("none", "asha"),
+        help="asha: stop weak trials early on the per-epoch metric (evaluates every epoch)",
+    )
     p.add_argument("--name", help="run name (default: search-<UTC time>); results go to <storage>/<name>/")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the search --name until --trials trials in total have finished")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field of the base preset (repeatable)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the search --name until --trials trials in total have finished",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field of the base preset (repeatable)",
+    )
     launch.add_ray_arguments(p)
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan of the base config (FLOPs, memory, hours with --target) and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan of the base config (FLOPs, memory, hours with --target) and exit",
+    )
     cost.add_target_arguments(p)
-    p.add_argument("--sampler-seed", type=int, default=DEFAULT_SAMPLER_SEED,
-                   help=f"seed of the TPE sampler (default {DEFAULT_SAMPLER_SEED})")
+    p.add_argument(
+        "--sampler-seed",
+        type=int,
+        default=DEFAULT_SAMPLER_SEED,
+        help=f"seed of the TPE sampler (default {DEFAULT_SAMPLER_SEED})",
+    )
     return p
 
 
-
 # ---------------------------------------------------------------------------------------------- checks
+
 
 def base_config(preset: str, sets: list[str], *, epochs: int | None, scheduler: str) -> ExperimentConfig:
     """The config every trial starts from: the preset with `--set`/`--epochs`, objective thermo, and
@@ -99,20 +143,28 @@ def base_config(preset: str, sets: list[str], *, epochs: int | None, scheduler: 
         overrides: dict[str, Any] = parse_set_args(sets)
         for key in overrides:
             if key in SEARCHED_FIELDS:
-                raise SearchError(f"--set {key}=...: {key} is what the search varies; give its range with "
-                                  f"{SEARCHED_FIELDS[key]} LOW HIGH instead")
+                raise SearchError(
+                    f"--set {key}=...: {key} is what the search varies; give its range with "
+                    f"{SEARCHED_FIELDS[key]} LOW HIGH instead"
+                )
         if "objective" in overrides and overrides["objective"] != "thermo":
-            raise SearchError(f"--set objective={overrides['objective']}: the search tunes the thermodynamic "
-                              "objective's p and eta; drop --set objective")
+            raise SearchError(
+                f"--set objective={overrides['objective']}: the search tunes the thermodynamic "
+                "objective's p and eta; drop --set objective"
+            )
         eval_every = parse_value("eval_every", overrides["eval_every"]) if "eval_every" in overrides else None
     except ValueError as err:
         raise SearchError(str(err)) from None
     if eval_every == 0:
-        raise SearchError("--set eval_every=0 turns evaluation off, but the search's objective is the metric "
-                          "at the last epoch; drop it or use --set eval_every=N with N >= 1")
+        raise SearchError(
+            "--set eval_every=0 turns evaluation off, but the search's objective is the metric "
+            "at the last epoch; drop it or use --set eval_every=N with N >= 1"
+        )
     if scheduler == "asha" and eval_every not in (None, 1):
-        raise SearchError(f"--set eval_every={eval_every} with --scheduler asha: ASHA compares trials on the "
-                          "metric every epoch; drop --set eval_every (it becomes 1) or use --scheduler none")
+        raise SearchError(
+            f"--set eval_every={eval_every} with --scheduler asha: ASHA compares trials on the "
+            "metric every epoch; drop --set eval_every (it becomes 1) or use --scheduler none"
+        )
     if epochs is not None:
         if epochs < 1:
             raise SearchError(f"--epochs {epochs}: must be >= 1")
@@ -129,12 +181,15 @@ def base_config(preset: str, sets: list[str], *, epochs: int | None, scheduler: 
     return config
 
 
-
 # ---------------------------------------------------------------------------------------------- driver
 
+
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in ("temp_power", "kl_weight") and old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in ("temp_power", "kl_weight") and old.get(k) != new.get(k)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,8 +220,10 @@ def _main(args: argparse.Namespace) -> int:
     config = base_config(args.base, args.set, epochs=args.epochs, scheduler=args.scheduler)
     n_dev = launch.devices_per_trial(args)
     if config.batch_size % n_dev:
-        raise SearchError(f"batch_size {config.batch_size} is not divisible by {n_dev} devices per trial; "
-                          "use --set batch_size=N with N divisible by it, or fewer devices per trial")
+        raise SearchError(
+            f"batch_size {config.batch_size} is not divisible by {n_dev} devices per trial; "
+            "use --set batch_size=N with N divisible by it, or fewer devices per trial"
+        )
     try:  # p and eta change no shape: the base config's plan is every trial's
         plans, target = cost.plan([(f"{args.base}-thermo", config)], args)
     except cost.PlanError as err:
@@ -175,11 +232,14 @@ def _main(args: argparse.Namespace) -> int:
         print(cost.format_plan(plans, args.trials, target))
         return 0
     if "://" in storage and args.optuna_storage is None:  # before anything reads the remote storage
-        raise SearchError(f"--storage {storage} is remote; SQLite cannot live there: pass "
-                          "--optuna-storage URL (e.g. postgresql://user@host/db)")
+        raise SearchError(
+            f"--storage {storage} is remote; SQLite cannot live there: pass "
+            "--optuna-storage URL (e.g. postgresql://user@host/db)"
+        )
     try:
-        manifest = launch.existing_manifest(storage, args.name, MANIFEST_FILE, resume=args.resume,
-                                            what="search")
+        manifest = launch.existing_manifest(
+            storage, args.name, MANIFEST_FILE, resume=args.resume, what="search"
+        )
     except launch.LaunchError as err:
         raise SearchError(str(err)) from None
 
@@ -187,94 +247,166 @@ def _main(args: argparse.Namespace) -> int:
     run_uri = storage_join(storage, run)
     study_name = args.study or (manifest or {}).get("study") or run
     if manifest is not None and manifest.get("study") != study_name:
-        raise SearchError(f"--study {study_name}: run {run!r} searches study {manifest.get('study')!r}; "
-                          f"drop --study or pass --study {manifest.get('study')}")
+        raise SearchError(
+            f"--study {study_name}: run {run!r} searches study {manifest.get('study')!r}; "
+            f"drop --study or pass --study {manifest.get('study')}"
+        )
     url = args.optuna_storage
     if url is None:
         if manifest is not None and manifest.get("optuna_storage") != "run":
-            raise SearchError(f"run {run!r} keeps its study in {manifest.get('optuna_storage')}; pass "
-                              "--optuna-storage with that URL")
+            raise SearchError(
+                f"run {run!r} keeps its study in {manifest.get('optuna_storage')}; pass "
+                "--optuna-storage with that URL"
+            )
         os.makedirs(run_uri, exist_ok=True)
         url = f"sqlite:///{run_uri}/{STUDY_DB_FILE}"
     if manifest is not None:
         diff = _config_diff(manifest["experiment"], config.to_dict())
         if diff:
-            raise SearchError(f"--resume: the trial config differs from the one search {run!r} started "
-                              f"with ({'; '.join(diff)}); rerun with its original --base/--set/--epochs/"
-                              "--scheduler")
+            raise SearchError(
+                f"--resume: the trial config differs from the one search {run!r} started "
+                f"with ({'; '.join(diff)}); rerun with its original --base/--set/--epochs/"
+                "--scheduler"
+            )
 
     optuna_storage = open_storage(url)
     study = load_study_or_none(optuna_storage, study_name)
     if study is not None:
         check_study(study, space, args.metric, masked(url), maximise=METRICS[args.metric] == "max")
         if not args.resume and study.get_trials(deepcopy=False):
-            raise SearchError(f"study {study_name!r} in {masked(url)} already has "
-                              f"{len(study.get_trials(deepcopy=False))} trials; continue it with --resume "
-                              "--name RUN, or pick another --study")
+            raise SearchError(
+                f"study {study_name!r} in {masked(url)} already has "
+                f"{len(study.get_trials(deepcopy=False))} trials; continue it with --resume "
+                "--name RUN, or pick another --study"
+            )
     elif args.resume:
-        raise SearchError(f"--resume: study {study_name!r} is not in {masked(url)}; pass the "
-                          "--optuna-storage and --study the search was started with")
-    return run_search(args, run=run, storage=storage, study_name=study_name, url=url,
-                      optuna_storage=optuna_storage, space=space, config=config, n_dev=n_dev)
+        raise SearchError(
+            f"--resume: study {study_name!r} is not in {masked(url)}; pass the "
+            "--optuna-storage and --study the search was started with"
+        )
+    return run_search(
+        args,
+        run=run,
+        storage=storage,
+        study_name=study_name,
+        url=url,
+        optuna_storage=optuna_storage,
+        space=space,
+        config=config,
+        n_dev=n_dev,
+    )
 
 
-def run_search(args: argparse.Namespace, *, run: str, storage: str, study_name: str, url: str,
-               optuna_storage: Any, space: dict[str, Any], config: ExperimentConfig, n_dev: int) -> int:
+def run_search(
+    args: argparse.Namespace,
+    *,
+    run: str,
+    storage: str,
+    study_name: str,
+    url: str,
+    optuna_storage: Any,
+    space: dict[str, Any],
+    config: ExperimentConfig,
+    n_dev: int,
+) -> int:
     """Create or continue the study, run the remaining trials on Ray Tune, then print the best ones."""
     import optuna
 
     run_uri = storage_join(storage, run)
     results_uri = f"{run_uri}/results"
     direction = "maximize" if METRICS[args.metric] == "max" else "minimize"
-    study = optuna.create_study(storage=optuna_storage, study_name=study_name, direction=direction,
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=optuna_storage, study_name=study_name, direction=direction, load_if_exists=True
+    )
     study.set_user_attr("metric", args.metric)
-    study.set_user_attr("search_space", {k: optuna.distributions.distribution_to_json(v)
-                                         for k, v in space.items()})
+    study.set_user_attr(
+        "search_space", {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()}
+    )
     study.set_user_attr("run", run)
     if not args.resume:
-        write_json_uri(f"{run_uri}/{MANIFEST_FILE}", {
-            "run": run, "study": study_name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "optuna_storage": "run" if args.optuna_storage is None else masked(url),
-            "metric": args.metric, "base": args.base, "scheduler": args.scheduler, "argv": args.argv,
-            "experiment": config.to_dict()})
+        write_json_uri(
+            f"{run_uri}/{MANIFEST_FILE}",
+            {
+                "run": run,
+                "study": study_name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "optuna_storage": "run" if args.optuna_storage is None else masked(url),
+                "metric": args.metric,
+                "base": args.base,
+                "scheduler": args.scheduler,
+                "argv": args.argv,
+                "experiment": config.to_dict(),
+            },
+        )
     interrupted = prepare_resume(study) if args.resume else []
     if interrupted:
-        print(f"resume: Optuna trials {interrupted} were interrupted; marked FAIL and their p, eta enqueued "
-              "again", flush=True)
+        print(
+            f"resume: Optuna trials {interrupted} were interrupted; marked FAIL and their p, eta enqueued "
+            "again",
+            flush=True,
+        )
     tables = ResultsTables(results_uri)
     sync_results(tables, study, run_uri)
     remaining = args.trials - len(finished_trials(study))
-    print(f"search {run}: study {study_name!r} in {masked(url)} ({state_counts(study)}); "
-          f"{max(remaining, 0)} of {args.trials} trials to run; {direction[:-1]}ing final {args.metric} over "
-          f"p in [{space['p'].low:g}, {space['p'].high:g}] (log) and eta in [{space['eta'].low:g}, "
-          f"{space['eta'].high:g}]; {config.epochs} epochs per trial", flush=True)
+    print(
+        f"search {run}: study {study_name!r} in {masked(url)} ({state_counts(study)}); "
+        f"{max(remaining, 0)} of {args.trials} trials to run; {direction[:-1]}ing final {args.metric} over "
+        f"p in [{space['p'].low:g}, {space['p'].high:g}] (log) and eta in [{space['eta'].low:g}, "
+        f"{space['eta'].high:g}]; {config.epochs} epochs per trial",
+        flush=True,
+    )
     start = time.perf_counter()
     if remaining > 0:
-        _fit(args, run=run, storage=storage, study=study, study_name=study_name,
-             optuna_storage=optuna_storage, space=space, config=config, n_dev=n_dev, remaining=remaining)
+        _fit(
+            args,
+            run=run,
+            storage=storage,
+            study=study,
+            study_name=study_name,
+            optuna_storage=optuna_storage,
+            space=space,
+            config=config,
+            n_dev=n_dev,
+            remaining=remaining,
+        )
         study = optuna.load_study(study_name=study_name, storage=optuna_storage)
         tables = ResultsTables(results_uri)
         sync_results(tables, study, run_uri)
 
     done = len(finished_trials(study))
-    print(f"\nsearch {run} finished in {time.perf_counter() - start:.0f} s: {done}/{args.trials} trials "
-          f"finished ({state_counts(study)})")
-    print(f"results:     {results_uri}/trials.parquet (columns search, optuna_trial, optuna_state, "
-          "search_value)")
+    print(
+        f"\nsearch {run} finished in {time.perf_counter() - start:.0f} s: {done}/{args.trials} trials "
+        f"finished ({state_counts(study)})"
+    )
+    print(
+        f"results:     {results_uri}/trials.parquet (columns search, optuna_trial, optuna_state, "
+        "search_value)"
+    )
     print(f"             {results_uri}/epochs.parquet")
     print(format_top(study, args.metric))
     print(f"\nwatch the study: optuna-dashboard {masked(url)}   (pip install 'thermosweep[dashboard]')")
     if done < args.trials:
-        print(f"{args.trials - done} trials did not finish; continue with: python -m sweep.search "
-              f"--name {run} --resume (plus the flags it was started with)")
+        print(
+            f"{args.trials - done} trials did not finish; continue with: python -m sweep.search "
+            f"--name {run} --resume (plus the flags it was started with)"
+        )
         return 1
     return 0
 
 
-def _fit(args: argparse.Namespace, *, run: str, storage: str, study: Any, study_name: str,
-         optuna_storage: Any, space: dict[str, Any], config: ExperimentConfig, n_dev: int,
-         remaining: int) -> None:
+def _fit(
+    args: argparse.Namespace,
+    *,
+    run: str,
+    storage: str,
+    study: Any,
+    study_name: str,
+    optuna_storage: Any,
+    space: dict[str, Any],
+    config: ExperimentConfig,
+    n_dev: int,
+    remaining: int,
+) -> None:
     launch.set_ray_defaults(args, storage)  # before Ray is imported
     import optuna
     import ray
@@ -287,31 +419,53 @@ def _fit(args: argparse.Namespace, *, run: str, storage: str, study: Any, study_
     run_uri = storage_join(storage, run)
     # The sampler's seed moves with the study's size, so a resumed search does not replay the proposals
     # (random start-up points) of its first run; TPE reads the whole history from the database.
-    sampler = optuna.samplers.TPESampler(seed=args.sampler_seed + len(study.get_trials(deepcopy=False)),
-                                         constant_liar=True)
-    searcher = searcher_class()(space=space, metric=args.metric, mode=METRICS[args.metric],
-                                 sampler=sampler,
-                                 study_name=study_name, storage=optuna_storage, experiment=config.to_dict())
+    sampler = optuna.samplers.TPESampler(
+        seed=args.sampler_seed + len(study.get_trials(deepcopy=False)), constant_liar=True
+    )
+    searcher = searcher_class()(
+        space=space,
+        metric=args.metric,
+        mode=METRICS[args.metric],
+        sampler=sampler,
+        study_name=study_name,
+        storage=optuna_storage,
+        experiment=config.to_dict(),
+    )
     scheduler = None
     if args.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", metric=args.metric, mode=METRICS[args.metric],
-                                  max_t=config.epochs,
-                                  grace_period=1, reduction_factor=2)
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            metric=args.metric,
+            mode=METRICS[args.metric],
+            max_t=config.epochs,
+            grace_period=1,
+            reduction_factor=2,
+        )
     launch.init_ray(args, n_dev)
     try:
         tuner = tune.Tuner(
-            make_trainable(samples_uri=f"{run_uri}/samples", gpus_per_trial=args.gpus_per_trial,
-                           cpus_per_trial=args.cpus_per_trial),
+            make_trainable(
+                samples_uri=f"{run_uri}/samples",
+                gpus_per_trial=args.gpus_per_trial,
+                cpus_per_trial=args.cpus_per_trial,
+            ),
             param_space={},
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                max_concurrent_trials=args.max_concurrent, reuse_actors=False, **launch.trial_naming(),
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=remaining,
+                max_concurrent_trials=args.max_concurrent,
+                reuse_actors=False,
+                **launch.trial_naming(),
             ),
             run_config=launch.run_config(
-                args, run=run, storage=storage,
+                args,
+                run=run,
+                storage=storage,
                 callbacks=[ResultsCallback(f"{run_uri}/results", run, resolve_trial)],
                 metric_columns={"epoch": "epoch", "train_loss": "loss", args.metric: args.metric},
-                parameter_columns={"optuna_trial": "optuna", "p": "p", "eta": "eta"}),
+                parameter_columns={"optuna_trial": "optuna", "p": "p", "eta": "eta"},
+            ),
         )
         tuner.fit()
     finally:

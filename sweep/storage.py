@@ -62,5 +62,6 @@ def subdirectories(uri: str, prefix: str = "") -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError:
         return []
-    return sorted(i.base_name for i in infos
-                  if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+    return sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)
+    )

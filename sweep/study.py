@@ -30,8 +30,9 @@ def trial_id_of(number: int) -> str:
     return f"optuna-{number:04d}"
 
 
-def search_space(p_range: tuple[float, float], eta_range: tuple[float, float]
-                 ) -> dict[str, optuna.distributions.BaseDistribution]:
+def search_space(
+    p_range: tuple[float, float], eta_range: tuple[float, float]
+) -> dict[str, optuna.distributions.BaseDistribution]:
     """The Optuna distributions of the search: p log-uniform, eta uniform. Raises SearchError on a bad
     range."""
     from optuna.distributions import FloatDistribution
@@ -40,16 +41,23 @@ def search_space(p_range: tuple[float, float], eta_range: tuple[float, float]
         if not (math.isfinite(low) and math.isfinite(high)):
             raise SearchError(f"{flag} {low:g} {high:g}: both ends must be finite numbers")
         if low >= high:
-            raise SearchError(f"{flag} {low:g} {high:g}: LOW must be smaller than HIGH; pass the range "
-                              f"as {flag} LOW HIGH with LOW < HIGH")
+            raise SearchError(
+                f"{flag} {low:g} {high:g}: LOW must be smaller than HIGH; pass the range "
+                f"as {flag} LOW HIGH with LOW < HIGH"
+            )
     if p_range[0] <= 0:
-        raise SearchError(f"--p {p_range[0]:g} {p_range[1]:g}: p must be > 0 (it is sampled on a log scale "
-                          "and t_i = (i/(N_t-1))^p); e.g. --p 0.1 10")
+        raise SearchError(
+            f"--p {p_range[0]:g} {p_range[1]:g}: p must be > 0 (it is sampled on a log scale "
+            "and t_i = (i/(N_t-1))^p); e.g. --p 0.1 10"
+        )
     if eta_range[0] < 0:
-        raise SearchError(f"--eta {eta_range[0]:g} {eta_range[1]:g}: eta (the KL weight) must be >= 0; "
-                          "e.g. --eta 0.5 4")
-    return {"p": FloatDistribution(float(p_range[0]), float(p_range[1]), log=True),
-            "eta": FloatDistribution(float(eta_range[0]), float(eta_range[1]))}
+        raise SearchError(
+            f"--eta {eta_range[0]:g} {eta_range[1]:g}: eta (the KL weight) must be >= 0; e.g. --eta 0.5 4"
+        )
+    return {
+        "p": FloatDistribution(float(p_range[0]), float(p_range[1]), log=True),
+        "eta": FloatDistribution(float(eta_range[0]), float(eta_range[1])),
+    }
 
 
 def _range_flag(name: str, dist: Any) -> str:
@@ -57,8 +65,9 @@ def _range_flag(name: str, dist: Any) -> str:
     return f"{flag} {dist.low:g} {dist.high:g}" + (" (log)" if getattr(dist, "log", False) else "")
 
 
-def check_study(study: optuna.Study, space: dict[str, Any], metric: str, where: str, *,
-                maximise: bool = False) -> None:
+def check_study(
+    study: optuna.Study, space: dict[str, Any], metric: str, where: str, *, maximise: bool = False
+) -> None:
     """Refuse an existing study whose direction, metric or search space differs from what is asked."""
     import optuna
 
@@ -67,12 +76,16 @@ def check_study(study: optuna.Study, space: dict[str, Any], metric: str, where: 
     wanted = optuna.study.StudyDirection.MAXIMIZE if maximise else optuna.study.StudyDirection.MINIMIZE
     verb = {True: "maximises", False: "minimises"}
     if study.direction != wanted:
-        raise SearchError(f"study {name!r} in {where} {verb[not maximise]} its objective; this search "
-                          f"{verb[maximise]} {metric}; {fix}")
+        raise SearchError(
+            f"study {name!r} in {where} {verb[not maximise]} its objective; this search "
+            f"{verb[maximise]} {metric}; {fix}"
+        )
     stored_metric = study.user_attrs.get("metric")
     if stored_metric not in (None, metric):
-        raise SearchError(f"study {name!r} in {where} {verb[maximise]} {stored_metric}, not {metric}; rerun "
-                          f"with --metric {stored_metric} {fix}")
+        raise SearchError(
+            f"study {name!r} in {where} {verb[maximise]} {stored_metric}, not {metric}; rerun "
+            f"with --metric {stored_metric} {fix}"
+        )
     stored = study.user_attrs.get("search_space")
     spaces = []
     if stored:
@@ -81,14 +94,17 @@ def check_study(study: optuna.Study, space: dict[str, Any], metric: str, where: 
     spaces += [t.distributions for t in study.get_trials(deepcopy=False) if t.distributions]
     for theirs in spaces:
         if not set(theirs) <= set(space):
-            raise SearchError(f"study {name!r} in {where} searches {sorted(theirs)}, not {sorted(space)}; "
-                              f"it is not a p/eta search of this command: {fix}")
+            raise SearchError(
+                f"study {name!r} in {where} searches {sorted(theirs)}, not {sorted(space)}; "
+                f"it is not a p/eta search of this command: {fix}"
+            )
         for key in theirs:
             if theirs[key] != space[key]:
                 raise SearchError(
                     f"study {name!r} in {where} searches {_range_flag(key, theirs[key])} but this command "
                     f"asks for {_range_flag(key, space[key])}; rerun with "
-                    f"{_range_flag(key, theirs[key]).replace(' (log)', '')} to continue it, {fix}")
+                    f"{_range_flag(key, theirs[key]).replace(' (log)', '')} to continue it, {fix}"
+                )
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -98,9 +114,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds
-        raise SearchError(f"--optuna-storage {masked(url)}: cannot open the database ({err}); pass a "
-                          "SQLAlchemy URL such as sqlite:///path/optuna.db or postgresql://user@host/db"
-                          ) from None
+        raise SearchError(
+            f"--optuna-storage {masked(url)}: cannot open the database ({err}); pass a "
+            "SQLAlchemy URL such as sqlite:///path/optuna.db or postgresql://user@host/db"
+        ) from None
 
 
 def load_study_or_none(storage: Any, name: str) -> optuna.Study | None:
@@ -129,9 +146,12 @@ def finished_trials(study: optuna.Study) -> list[Any]:
     from optuna.trial import TrialState
 
     interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or (t.state == TrialState.FAIL and t.number not in interrupted)]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and t.number not in interrupted)
+    ]
 
 
 def prepare_resume(study: optuna.Study) -> list[int]:
@@ -173,20 +193,29 @@ def sync_results(tables: ResultsTables, study: optuna.Study, run_uri: str) -> No
         if row.get("search") != study.study_name or number is None or int(number) not in by_number:
             continue
         t = by_number[int(number)]
-        values: dict[str, Any] = {"optuna_state": t.state.name,
-                                  "search_value": t.value if t.state == TrialState.COMPLETE else None}
+        values: dict[str, Any] = {
+            "optuna_state": t.state.name,
+            "search_value": t.value if t.state == TrialState.COMPLETE else None,
+        }
         if row.get("status") not in ("TERMINATED", "ERROR") and t.state != TrialState.RUNNING:
             history = latest_history(run_uri, trial_id)
             if history:
-                tables.upsert_epochs(trial_id, history, run=row.get("run"), cell=row.get("cell"),
-                                     repetition=row.get("repetition"))
+                tables.upsert_epochs(
+                    trial_id,
+                    history,
+                    run=row.get("run"),
+                    cell=row.get("cell"),
+                    repetition=row.get("repetition"),
+                )
                 values.update(final_columns(history))
             ended = t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             values["status"] = "TERMINATED" if ended else "ERROR"
         if t.state == TrialState.FAIL and not row.get("error"):
             if t.number in interrupted:
-                values["error"] = ("interrupted: the search driver stopped before the trial finished; its p "
-                                   "and eta were enqueued again as a new Optuna trial")
+                values["error"] = (
+                    "interrupted: the search driver stopped before the trial finished; its p "
+                    "and eta were enqueued again as a new Optuna trial"
+                )
             else:
                 values["error"] = t.user_attrs.get(FAIL_REASON_ATTR, "Optuna trial failed")
         tables.upsert_trial(trial_id, **values)
@@ -200,17 +229,31 @@ def format_top(study: optuna.Study, metric: str, top: int = 5) -> str:
     from optuna.trial import TrialState
 
     best_first = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    done = sorted((t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE),
-                  key=lambda t: best_first * t.value)
+    done = sorted(
+        (t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE),
+        key=lambda t: best_first * t.value,
+    )
     if not done:
         return "no trial completed yet"
     best = done[0]
-    lines = [f"best: p = {best.params['p']:.4g}, eta = {best.params['eta']:.4g}, {metric} = {best.value:.6g} "
-             f"(Optuna trial {best.number}, {trial_id_of(best.number)})", "",
-             f"top {min(top, len(done))} trials:"]
+    lines = [
+        f"best: p = {best.params['p']:.4g}, eta = {best.params['eta']:.4g}, {metric} = {best.value:.6g} "
+        f"(Optuna trial {best.number}, {trial_id_of(best.number)})",
+        "",
+        f"top {min(top, len(done))} trials:",
+    ]
     header = ["rank", "optuna_trial", "trial_id", "p", "eta", metric]
-    rows = [[str(i + 1), str(t.number), trial_id_of(t.number), f"{t.params['p']:.4g}",
-             f"{t.params['eta']:.4g}", f"{t.value:.6g}"] for i, t in enumerate(done[:top])]
+    rows = [
+        [
+            str(i + 1),
+            str(t.number),
+            trial_id_of(t.number),
+            f"{t.params['p']:.4g}",
+            f"{t.params['eta']:.4g}",
+            f"{t.value:.6g}",
+        ]
+        for i, t in enumerate(done[:top])
+    ]
     return "\n".join(lines + [text_table(header, rows)])
 
 
@@ -220,5 +263,3 @@ def state_counts(study: optuna.Study) -> str:
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"
-
-

@@ -30,15 +30,27 @@ SAMPLE_GRID = 64  # images per sample grid (8 x 8)
 _SAMPLE_KEY_OFFSET = 3_000_000  # sample-grid latents: a fixed key per trial, apart from training keys
 
 
-def trial_spec(config: ExperimentConfig, *, trial_id: str | None, cell: str | None = None,
-               repetition: int | None = None, grid: str | None = None,
-               columns: dict[str, Any] | None = None) -> dict[str, Any]:
+def trial_spec(
+    config: ExperimentConfig,
+    *,
+    trial_id: str | None,
+    cell: str | None = None,
+    repetition: int | None = None,
+    grid: str | None = None,
+    columns: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The JSON-able description of one trial placed under `SPEC_KEY` in its Tune config.
 
     `columns` are extra trials-table columns (e.g. {"search": "p-eta"}); `trial_id=None` lets the trial
     use Ray's own trial id (searches, whose trials are created on the fly)."""
-    return {"trial_id": trial_id, "cell": cell, "repetition": repetition, "grid": grid,
-            "experiment": config.to_dict(), "columns": dict(columns or {})}
+    return {
+        "trial_id": trial_id,
+        "cell": cell,
+        "repetition": repetition,
+        "grid": grid,
+        "experiment": config.to_dict(),
+        "columns": dict(columns or {}),
+    }
 
 
 def resolve_trial(tune_config: dict[str, Any]) -> tuple[ExperimentConfig, dict[str, Any]]:
@@ -86,7 +98,7 @@ def save_image_grid(images: Any, uri: str) -> None:
     canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = x[i]
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = x[i]
     scale = max(1, 64 // max(h, w))
     image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
@@ -135,8 +147,9 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
         raise
 
 
-def _train_trial(tune_config: dict[str, Any], trial_id: str, *, samples_uri: str | None,
-                 gpus_per_trial: float) -> None:
+def _train_trial(
+    tune_config: dict[str, Any], trial_id: str, *, samples_uri: str | None, gpus_per_trial: float
+) -> None:
     from ray import tune
 
     from model import loop as mt
@@ -158,14 +171,20 @@ def _train_trial(tune_config: dict[str, Any], trial_id: str, *, samples_uri: str
     if checkpoint is not None and (diverged := recorded_divergence(checkpoint)):
         raise mt.DivergenceError(diverged.removeprefix("DivergenceError: "))  # no data or state needed
     devices = trial_devices(gpus_per_trial)
-    static = {"devices": len(devices), "device_kind": devices[0].device_kind, "node": socket.gethostname(),
-              "node_id": _node_id(), "conv_impl": resolve_conv_impl(config.conv_impl, devices[0].platform)}
+    static = {
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "node": socket.gethostname(),
+        "node_id": _node_id(),
+        "conv_impl": resolve_conv_impl(config.conv_impl, devices[0].platform),
+    }
     dataset = load_dataset(config)
     template = mt.init_state(config)
     state, history = template, []
     restored = False
     with TrialCheckpointer() as checkpointer:
         if checkpoint is not None:
+
             def log(line: str) -> None:
                 print(f"[{trial_id}] {line}", flush=True)
 
@@ -174,8 +193,10 @@ def _train_trial(tune_config: dict[str, Any], trial_id: str, *, samples_uri: str
             except CheckpointError as err:  # recorded, so that Ray can later restore something that exists
                 with tempfile.TemporaryDirectory() as directory:
                     mark_unreadable(directory, one_line(err), {**meta, "epoch": 0})
-                    tune.report({**static, "error": one_line(err), FATAL_KEY: True},
-                                checkpoint=tune.Checkpoint.from_directory(directory))
+                    tune.report(
+                        {**static, "error": one_line(err), FATAL_KEY: True},
+                        checkpoint=tune.Checkpoint.from_directory(directory),
+                    )
                 err.reported_to_tune = True
                 raise
             if found is None:
@@ -194,8 +215,10 @@ def _train_trial(tune_config: dict[str, Any], trial_id: str, *, samples_uri: str
                 message = f"DivergenceError: {err}"
                 with tempfile.TemporaryDirectory() as directory:
                     mark_diverged(directory, message, {**meta, "epoch": len(history)}, history)
-                    tune.report({**static, "epoch": len(history), "error": message, FATAL_KEY: True},
-                                checkpoint=tune.Checkpoint.from_directory(directory))
+                    tune.report(
+                        {**static, "epoch": len(history), "error": message, FATAL_KEY: True},
+                        checkpoint=tune.Checkpoint.from_directory(directory),
+                    )
                 err.reported_to_tune = True
                 raise
             readings = {k: _plain(v) for k, v in readings.items()}
@@ -208,8 +231,11 @@ def _train_trial(tune_config: dict[str, Any], trial_id: str, *, samples_uri: str
                 key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_KEY_OFFSET)
                 images = mt.generate_images(config, state, key, SAMPLE_GRID)
                 save_image_grid(images, sample_path(samples_uri, trial_id, epoch))
-            metrics = {**static, **{k: v for k, v in readings.items() if isinstance(v, int | float)},
-                       "readings_json": json.dumps(readings)}
+            metrics = {
+                **static,
+                **{k: v for k, v in readings.items() if isinstance(v, int | float)},
+                "readings_json": json.dumps(readings),
+            }
             if restored:  # the epochs before the restart, in case the driver never wrote them
                 metrics["restored_history_json"] = json.dumps(history[:-1])
                 restored = False
@@ -219,8 +245,9 @@ def _train_trial(tune_config: dict[str, Any], trial_id: str, *, samples_uri: str
             print(f"[{trial_id}] {mt.format_readings(readings)}", flush=True)
 
 
-def make_trainable(*, samples_uri: str | None, gpus_per_trial: float = 0.0, cpus_per_trial: float = 1.0
-                   ) -> Callable[[dict[str, Any]], None]:
+def make_trainable(
+    *, samples_uri: str | None, gpus_per_trial: float = 0.0, cpus_per_trial: float = 1.0
+) -> Callable[[dict[str, Any]], None]:
     """The Ray trainable (a function trainable with its resources) for `Tuner(...)` / `Tuner.restore`.
 
     Each trial asks Ray for `cpus_per_trial` CPUs and `gpus_per_trial` GPUs and trains data-parallel on

@@ -38,8 +38,10 @@ class LinearGaussian:
         b = rng.normal(size=D_Z) * b_scale
         w = rng.normal(size=(PIXELS, D_Z)) * 0.5
         mu = rng.normal(size=PIXELS) * 0.1
-        self.params = {"ebm": {"b": jnp.asarray(b, jnp.float32), "c": jnp.float32(CURVATURE)},
-                       "gen": {"W": jnp.asarray(w, jnp.float32), "mu": jnp.asarray(mu, jnp.float32)}}
+        self.params = {
+            "ebm": {"b": jnp.asarray(b, jnp.float32), "c": jnp.float32(CURVATURE)},
+            "gen": {"W": jnp.asarray(w, jnp.float32), "mu": jnp.asarray(mu, jnp.float32)},
+        }
         lam = 1.0 / PRIOR_SIGMA**2 + CURVATURE
         self.log_z_alpha = -D_Z / 2 * np.log(PRIOR_SIGMA**2 * lam) + b @ b / (2 * lam)
         z = b / lam + rng.normal(size=(n, D_Z)) / np.sqrt(lam)
@@ -57,9 +59,19 @@ def model():
 
 
 def _val_ll(model, num_temps, key=1, chains=4):
-    fn = jax.jit(lambda k: validation_log_likelihood(
-        NETS, model.params, model.x, k, prior_sigma=PRIOR_SIGMA, lkhood_sigma=LKHOOD_SIGMA, z_dim=D_Z,
-        num_temps=num_temps, chains=chains))
+    fn = jax.jit(
+        lambda k: validation_log_likelihood(
+            NETS,
+            model.params,
+            model.x,
+            k,
+            prior_sigma=PRIOR_SIGMA,
+            lkhood_sigma=LKHOOD_SIGMA,
+            z_dim=D_Z,
+            num_temps=num_temps,
+            chains=chains,
+        )
+    )
     return jax.device_get(fn(jax.random.key(key)))
 
 
@@ -83,12 +95,28 @@ def test_val_ll_matches_closed_form_and_the_gap_shrinks_with_temperatures(model)
 def test_each_ais_estimate_is_below_its_closed_form_on_average():
     model = LinearGaussian(seed=3, n=16, b_scale=2.0)
     keys = jax.random.split(jax.random.key(7), 64)
-    prior = jax.jit(jax.vmap(lambda k: log_z_prior(NETS, model.params["ebm"], k, prior_sigma=PRIOR_SIGMA,
-                                                   z_dim=D_Z, num_temps=3, chains=4)[0]))
+    prior = jax.jit(
+        jax.vmap(
+            lambda k: log_z_prior(
+                NETS, model.params["ebm"], k, prior_sigma=PRIOR_SIGMA, z_dim=D_Z, num_temps=3, chains=4
+            )[0]
+        )
+    )
     gap = np.asarray(prior(keys)) - model.log_z_alpha
     assert gap.mean() < -3 * gap.std(ddof=1) / np.sqrt(len(gap))
-    data = jax.jit(lambda k: log_z_data(NETS, model.params, model.x, k, prior_sigma=PRIOR_SIGMA,
-                                        lkhood_sigma=LKHOOD_SIGMA, z_dim=D_Z, num_temps=20, chains=4)[0])
+    data = jax.jit(
+        lambda k: log_z_data(
+            NETS,
+            model.params,
+            model.x,
+            k,
+            prior_sigma=PRIOR_SIGMA,
+            lkhood_sigma=LKHOOD_SIGMA,
+            z_dim=D_Z,
+            num_temps=20,
+            chains=4,
+        )[0]
+    )
     gap_x = np.asarray(data(jax.random.key(8))) - (model.log_px + model.log_z_alpha)
     assert gap_x.mean() < -3 * gap_x.std(ddof=1) / np.sqrt(len(gap_x))
 
@@ -100,8 +128,21 @@ def test_log_z_alpha_is_right_two_sided_and_its_reported_variance_is_honest():
     model = LinearGaussian(seed=3, n=16, b_scale=2.0)
     assert abs(model.log_z_alpha) > 5
     keys = jax.random.split(jax.random.key(11), 20)
-    lz, _, var = jax.device_get(jax.jit(jax.vmap(lambda k: log_z_prior(
-        NETS, model.params["ebm"], k, prior_sigma=PRIOR_SIGMA, z_dim=D_Z, num_temps=100, chains=256)))(keys))
+    lz, _, var = jax.device_get(
+        jax.jit(
+            jax.vmap(
+                lambda k: log_z_prior(
+                    NETS,
+                    model.params["ebm"],
+                    k,
+                    prior_sigma=PRIOR_SIGMA,
+                    z_dim=D_Z,
+                    num_temps=100,
+                    chains=256,
+                )
+            )
+        )(keys)
+    )
     err = np.asarray(lz, np.float64) - model.log_z_alpha
     assert abs(err.mean()) < 3 * err.std(ddof=1) / np.sqrt(len(err)) + 0.01
     assert 0.4 < np.mean(var) / err.var(ddof=1) < 2.5
@@ -126,11 +167,29 @@ def test_fewer_than_one_pilot_is_refused(model, num_pilots):
 
     match = f"num_pilots={num_pilots} .*num_pilots=1 or more"
     with pytest.raises(ValueError, match=match):
-        log_z_prior(NETS, model.params["ebm"], jax.random.key(0), prior_sigma=PRIOR_SIGMA, z_dim=D_Z,
-                    num_temps=3, chains=4, num_pilots=num_pilots)
+        log_z_prior(
+            NETS,
+            model.params["ebm"],
+            jax.random.key(0),
+            prior_sigma=PRIOR_SIGMA,
+            z_dim=D_Z,
+            num_temps=3,
+            chains=4,
+            num_pilots=num_pilots,
+        )
     with pytest.raises(ValueError, match=match):
-        log_z_data(NETS, model.params, model.x[:2], jax.random.key(0), prior_sigma=PRIOR_SIGMA,
-                   lkhood_sigma=LKHOOD_SIGMA, z_dim=D_Z, num_temps=3, chains=4, num_pilots=num_pilots)
+        log_z_data(
+            NETS,
+            model.params,
+            model.x[:2],
+            jax.random.key(0),
+            prior_sigma=PRIOR_SIGMA,
+            lkhood_sigma=LKHOOD_SIGMA,
+            z_dim=D_Z,
+            num_temps=3,
+            chains=4,
+            num_pilots=num_pilots,
+        )
     state = initial_state(jax.random.key(0), (), 4, 1, D_Z, PRIOR_SIGMA, 0.5)
     for fn in (log_normaliser, log_normaliser_variance):
         with pytest.raises(ValueError, match=match):

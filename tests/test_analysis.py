@@ -184,8 +184,9 @@ def synthetic_tables(
     return pd.DataFrame(trials), pd.DataFrame(epochs)
 
 
-def planted_ti_curve(temp_power: float, num_temps: int, repetition: int, epoch: int = EPOCHS
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def planted_ti_curve(
+    temp_power: float, num_temps: int, repetition: int, epoch: int = EPOCHS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(t_i, w_i, E_i) of a thermo trial: E_t = -100 - 300 (1 - t)^2 + 2 r, 50 nats lower per epoch
     before the last (so a figure that reads the wrong epoch is off)."""
     t = (np.arange(num_temps) / (num_temps - 1)) ** temp_power
@@ -421,8 +422,14 @@ def test_report_writes_every_figure_table_and_sample(synth_report):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     assert sorted(p.name for p in synth_report.glob("fig*.png")) == sorted(EXPECTED_FIGURES)
-    for table in ("cell_summary.csv", "controllability.csv", "fits.csv", "table1.csv", "final_readings.csv",
-                  "paired_differences.csv"):
+    for table in (
+        "cell_summary.csv",
+        "controllability.csv",
+        "fits.csv",
+        "table1.csv",
+        "final_readings.csv",
+        "paired_differences.csv",
+    ):
         assert len(pd.read_csv(synth_report / table)) > 0, table
     samples = sorted(p.name for p in (synth_report / "samples" / "synth").iterdir())
     assert samples == ["thermo-p2_r1_epoch_0004.png", "vanilla-b16_r0_epoch_0004.png"]  # latest per trial
@@ -438,8 +445,9 @@ def test_report_writes_every_figure_table_and_sample(synth_report):
     assert kid.loc["vanilla", "a"] == pytest.approx(PLANTED["vanilla"][0])
 
 
-def test_ti_curve_is_the_final_epoch_mean_over_repetitions_and_skipped_without_its_columns(synth_run,
-                                                                                          tmp_path):
+def test_ti_curve_is_the_final_epoch_mean_over_repetitions_and_skipped_without_its_columns(
+    synth_run, tmp_path
+):
     """One line per thermo cell at its trials' final epoch: x the schedule, y the mean of E_i over the
     repetitions (planted 2r apart, so min-max spans 6 nats); right panel w_i E_i."""
     from analysis import figures as F
@@ -511,12 +519,24 @@ def test_labels_name_the_estimator_where_a_run_compares_estimators():
     """Cells of one p that differ only in ebm_gradient must not share a label in the figures."""
     from analysis.summary import _mark_extras, cell_label
 
-    base = dict(run="r", dataset="digits", objective="thermo", batch_size=32, temp_power=1.0, num_temps=4,
-                posterior_steps=8, prior_steps=15, kl_weight=1.0, gen_gradient="ti", ti_rule="kl_batch",
-                chains_per_example=1)
+    base = dict(
+        run="r",
+        dataset="digits",
+        objective="thermo",
+        batch_size=32,
+        temp_power=1.0,
+        num_temps=4,
+        posterior_steps=8,
+        prior_steps=15,
+        kl_weight=1.0,
+        gen_gradient="ti",
+        ti_rule="kl_batch",
+        chains_per_example=1,
+    )
     df = pd.DataFrame([dict(base, cell="a", ebm_gradient="none"), dict(base, cell="b", ebm_gradient="ml")])
     labels = [cell_label(r) for r in _mark_extras(df).to_dict("records")]
     assert labels == ["p=1, ebm none", "p=1, ebm ml"]
-    same = pd.DataFrame([dict(base, cell="a", ebm_gradient="none"), dict(base, cell="c", ebm_gradient="none",
-                                                                       temp_power=3.0)])
+    same = pd.DataFrame(
+        [dict(base, cell="a", ebm_gradient="none"), dict(base, cell="c", ebm_gradient="none", temp_power=3.0)]
+    )
     assert [cell_label(r) for r in _mark_extras(same).to_dict("records")] == ["p=1", "p=3"]

@@ -21,8 +21,9 @@ def test_gpu_cluster_yaml_validates() -> None:
     head = nodes[config["head_node_type"]]
     assert head["resources"].get("CPU") == 0, "the head runs the driver only, no trials"
     workers = [n for name, n in nodes.items() if name != config["head_node_type"]]
-    assert workers and all("g5" in w["node_config"]["InstanceType"] or "p" in w["node_config"]["InstanceType"]
-                           for w in workers)
+    assert workers and all(
+        "g5" in w["node_config"]["InstanceType"] or "p" in w["node_config"]["InstanceType"] for w in workers
+    )
     assert any("[cuda]" in cmd for cmd in config["setup_commands"]), "install the project with the cuda extra"
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start, "the dashboard is reached by port-forwarding only"

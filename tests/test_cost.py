@@ -40,8 +40,9 @@ def test_paper_anchor_ratios_match_the_flop_count():
     base = get_preset("celeba", eval_every=0)
     vanilla = cost.trial_flops(base)
     for nt, seconds in ((10, 28261), (20, 53971), (30, 79509)):
-        thermo = cost.trial_flops(dataclasses.replace(base, objective="thermo", num_temps=nt,
-                                                      ebm_gradient="none"))
+        thermo = cost.trial_flops(
+            dataclasses.replace(base, objective="thermo", num_temps=nt, ebm_gradient="none")
+        )
         assert thermo / vanilla == pytest.approx(seconds / 3206, rel=0.25)
 
 
@@ -52,12 +53,26 @@ def _grid_file(tmp_path, cells):
 
 
 def test_a_cell_that_cannot_fit_is_refused_before_anything_is_scheduled(tmp_path, capsys):
-    grid = _grid_file(tmp_path, [{"name": "small", "objective": "vanilla"},
-                                 {"name": "huge", "objective": "thermo", "num_temps": 30}])
+    grid = _grid_file(
+        tmp_path,
+        [{"name": "small", "objective": "vanilla"}, {"name": "huge", "objective": "thermo", "num_temps": 30}],
+    )
     storage = tmp_path / "runs"
     with pytest.raises(SystemExit) as exc:  # a real launch, not a dry run
-        grid_main(["--grid", grid, "--target", "a10g", "--gpus-per-trial", "1", "--set", "conv_impl=phases",
-                   "--storage", str(storage)])
+        grid_main(
+            [
+                "--grid",
+                grid,
+                "--target",
+                "a10g",
+                "--gpus-per-trial",
+                "1",
+                "--set",
+                "conv_impl=phases",
+                "--storage",
+                str(storage),
+            ]
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "cell 'huge' needs" in err and "GiB" in err and "a10g" in err
@@ -75,8 +90,22 @@ def test_refusal_suggests_more_gpus_when_they_fit():
 
 
 def test_dry_run_prints_flops_memory_hours_and_the_suggested_fraction(tmp_path, capsys):
-    assert grid_main(["--grid", "paper-celeba", "--dry-run", "--target", "h100", "--gpus-per-trial", "1",
-                      "--storage", str(tmp_path)]) == 0
+    assert (
+        grid_main(
+            [
+                "--grid",
+                "paper-celeba",
+                "--dry-run",
+                "--target",
+                "h100",
+                "--gpus-per-trial",
+                "1",
+                "--storage",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "TFLOP/step" in out and "GiB/dev" in out and "h/trial" in out
     assert "35% assumed utilisation" in out and "85 trials" in out and "device-hours" in out
@@ -87,13 +116,41 @@ def test_dry_run_prints_flops_memory_hours_and_the_suggested_fraction(tmp_path, 
 
 
 def test_search_dry_run_plans_its_base_config(tmp_path, capsys):
-    assert search_main(["--base", "celeba", "--dry-run", "--target", "a10g", "--gpus-per-trial", "1",
-                        "--storage", str(tmp_path), "--trials", "10"]) == 0
+    assert (
+        search_main(
+            [
+                "--base",
+                "celeba",
+                "--dry-run",
+                "--target",
+                "a10g",
+                "--gpus-per-trial",
+                "1",
+                "--storage",
+                str(tmp_path),
+                "--trials",
+                "10",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "celeba-thermo" in out and "10 trials" in out
     with pytest.raises(SystemExit) as exc:
-        search_main(["--base", "celeba", "--target-memory-gib", "2", "--target-flops", "1e13",
-                     "--set", "conv_impl=phases", "--storage", str(tmp_path)])
+        search_main(
+            [
+                "--base",
+                "celeba",
+                "--target-memory-gib",
+                "2",
+                "--target-flops",
+                "1e13",
+                "--set",
+                "conv_impl=phases",
+                "--storage",
+                str(tmp_path),
+            ]
+        )
     assert exc.value.code == 2 and "needs" in capsys.readouterr().err
 
 

@@ -144,8 +144,9 @@ def test_ti_estimate_refuses_one_chain_for_the_spread_rules(rule):
     model, rng = LinearGaussianBatch(B=3), np.random.default_rng(6)
     temps = _schedule(4, 1.0)
     z, loglik = model.samples(temps, 1, rng)
-    with pytest.raises(ValueError, match=f"chains_per_example=1 is too few for ti_rule={rule}.*"
-                                         "chains_per_example=2 or more"):
+    with pytest.raises(
+        ValueError, match=f"chains_per_example=1 is too few for ti_rule={rule}.*chains_per_example=2 or more"
+    ):
         _estimate(rule, temps, z, loglik)
     z, loglik = model.samples(temps, 2, rng)
     assert np.isfinite(_estimate(rule, temps, z, loglik))
@@ -178,8 +179,9 @@ def _kl_corrected_errors_with_exact_moments(model, temps):
     truth, t = model.log_evidence(), jnp.asarray(temps)
     errors = [float(jnp.mean(trapezoid_log_evidence(t, jnp.asarray(e)))) - truth]
     for cov in (np.stack(covs), np.stack([np.diag(np.diag(c)) for c in covs])):
-        fwd, bwd = adjacent_gaussian_kls(jnp.asarray(means), jnp.asarray(np.broadcast_to(
-            cov[:, None], means.shape + (model.d,))))
+        fwd, bwd = adjacent_gaussian_kls(
+            jnp.asarray(means), jnp.asarray(np.broadcast_to(cov[:, None], means.shape + (model.d,)))
+        )
         errors.append(float(jnp.mean(trapezoid_log_evidence(t, jnp.asarray(e), fwd, bwd))) - truth)
     return tuple(errors)
 
@@ -191,8 +193,9 @@ def test_diagonal_kl_example_leaves_a_systematic_error(power):
     here (N_t = 10: -74.8 / -9.9 / -0.20 nats against -493 / -62 / -2.2 at p = 0.1 / 1 / 3), where the
     full-covariance rule leaves none."""
     with jax.enable_x64(True):
-        trapezium, full, diagonal = _kl_corrected_errors_with_exact_moments(LinearGaussianBatch(),
-                                                                            _schedule(10, power))
+        trapezium, full, diagonal = _kl_corrected_errors_with_exact_moments(
+            LinearGaussianBatch(), _schedule(10, power)
+        )
     assert abs(full) < 1e-9 * abs(trapezium)
     assert 0.05 * abs(trapezium) < -diagonal < 0.2 * abs(trapezium)
 
@@ -206,8 +209,9 @@ def test_diagonal_kl_example_from_chains_converges_to_the_diagonal_error_not_to_
     assert 6 <= 8 < model.d + 5
     with jax.enable_x64(True):
         trapezium, _, diagonal = _kl_corrected_errors_with_exact_moments(model, temps)
-        errors = np.array([_estimate("kl_example", temps, *model.samples(temps, 8, rng)) - truth
-                           for _ in range(4)])
+        errors = np.array(
+            [_estimate("kl_example", temps, *model.samples(temps, 8, rng)) - truth for _ in range(4)]
+        )
     mean, se = errors.mean(), errors.std(ddof=1) / np.sqrt(errors.size)
     assert abs(mean - diagonal) < 4 * se + 0.05 * abs(diagonal), (mean, se, diagonal)
     assert mean < -8 * se  # systematic, not noise
@@ -256,16 +260,19 @@ def test_variance_rule_from_chains_matches_the_exact_variances():
     tolerance = 0.15
     with jax.enable_x64(True):
         t = jnp.asarray(temps)
-        exact = float(variance_corrected_log_evidence(t, jnp.asarray(e), jnp.asarray(v))
-                      - trapezoid_log_evidence(t, jnp.asarray(e)))
+        exact = float(
+            variance_corrected_log_evidence(t, jnp.asarray(e), jnp.asarray(v))
+            - trapezoid_log_evidence(t, jnp.asarray(e))
+        )
         sampled, biased = [], []
         for _ in range(16):
             z, loglik = model.samples(temps, 8, rng)
             sampled.append(_estimate("variance", temps, z, loglik) - _estimate("trapezoid", temps, z, loglik))
             ll = jnp.asarray(loglik)
             expected, v0 = jnp.mean(ll, axis=(1, 2)), jnp.mean(jnp.var(ll, axis=1, ddof=0), axis=-1)
-            biased.append(float(variance_corrected_log_evidence(t, expected, v0)
-                                - trapezoid_log_evidence(t, expected)))
+            biased.append(
+                float(variance_corrected_log_evidence(t, expected, v0) - trapezoid_log_evidence(t, expected))
+            )
     assert exact > 2.0  # a correction worth resolving
     assert abs(np.mean(sampled) - exact) < tolerance, (np.mean(sampled), exact)
     assert abs(np.mean(biased) - exact) > 2 * tolerance, (np.mean(biased), exact)  # ddof=0 would fail

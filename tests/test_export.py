@@ -26,8 +26,15 @@ ESTIMATORS = {
     "thermo-trapezoid": dict(objective="thermo", ti_rule="trapezoid"),
 }
 # Both transposed-convolution implementations for the gradient modes; the rules differ only after g(z).
-CASES = [(e, c) for e in ESTIMATORS for c in (("phases", "lax") if "-" not in e or e in (
-    "thermo-chains", "thermo-none", "thermo-ml") else ("phases",))]
+CASES = [
+    (e, c)
+    for e in ESTIMATORS
+    for c in (
+        ("phases", "lax")
+        if "-" not in e or e in ("thermo-chains", "thermo-none", "thermo-ml")
+        else ("phases",)
+    )
+]
 
 
 @pytest.mark.parametrize("estimator,conv_impl", CASES)

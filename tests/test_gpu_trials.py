@@ -22,8 +22,12 @@ def test_a_half_gpu_trial_gets_a_shared_gpu_environment():
     args = _args("--gpus-per-trial", "0.5", "--cpus-per-trial", "2")
     assert launch.devices_per_trial(args) == 1
     assert launch.resources_of(args) == {"CPU": 2.0, "GPU": 0.5}
-    env = launch.trial_env(gpus_per_trial=0.5, cpus_per_trial=2, cpu_devices=1,
-                                           base_xla_flags="--xla_force_host_platform_device_count=2 --x=1")
+    env = launch.trial_env(
+        gpus_per_trial=0.5,
+        cpus_per_trial=2,
+        cpu_devices=1,
+        base_xla_flags="--xla_force_host_platform_device_count=2 --x=1",
+    )
     # two processes share the GPU: neither may grab 75% of its memory at start-up
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert "JAX_PLATFORMS" not in env, "a GPU trial must not be pinned to the CPU"
@@ -60,15 +64,23 @@ def test_ray_packs_two_half_gpu_trials_on_one_gpu_at_once(monkeypatch):
     import ray
 
     env = launch.ray_trial_env(args, launch.devices_per_trial(args))
-    ray.init(num_cpus=3, num_gpus=1, runtime_env={"env_vars": env}, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=3, num_gpus=1, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False
+    )
     try:
+
         @ray.remote(num_gpus=0.5, num_cpus=1)
         def trial(hold: float):
             start = time.time()
             time.sleep(hold)
-            return (start, time.time(), ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
-                    os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"), os.environ.get("JAX_PLATFORMS"))
+            return (
+                start,
+                time.time(),
+                ray.get_gpu_ids(),
+                os.environ.get("CUDA_VISIBLE_DEVICES"),
+                os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+                os.environ.get("JAX_PLATFORMS"),
+            )
 
         results = ray.get([trial.remote(3.0) for _ in range(3)])
     finally:
@@ -77,6 +89,10 @@ def test_ray_packs_two_half_gpu_trials_on_one_gpu_at_once(monkeypatch):
         assert [str(g) for g in gpu_ids] == ["0"] and visible == "0"
         assert prealloc == "false" and platforms is None
     spans = sorted((s, e) for s, e, *_ in results)
-    overlapping = sum(1 for i in range(3) for j in range(i + 1, 3)
-                      if spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1])
+    overlapping = sum(
+        1
+        for i in range(3)
+        for j in range(i + 1, 3)
+        if spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]
+    )
     assert overlapping == 1, spans  # two share the GPU; the third starts when one of them ends

@@ -23,6 +23,7 @@ def _grad_fn(tau: float):
     def grad(params, x, key):
         g = jnp.mean(x + tau * jax.random.normal(key, x.shape), axis=0) * params
         return {"ebm": {"w": g[:P_EBM]}, "gen": {"k": g[P_EBM:].reshape(-1, 5), "b": g[:3] * 0 + g[-3:]}}
+
     return grad
 
 
@@ -34,7 +35,7 @@ def _data(seed: int = 0, mean: float = 0.0) -> np.ndarray:
 
 def _expected_data_part(data: np.ndarray, batch: int, net: str) -> float:
     s2 = data.var(axis=0, ddof=1)
-    cols = np.r_[0:P_EBM] if net == "ebm" else np.r_[P_EBM:P_EBM + P_GEN, P_EBM + P_GEN - 3:P_EBM + P_GEN]
+    cols = np.r_[0:P_EBM] if net == "ebm" else np.r_[P_EBM : P_EBM + P_GEN, P_EBM + P_GEN - 3 : P_EBM + P_GEN]
     return float(s2[cols].mean() / batch * (1 - batch / N))
 
 
@@ -66,12 +67,20 @@ def test_data_and_langevin_parts_add_up_to_the_total():
 
 def test_pure_noise_reads_snr_near_zero_and_a_noiseless_gradient_reads_inf():
     zeros = np.zeros((N, P_EBM + P_GEN), np.float32)
-    snrs = [gradient_noise(_grad_fn(1.0), 1.0, zeros, jax.random.key(s), batch_size=10, draws=8)
-            ["grad_snr_gen"] for s in range(10)]
+    snrs = [
+        gradient_noise(_grad_fn(1.0), 1.0, zeros, jax.random.key(s), batch_size=10, draws=8)["grad_snr_gen"]
+        for s in range(10)
+    ]
     assert abs(np.mean(snrs)) < 0.02  # the naive ||g_bar||^2 / trace(Cov) would read 1/G = 0.125
     signal = _data(2, mean=3.0)
-    r = gradient_noise(lambda p, x, k: {"ebm": {"w": jnp.ones(4)}, "gen": {"k": jnp.full(3, 2.0)}}, None,
-                       signal, jax.random.key(0), batch_size=10, draws=4)
+    r = gradient_noise(
+        lambda p, x, k: {"ebm": {"w": jnp.ones(4)}, "gen": {"k": jnp.full(3, 2.0)}},
+        None,
+        signal,
+        jax.random.key(0),
+        batch_size=10,
+        draws=4,
+    )
     assert r["grad_snr_ebm"] == np.inf and r["grad_snr_gen"] == np.inf
     assert r["grad_noise_gen"] == 0.0
     strong = gradient_noise(_grad_fn(0.1), 1.0, signal, jax.random.key(1), batch_size=20, draws=8)
@@ -80,8 +89,14 @@ def test_pure_noise_reads_snr_near_zero_and_a_noiseless_gradient_reads_inf():
 
 def test_an_exactly_zero_gradient_reads_snr_zero_not_nan():
     """The EBM's gradient under stop-gradient chains is exactly 0: no signal, no noise, SNR 0 (not NaN)."""
-    r = gradient_noise(lambda p, x, k: {"ebm": {"w": jnp.zeros(4)}, "gen": {"k": jnp.ones(3)}}, None,
-                       _data(3), jax.random.key(0), batch_size=10, draws=4)
+    r = gradient_noise(
+        lambda p, x, k: {"ebm": {"w": jnp.zeros(4)}, "gen": {"k": jnp.ones(3)}},
+        None,
+        _data(3),
+        jax.random.key(0),
+        batch_size=10,
+        draws=4,
+    )
     assert r["grad_snr_ebm"] == 0.0 and r["grad_noise_ebm"] == 0.0
 
 

@@ -27,8 +27,16 @@ def test_paper_celeba_dry_run_lists_85_trials(capsys: pytest.CaptureFixture[str]
     assert not list(tmp_path.iterdir()), "a dry run must not create anything"
     plans = expand(load_grid("paper-celeba"))
     cells = {p.cell for p in plans}
-    assert {"vanilla-b25", "vanilla-b150", "thermo-p0.1", "thermo-p10", "thermo-p0.1-nt30",
-            "thermo-p0.1-kpost40", "thermo-p0.1-kprior80", "thermo-p0.1-eta4"} <= cells
+    assert {
+        "vanilla-b25",
+        "vanilla-b150",
+        "thermo-p0.1",
+        "thermo-p10",
+        "thermo-p0.1-nt30",
+        "thermo-p0.1-kpost40",
+        "thermo-p0.1-kprior80",
+        "thermo-p0.1-eta4",
+    } <= cells
     assert all(p.config.batch_size == 75 for p in plans if p.config.is_thermo)
     nt30 = next(p for p in plans if p.cell == "thermo-p0.1-nt30")
     assert nt30.config.num_temps == 30 and nt30.config.temp_power == 0.1
@@ -36,16 +44,29 @@ def test_paper_celeba_dry_run_lists_85_trials(capsys: pytest.CaptureFixture[str]
 
 
 def test_lists_expand_and_repetition_fixes_seed() -> None:
-    grid = parse_grid_text(json.dumps({
-        "preset": "digits", "base": {"seed": 10}, "repetitions": 3,
-        "cells": [{"name": "v-b{batch_size}", "objective": "vanilla", "batch_size": [16, 32]},
-                  {"objective": "thermo", "temp_power": [0.5, 2]}],
-    }), "json", "t")
+    grid = parse_grid_text(
+        json.dumps(
+            {
+                "preset": "digits",
+                "base": {"seed": 10},
+                "repetitions": 3,
+                "cells": [
+                    {"name": "v-b{batch_size}", "objective": "vanilla", "batch_size": [16, 32]},
+                    {"objective": "thermo", "temp_power": [0.5, 2]},
+                ],
+            }
+        ),
+        "json",
+        "t",
+    )
     plans = expand(grid)
     assert len(plans) == 4 * 3
     assert [p.cell for p in plans[:4]] == ["v-b16", "v-b32", "thermo-temp_power=0.5", "thermo-temp_power=2"]
     assert {(p.cell, p.repetition, p.seed) for p in plans if p.cell == "v-b16"} == {
-        ("v-b16", 0, 10), ("v-b16", 1, 11), ("v-b16", 2, 12)}
+        ("v-b16", 0, 10),
+        ("v-b16", 1, 11),
+        ("v-b16", 2, 12),
+    }
     assert all(p.config.seed == p.seed and p.trial_id == f"{p.cell}-r{p.repetition}" for p in plans)
     assert expand(grid, repetitions=1, overrides={"epochs": "3"})[0].config.epochs == 3
 
@@ -57,14 +78,18 @@ def test_toml_grid(tmp_path) -> None:
     assert [p.trial_id for p in plans] == ["v-r0", "v-r1"]
 
 
-@pytest.mark.parametrize(("cell", "named"), [
-    ({"name": "fast", "objective": "vanilla", "batch_sise": 25}, ["'fast'", "'batch_sise'"]),
-    ({"name": "hot", "objective": "thermo", "temp_power": -1}, ["'hot'", "'temp_power'"]),
-    ({"name": "big", "batch_size": "many"}, ["'big'", "'batch_size'"]),
-    ({"name": "obj", "objective": "annealed"}, ["'obj'", "'objective'"]),
-])
-def test_bad_grid_refused_before_scheduling(tmp_path, capsys: pytest.CaptureFixture[str], cell: dict,
-                                            named: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("cell", "named"),
+    [
+        ({"name": "fast", "objective": "vanilla", "batch_sise": 25}, ["'fast'", "'batch_sise'"]),
+        ({"name": "hot", "objective": "thermo", "temp_power": -1}, ["'hot'", "'temp_power'"]),
+        ({"name": "big", "batch_size": "many"}, ["'big'", "'batch_size'"]),
+        ({"name": "obj", "objective": "annealed"}, ["'obj'", "'objective'"]),
+    ],
+)
+def test_bad_grid_refused_before_scheduling(
+    tmp_path, capsys: pytest.CaptureFixture[str], cell: dict, named: list[str]
+) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"preset": "digits", "cells": [{"name": "ok"}, cell]}))
     with pytest.raises(GridError) as info:
@@ -81,9 +106,12 @@ def test_bad_grid_refused_before_scheduling(tmp_path, capsys: pytest.CaptureFixt
 
 
 def test_bad_grid_shape_refused(tmp_path) -> None:
-    for raw, word in [({"cells": []}, "cells"), ({"cells": [{}], "repeats": 2}, "repeats"),
-                      ({"cells": [{}], "base": {"zdim": 3}}, "zdim"),
-                      ({"cells": [{"name": "a"}, {"name": "a"}]}, "'a' appears twice")]:
+    for raw, word in [
+        ({"cells": []}, "cells"),
+        ({"cells": [{}], "repeats": 2}, "repeats"),
+        ({"cells": [{}], "base": {"zdim": 3}}, "zdim"),
+        ({"cells": [{"name": "a"}, {"name": "a"}]}, "'a' appears twice"),
+    ]:
         with pytest.raises(GridError, match=word):
             parse_grid_text(json.dumps(raw), "json", "g")
 
@@ -99,12 +127,15 @@ def test_dry_run_names_cells_that_train_identically(capsys: pytest.CaptureFixtur
     K_prior enters thermo only at evaluation unless ebm_gradient=ml."""
     assert main(["--grid", "paper-celeba", "--dry-run", "--set", "ebm_gradient=none"]) == 0
     err = capsys.readouterr().err
-    assert ("cells 'thermo-p0.1' and 'thermo-p0.1-eta2' train identically: they differ only in kl_weight "
-            "(with ebm_gradient=none the chains are stop-gradient, so the KL term is a constant)") in err
+    assert (
+        "cells 'thermo-p0.1' and 'thermo-p0.1-eta2' train identically: they differ only in kl_weight "
+        "(with ebm_gradient=none the chains are stop-gradient, so the KL term is a constant)"
+    ) in err
     assert "'thermo-p0.1' and 'thermo-p0.1-eta4'" in err
     assert "'thermo-p0.1-eta2' and 'thermo-p0.1-eta4'" in err
-    assert "'thermo-p0.1' and 'thermo-p0.1-kprior80' train identically: they differ only in prior_steps" \
-        in err
+    assert (
+        "'thermo-p0.1' and 'thermo-p0.1-kprior80' train identically: they differ only in prior_steps" in err
+    )
     assert main(["--grid", "paper-celeba", "--dry-run"]) == 0  # chains: eta changes the gradient
     err = capsys.readouterr().err
     assert "eta2" not in err and "'thermo-p0.1' and 'thermo-p0.1-kprior80'" in err
@@ -116,18 +147,37 @@ def test_dry_run_names_cells_that_train_identically(capsys: pytest.CaptureFixtur
 def test_identical_cells_by_estimator() -> None:
     from sweep.grid_file import identical_cells
 
-    grid = parse_grid_text(json.dumps({
-        "preset": "digits", "repetitions": 1,
-        "cells": [{"name": "v1", "objective": "vanilla", "kl_weight": 1.0},
-                  {"name": "v2", "objective": "vanilla", "kl_weight": 2.0, "temp_power": 3},
-                  {"name": "trap-eta1", "objective": "thermo", "ti_rule": "trapezoid", "kl_weight": 1.0},
-                  {"name": "trap-eta2", "objective": "thermo", "ti_rule": "trapezoid", "kl_weight": 2.0},
-                  {"name": "mlml-p1", "objective": "thermo", "ebm_gradient": "ml", "gen_gradient": "ml"},
-                  {"name": "mlml-p3", "objective": "thermo", "ebm_gradient": "ml", "gen_gradient": "ml",
-                   "temp_power": 3},
-                  {"name": "ml-kprior", "objective": "thermo", "ebm_gradient": "ml", "gen_gradient": "ml",
-                   "prior_steps": 7}],
-    }), "json", "t")
+    grid = parse_grid_text(
+        json.dumps(
+            {
+                "preset": "digits",
+                "repetitions": 1,
+                "cells": [
+                    {"name": "v1", "objective": "vanilla", "kl_weight": 1.0},
+                    {"name": "v2", "objective": "vanilla", "kl_weight": 2.0, "temp_power": 3},
+                    {"name": "trap-eta1", "objective": "thermo", "ti_rule": "trapezoid", "kl_weight": 1.0},
+                    {"name": "trap-eta2", "objective": "thermo", "ti_rule": "trapezoid", "kl_weight": 2.0},
+                    {"name": "mlml-p1", "objective": "thermo", "ebm_gradient": "ml", "gen_gradient": "ml"},
+                    {
+                        "name": "mlml-p3",
+                        "objective": "thermo",
+                        "ebm_gradient": "ml",
+                        "gen_gradient": "ml",
+                        "temp_power": 3,
+                    },
+                    {
+                        "name": "ml-kprior",
+                        "objective": "thermo",
+                        "ebm_gradient": "ml",
+                        "gen_gradient": "ml",
+                        "prior_steps": 7,
+                    },
+                ],
+            }
+        ),
+        "json",
+        "t",
+    )
     lines = identical_cells(expand(grid))
     pairs = {tuple(line.split("'")[1:4:2]) for line in lines}
     assert pairs == {("v1", "v2"), ("trap-eta1", "trap-eta2"), ("mlml-p1", "mlml-p3")}, lines
@@ -144,10 +194,26 @@ def test_stop_gradient_chains_make_trapezoid_and_kl_rules_identical() -> None:
     cells = []
     for ebm in ("none", "ml", "chains"):
         for rule in ("trapezoid", "kl_batch", "kl_example", "variance"):
-            cells.append({"name": f"{ebm}-{rule}", "objective": "thermo", "ebm_gradient": ebm,
-                          "ti_rule": rule, "chains_per_example": 6, "batch_size": 20})
-    cells.append({"name": "none-kl_batch-m7", "objective": "thermo", "ebm_gradient": "none",
-                  "ti_rule": "kl_batch", "chains_per_example": 7, "batch_size": 20})
+            cells.append(
+                {
+                    "name": f"{ebm}-{rule}",
+                    "objective": "thermo",
+                    "ebm_gradient": ebm,
+                    "ti_rule": rule,
+                    "chains_per_example": 6,
+                    "batch_size": 20,
+                }
+            )
+    cells.append(
+        {
+            "name": "none-kl_batch-m7",
+            "objective": "thermo",
+            "ebm_gradient": "none",
+            "ti_rule": "kl_batch",
+            "chains_per_example": 7,
+            "batch_size": 20,
+        }
+    )
     grid = parse_grid_text(json.dumps({"preset": "digits", "repetitions": 1, "cells": cells}), "json", "t")
     lines = identical_cells(expand(grid))
     pairs = {tuple(line.split("'")[1:4:2]) for line in lines}

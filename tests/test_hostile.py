@@ -36,10 +36,16 @@ def trial_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             epoch = index + 1
             directory = root / f"checkpoint_{index:06d}"
             directory.mkdir(parents=True)
-            moved = state.replace(epoch=jnp.asarray(epoch, jnp.int32),
-                                  ebm_params=jax.tree.map(lambda a, e=epoch: a + e, state.ebm_params))
-            ckpt.save(directory, moved, [{"epoch": e} for e in range(1, epoch + 1)],
-                      {"trial_id": "cell-r0", "epoch": epoch})
+            moved = state.replace(
+                epoch=jnp.asarray(epoch, jnp.int32),
+                ebm_params=jax.tree.map(lambda a, e=epoch: a + e, state.ebm_params),
+            )
+            ckpt.save(
+                directory,
+                moved,
+                [{"epoch": e} for e in range(1, epoch + 1)],
+                {"trial_id": "cell-r0", "epoch": epoch},
+            )
     return root
 
 
@@ -50,8 +56,9 @@ def _restore(directory: Path, logs: list[str]):
 
     template = init_state(get_preset("digits", **SMALL))
     with TrialCheckpointer() as ckpt:
-        return restore_newest_readable(ckpt, tune.Checkpoint.from_directory(str(directory)), template,
-                                       log=logs.append)
+        return restore_newest_readable(
+            ckpt, tune.Checkpoint.from_directory(str(directory)), template, log=logs.append
+        )
 
 
 def _first_leaf(state) -> float:
@@ -59,8 +66,9 @@ def _first_leaf(state) -> float:
 
 
 @pytest.mark.parametrize("damaged", ["state/manifest.ocdbt", "state/_METADATA", "history.json"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(trial_dir: Path, tmp_path: Path,
-                                                                 damaged: str) -> None:
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(
+    trial_dir: Path, tmp_path: Path, damaged: str
+) -> None:
     trial = tmp_path / "cell-r0"
     shutil.copytree(trial_dir, trial)
     intact: list[str] = []
@@ -78,8 +86,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(trial_dir: Path
     assert "1 epoch(s) (3..3) will be trained again" in logs[0]
 
 
-def test_no_readable_checkpoint_names_them_and_the_fix(trial_dir: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_readable_checkpoint_names_them_and_the_fix(
+    trial_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sweep.checkpoint import CheckpointError, mark_unreadable
 
     trial = tmp_path / "cell-r0"
@@ -117,8 +126,10 @@ def test_only_older_checkpoints_are_candidates(trial_dir: Path) -> None:
 
     from sweep.checkpoint import trial_checkpoints
 
-    names = [c.path.rsplit("/", 1)[1]
-             for c in trial_checkpoints(tune.Checkpoint.from_directory(str(trial_dir / "checkpoint_000001")))]
+    names = [
+        c.path.rsplit("/", 1)[1]
+        for c in trial_checkpoints(tune.Checkpoint.from_directory(str(trial_dir / "checkpoint_000001")))
+    ]
     assert names == ["checkpoint_000001", "checkpoint_000000"]
 
 
@@ -135,8 +146,9 @@ def test_a_recorded_divergence_is_raised_not_skipped(trial_dir: Path, tmp_path: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_errors_that_cannot_go_away_are_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capfd: pytest.CaptureFixture[str]) -> None:
+def test_errors_that_cannot_go_away_are_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """An invalid config inside a trial ends it at once with one line; a lost worker is still retried."""
     import os
 
@@ -158,13 +170,27 @@ def test_errors_that_cannot_go_away_are_not_retried(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_worker_niceness", "0")
     monkeypatch.setenv("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    bad = {"trial_id": "bad-r0", "cell": "bad", "repetition": 0, "grid": "g", "columns": {},
-           "experiment": {**get_preset("digits").to_dict(), "temp_power": -1.0}}
+    bad = {
+        "trial_id": "bad-r0",
+        "cell": "bad",
+        "repetition": 0,
+        "grid": "g",
+        "columns": {},
+        "experiment": {**get_preset("digits").to_dict(), "temp_power": -1.0},
+    }
 
     def run(trainable, param_space: dict, name: str):
-        tuner = tune.Tuner(trainable, param_space=param_space, run_config=tune.RunConfig(
-            name=name, storage_path=str(tmp_path), callbacks=[TrialFailures(2)], verbose=0,
-            failure_config=tune.FailureConfig(max_failures=2)))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(tmp_path),
+                callbacks=[TrialFailures(2)],
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=2),
+            ),
+        )
         return tuner.fit()
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True)
@@ -178,8 +204,10 @@ def test_errors_that_cannot_go_away_are_not_retried(tmp_path: Path, monkeypatch:
     assert result.error is not None
     [error_txt] = (tmp_path / "fatal").glob("*/error.txt")
     assert error_txt.read_text().count("Failure #") == 1, "the config error was retried"
-    assert ("ended in ERROR: ValueError: temp_power=-1.0 must be a finite number > 0 (t_i = (i/(N_t-1))^p); "
-            "not retried") in err
+    assert (
+        "ended in ERROR: ValueError: temp_power=-1.0 must be a finite number > 0 (t_i = (i/(N_t-1))^p); "
+        "not retried"
+    ) in err
     assert "Traceback" not in err
 
     [result] = list(flaky)
@@ -189,8 +217,9 @@ def test_errors_that_cannot_go_away_are_not_retried(tmp_path: Path, monkeypatch:
 
 
 FLOAT_FIELDS = [f.name for f in fields(ExperimentConfig) if isinstance(f.default, float)]
-INT_FIELDS = [f.name for f in fields(ExperimentConfig)
-              if isinstance(f.default, int) and not isinstance(f.default, bool)]
+INT_FIELDS = [
+    f.name for f in fields(ExperimentConfig) if isinstance(f.default, int) and not isinstance(f.default, bool)
+]
 
 
 @pytest.mark.parametrize("name", FLOAT_FIELDS)
@@ -212,8 +241,11 @@ def test_integer_fields_take_integers_only(name: str, bad: float) -> None:
 
 def test_kl_ridge_zero_is_refused_where_the_batch_covariance_is_singular() -> None:
     thermo = dict(objective="thermo", z_dim=16, kl_ridge=0.0)
-    with pytest.raises(ValueError, match=r"kl_ridge=0.0 with batch_size \* chains_per_example = 16 <= "
-                                         r"z_dim=16 makes the kl_batch"):
+    with pytest.raises(
+        ValueError,
+        match=r"kl_ridge=0.0 with batch_size \* chains_per_example = 16 <= "
+        r"z_dim=16 makes the kl_batch",
+    ):
         ExperimentConfig(**thermo, batch_size=16)
     with pytest.raises(ValueError, match=r"= 16 <= z_dim=16"):  # every chain of the batch is a row of the fit
         ExperimentConfig(**thermo, batch_size=8, chains_per_example=2)
@@ -244,8 +276,10 @@ def test_nothing_the_project_writes_is_read_back_with_pickle() -> None:
     import re
 
     root = Path(__file__).resolve().parents[1]
-    pattern = re.compile(r"\bpickle\.loads?\(|\bpickle\.Unpickler\b|cloudpickle|\bdill\b|\bjoblib\b|"
-                         r"\bshelve\b|marshal\.loads?\(|torch\.load\(|allow_pickle\s*=\s*True|read_pickle")
+    pattern = re.compile(
+        r"\bpickle\.loads?\(|\bpickle\.Unpickler\b|cloudpickle|\bdill\b|\bjoblib\b|"
+        r"\bshelve\b|marshal\.loads?\(|torch\.load\(|allow_pickle\s*=\s*True|read_pickle"
+    )
     offenders = {}
     for path in sorted(root.glob("*/**/*.py")):
         relative = path.relative_to(root).as_posix()
@@ -258,8 +292,16 @@ def test_nothing_the_project_writes_is_read_back_with_pickle() -> None:
     assert "allow_pickle=False" in (root / "model" / "metrics" / "inception.py").read_text()
 
 
-DIVERGENCE_FIELDS = ("ebm_lr", "gen_lr", "prior_step_size", "posterior_step_size", "prior_steps",
-                     "posterior_steps", "lkhood_sigma", "prior_sigma")
+DIVERGENCE_FIELDS = (
+    "ebm_lr",
+    "gen_lr",
+    "prior_step_size",
+    "posterior_step_size",
+    "prior_steps",
+    "posterior_steps",
+    "lkhood_sigma",
+    "prior_sigma",
+)
 
 
 @pytest.mark.parametrize("objective", ["vanilla", "thermo"])
@@ -309,8 +351,9 @@ BAD_NAMES = ["../escape", "..", ".", "-x", "a/b", "a b", "runs/../../x", "caf\u0
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_a_run_name_cannot_leave_the_storage(name: str, tmp_path: Path, no_ray: None,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_name_cannot_leave_the_storage(
+    name: str, tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sweep import grid, search
 
     storage = tmp_path / "runs"
@@ -324,8 +367,9 @@ def test_a_run_name_cannot_leave_the_storage(name: str, tmp_path: Path, no_ray: 
     assert not (tmp_path / "escape").exists()
 
 
-def test_a_run_name_through_a_link_out_of_the_storage_is_refused(tmp_path: Path, no_ray: None,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_name_through_a_link_out_of_the_storage_is_refused(
+    tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sweep import grid, launch
 
     (tmp_path / "runs").mkdir()
@@ -337,8 +381,9 @@ def test_a_run_name_through_a_link_out_of_the_storage_is_refused(tmp_path: Path,
         assert launch.check_name(good, "--name") == good
 
 
-def test_storage_that_is_a_file_is_one_line(tmp_path: Path, no_ray: None,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_storage_that_is_a_file_is_one_line(
+    tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sweep import grid, search
 
     (tmp_path / "afile").write_text("x")
@@ -349,8 +394,9 @@ def test_storage_that_is_a_file_is_one_line(tmp_path: Path, no_ray: None,
         assert "is a file, not a directory" in line
 
 
-def test_a_grid_file_that_is_not_utf8_is_one_line(tmp_path: Path, no_ray: None,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_grid_file_that_is_not_utf8_is_one_line(
+    tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sweep import grid
 
     path = tmp_path / "latin1.json"
@@ -366,13 +412,16 @@ def test_retry_errored_needs_resume(no_ray: None, capsys: pytest.CaptureFixture[
 
 
 def test_model_train_refuses_a_batch_that_does_not_divide_over_the_devices(
-        tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from model import train
 
     assert len(jax.local_devices()) == 2  # tests/conftest.py
     line = _refused(train.main, ["--set", "batch_size=51", "--epochs", "1"], capsys)
-    assert line.endswith("error: batch_size 51 is not divisible by 2 devices; use a multiple of 2 "
-                         "(e.g. 50 or 52) or run on fewer devices")
+    assert line.endswith(
+        "error: batch_size 51 is not divisible by 2 devices; use a multiple of 2 "
+        "(e.g. 50 or 52) or run on fewer devices"
+    )
     (tmp_path / "afile").write_text("x")
     line = _refused(train.main, ["--out", str(tmp_path / "afile"), "--epochs", "1"], capsys)
     assert "--out" in line and "is a file" in line
@@ -384,8 +433,13 @@ def test_a_refused_name_is_one_line_and_exit_code_2_from_the_shell(tmp_path: Pat
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "sweep.grid", "--storage", str(tmp_path / "runs"),
-                           "--name", "../escape"], cwd=root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweep.grid", "--storage", str(tmp_path / "runs"), "--name", "../escape"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("python -m sweep.grid: error: --name '../escape'")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
@@ -415,8 +469,9 @@ def test_an_absurd_step_is_refused_before_compiling(monkeypatch: pytest.MonkeyPa
     check_step_fits(get_preset("celeba", objective="thermo"), jax.local_devices())
 
 
-def test_model_train_refuses_an_absurd_step_in_one_line(no_ray: None,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_train_refuses_an_absurd_step_in_one_line(
+    no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from model import train
 
     line = _refused(train.main, ["--set", "objective=thermo", "--set", "num_temps=100000000"], capsys)
@@ -428,8 +483,10 @@ def test_xla_out_of_memory_becomes_the_same_one_line_advice() -> None:
     from sweep.failures import is_fatal
 
     config = get_preset("digits", objective="thermo", num_temps=4000)
-    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
-                                     "1500000000000000 bytes.\nBufferAssignment OOM Debugging ...")
+    oom = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+        "1500000000000000 bytes.\nBufferAssignment OOM Debugging ..."
+    )
     with pytest.raises(DeviceMemoryError) as info, out_of_memory_as_advice(config):
         raise oom
     message = str(info.value)
@@ -441,8 +498,9 @@ def test_xla_out_of_memory_becomes_the_same_one_line_advice() -> None:
         raise other
 
 
-def test_unreachable_storage_is_one_line(monkeypatch: pytest.MonkeyPatch, no_ray: None,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_storage_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     """An s3:// storage that cannot be reached (no network, no credentials) raised pyarrow's OSError."""
     from sweep import grid, launch
 
@@ -451,16 +509,20 @@ def test_unreachable_storage_is_one_line(monkeypatch: pytest.MonkeyPatch, no_ray
 
     monkeypatch.setattr(launch, "read_json_uri", unreachable)
     line = _refused(grid.main, ["--storage", "s3://bucket/runs", "--name", "r", "--epochs", "1"], capsys)
-    assert line.endswith("error: --storage s3://bucket/runs: cannot read it (When resolving region for "
-                         "bucket 'bucket': AWS Error NETWORK_CONNECTION); check the path, the network "
-                         "and the credentials")
+    assert line.endswith(
+        "error: --storage s3://bucket/runs: cannot read it (When resolving region for "
+        "bucket 'bucket': AWS Error NETWORK_CONNECTION); check the path, the network "
+        "and the credentials"
+    )
 
 
-def test_analysis_report_refuses_an_out_that_is_a_file(tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_analysis_report_refuses_an_out_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from analysis import report
 
     (tmp_path / "afile").write_text("x")
     line = _refused(report.main, [str(tmp_path), "--out", str(tmp_path / "afile")], capsys)
-    assert line.endswith(f"error: --out {tmp_path / 'afile'} is a file; pass a directory (created if "
-                         "missing)")
+    assert line.endswith(
+        f"error: --out {tmp_path / 'afile'} is a file; pass a directory (created if missing)"
+    )

@@ -28,8 +28,11 @@ def _poly_mean(mu_u, s_u, mu_v, s_v) -> float:
 
     def moments(mu, s):
         second = s**2 * eye + np.outer(mu, mu)
-        third = (np.einsum("i,j,k->ijk", mu, mu, mu) + s**2 * (np.einsum("i,jk->ijk", mu, eye)
-                 + np.einsum("j,ik->ijk", mu, eye) + np.einsum("k,ij->ijk", mu, eye)))
+        third = np.einsum("i,j,k->ijk", mu, mu, mu) + s**2 * (
+            np.einsum("i,jk->ijk", mu, eye)
+            + np.einsum("j,ik->ijk", mu, eye)
+            + np.einsum("k,ij->ijk", mu, eye)
+        )
         return second, third
 
     m2u, m3u = moments(mu_u, s_u)
@@ -42,10 +45,16 @@ def _poly_mean(mu_u, s_u, mu_v, s_v) -> float:
 
 def _true_mmd2(kernel, mu_x, s_x, mu_y, s_y) -> float:
     if kernel == "rbf":
-        return (_rbf_mean(np.zeros(D), 2 * s_x**2) + _rbf_mean(np.zeros(D), 2 * s_y**2)
-                - 2 * _rbf_mean(mu_x - mu_y, s_x**2 + s_y**2))
-    return (_poly_mean(mu_x, s_x, mu_x, s_x) + _poly_mean(mu_y, s_y, mu_y, s_y)
-            - 2 * _poly_mean(mu_x, s_x, mu_y, s_y))
+        return (
+            _rbf_mean(np.zeros(D), 2 * s_x**2)
+            + _rbf_mean(np.zeros(D), 2 * s_y**2)
+            - 2 * _rbf_mean(mu_x - mu_y, s_x**2 + s_y**2)
+        )
+    return (
+        _poly_mean(mu_x, s_x, mu_x, s_x)
+        + _poly_mean(mu_y, s_y, mu_y, s_y)
+        - 2 * _poly_mean(mu_x, s_x, mu_y, s_y)
+    )
 
 
 MU_X, S_X = np.zeros(D), 1.0
@@ -138,8 +147,15 @@ def test_the_evaluator_draws_with_replacement_when_the_config_asks():
     gen = extractor(rng.uniform(-1, 1, (60, 4, 4, 1)).astype(np.float32) * 0.8)
     readings = {}
     for replace in (False, True):
-        config = SimpleNamespace(eval_num_min=20, eval_num_max=60, eval_num_points=3, dataset="digits",
-                                 image_size=4, channels=1, eval_with_replacement=replace)
+        config = SimpleNamespace(
+            eval_num_min=20,
+            eval_num_max=60,
+            eval_num_points=3,
+            dataset="digits",
+            image_size=4,
+            channels=1,
+            eval_with_replacement=replace,
+        )
         evaluator = make_evaluator(config, dataset, extractor=extractor)
         assert evaluator.replace is replace
         readings[replace] = evaluator.metrics_from_features(gen, np.uint32([0, 1]))

@@ -47,8 +47,9 @@ def test_power_posterior_chains_match_closed_form_at_each_temperature():
         r = x - z @ W.T
         return -jnp.sum(r**2, -1) / (2 * sl**2)
 
-    density = power_posterior_log_density(lambda z: jnp.zeros(z.shape[:-1]), log_lik,
-                                          jnp.asarray(temps)[:, None], s0)
+    density = power_posterior_log_density(
+        lambda z: jnp.zeros(z.shape[:-1]), log_lik, jnp.asarray(temps)[:, None], s0
+    )
     k0, k1 = jax.random.split(jax.random.key(3))
     z0 = s0 * jax.random.normal(k0, (len(temps), n, d))
     z = np.asarray(langevin_chain(density, z0, jax.random.normal(k1, (steps, len(temps), n, d)), s))

@@ -91,8 +91,9 @@ def test_eval_and_generation_estimates_within_30_percent():
         params = {"ebm": state.ebm_params, "gen": state.gen_params}
         rep = steps.replicate(params, devices)
         x = np.zeros((1, config.batch_size) + config.image_shape, np.float32)
-        compiled = _compiled_bytes(steps.compiled_eval_step(spec, tuple(devices)), rep, x, state.key,
-                                   Hyper.from_config(config))
+        compiled = _compiled_bytes(
+            steps.compiled_eval_step(spec, tuple(devices)), rep, x, state.key, Hyper.from_config(config)
+        )
         estimate = memory.estimate_eval_memory(config)
         assert abs(estimate - compiled) <= TOLERANCE * compiled, (config.objective, estimate, compiled)
     config = CASES["ref-vanilla"]

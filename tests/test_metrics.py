@@ -11,9 +11,22 @@ from model.metrics import extrapolate, extrapolated_metrics, fid, kid, sample_si
 from model.metrics.core import metric_readings
 
 PAPER_SIZES = (1000, 1389, 1778, 2167, 2556, 2944, 3333, 3722, 4111, 4500)  # appendix 7.6
-KEYS = {"fid_inf", "fid_slope", "fid_inf_stderr", "kid_rbf_inf", "kid_rbf_slope", "kid_rbf_inf_stderr",
-        "kid_rbf_nmax", "kid_rbf_nmax_stderr", "kid_poly_nmax", "kid_poly_nmax_stderr",
-        "kid_poly_inf", "kid_poly_slope", "kid_poly_inf_stderr", "feature_extractor"}
+KEYS = {
+    "fid_inf",
+    "fid_slope",
+    "fid_inf_stderr",
+    "kid_rbf_inf",
+    "kid_rbf_slope",
+    "kid_rbf_inf_stderr",
+    "kid_rbf_nmax",
+    "kid_rbf_nmax_stderr",
+    "kid_poly_nmax",
+    "kid_poly_nmax_stderr",
+    "kid_poly_inf",
+    "kid_poly_slope",
+    "kid_poly_inf_stderr",
+    "feature_extractor",
+}
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
@@ -87,10 +100,12 @@ def test_kid_matches_direct_double_loop(kernel):
 @pytest.mark.parametrize("kernel", ["rbf", "poly"])
 def test_kid_is_unbiased_zero_for_one_distribution_and_positive_for_shifted(kernel):
     rng = np.random.default_rng(3)
-    same = np.array([kid(rng.standard_normal((40, 8)), rng.standard_normal((40, 8)), kernel)
-                     for _ in range(300)])
-    shifted = np.array([kid(rng.standard_normal((40, 8)), rng.standard_normal((40, 8)) + 0.7, kernel)
-                        for _ in range(30)])
+    same = np.array(
+        [kid(rng.standard_normal((40, 8)), rng.standard_normal((40, 8)), kernel) for _ in range(300)]
+    )
+    shifted = np.array(
+        [kid(rng.standard_normal((40, 8)), rng.standard_normal((40, 8)) + 0.7, kernel) for _ in range(30)]
+    )
     stderr = same.std(ddof=1) / np.sqrt(len(same))
     assert abs(same.mean()) < 3.5 * stderr  # unbiased: zero mean, though single readings go negative
     assert (same < 0).any()
@@ -154,8 +169,9 @@ def test_readings_at_every_size_equal_direct_fid_and_kid_on_the_same_draws():
     for p, (ri, gi) in enumerate(zip(real_idx, gen_idx, strict=True)):
         assert got["fid"][p] == pytest.approx(fid(real[ri], gen[gi]), rel=1e-12)
         for k in ("rbf", "poly"):
-            assert got[f"kid_{k}"][p] == pytest.approx(_direct_kid(real[ri].tolist(), gen[gi].tolist(), k),
-                                                       rel=1e-9)
+            assert got[f"kid_{k}"][p] == pytest.approx(
+                _direct_kid(real[ri].tolist(), gen[gi].tolist(), k), rel=1e-9
+            )
 
 
 def test_extrapolated_metrics_is_seeded_and_finds_the_shift():
@@ -187,8 +203,11 @@ def test_extrapolation_removes_the_fid_bias_of_one_distribution():
 def test_extrapolated_metrics_bad_input():
     rng = np.random.default_rng(7)
     x = rng.standard_normal((300, 4))
-    with pytest.raises(ValueError, match=r"N_max=400 exceeds the features available "
-                       r"\(real 300, generated 300\).*--set eval_num_max=300"):
+    with pytest.raises(
+        ValueError,
+        match=r"N_max=400 exceeds the features available "
+        r"\(real 300, generated 300\).*--set eval_num_max=300",
+    ):
         extrapolated_metrics(x, x, [100, 400], seed=0)
     with pytest.raises(ValueError, match="at least 2 sample sizes"):
         extrapolated_metrics(x, x, [100], seed=0)

@@ -13,9 +13,22 @@ from model.data import digits_split, load_dataset
 from model.metrics import digits_net, kid, make_evaluator
 from model.metrics.evaluator import digits_extractor
 
-KEYS = {"fid_inf", "fid_slope", "fid_inf_stderr", "kid_rbf_inf", "kid_rbf_slope", "kid_rbf_inf_stderr",
-        "kid_poly_inf", "kid_poly_slope", "kid_poly_inf_stderr", "kid_rbf_nmax", "kid_rbf_nmax_stderr",
-        "kid_poly_nmax", "kid_poly_nmax_stderr", "feature_extractor"}
+KEYS = {
+    "fid_inf",
+    "fid_slope",
+    "fid_inf_stderr",
+    "kid_rbf_inf",
+    "kid_rbf_slope",
+    "kid_rbf_inf_stderr",
+    "kid_poly_inf",
+    "kid_poly_slope",
+    "kid_poly_inf_stderr",
+    "kid_rbf_nmax",
+    "kid_rbf_nmax_stderr",
+    "kid_poly_nmax",
+    "kid_poly_nmax_stderr",
+    "feature_extractor",
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +51,9 @@ def test_classifier_is_trained_cached_and_reused(extractor, split, cache_dir):
     assert len(files) == 1 and digits_net.setup_hash(split.train_images, split.train_labels) in files[0].name
     net = digits_net.load_or_train(split.train_images, split.train_labels, cache_dir)  # read back
     assert digits_net.accuracy(net.params, split.val_images, split.val_labels) > 0.95
-    np.testing.assert_array_equal(digits_net.make_feature_fn(net)(split.val_images[:5]),
-                                  extractor(split.val_images[:5]))
+    np.testing.assert_array_equal(
+        digits_net.make_feature_fn(net)(split.val_images[:5]), extractor(split.val_images[:5])
+    )
     changed = dict(digits_net.SETUP, steps=1)
     assert digits_net.setup_hash(split.train_images, split.train_labels, changed) not in files[0].name
 
@@ -105,8 +119,11 @@ def test_evaluator_batches_generation_and_falls_back_to_train(cache_dir, split):
 def test_evaluator_bad_settings(cache_dir, split):
     config = _preset(eval_num_max=2000, eval_num_min=100)
     n_val, n_train = len(split.val_images), len(split.train_images)
-    with pytest.raises(ValueError, match=rf"eval_num_max=2000 exceeds the real images available \(val "
-                                         rf"{n_val}, train {n_train}\); use --set eval_num_max={n_train}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"eval_num_max=2000 exceeds the real images available \(val "
+        rf"{n_val}, train {n_train}\); use --set eval_num_max={n_train}",
+    ):
         make_evaluator(config, load_dataset(config), cache_dir=cache_dir)
     config = _preset(eval_num_points=1)
     with pytest.raises(ValueError, match="eval_num_points=1 must be >= 2"):

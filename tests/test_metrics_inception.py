@@ -24,42 +24,83 @@ TORCH_PARAMETER_COUNT = 27_161_264 - 2_049_000 - 3_326_696  # = 21,785,568
 
 def _published_convs() -> dict[str, tuple[int, int, int, int]]:
     """{torch module path: (in, out, kh, kw)} for every BasicConv2d, from the published block definitions."""
-    convs = {"Conv2d_1a_3x3": (3, 32, 3, 3), "Conv2d_2a_3x3": (32, 32, 3, 3), "Conv2d_2b_3x3": (32, 64, 3, 3),
-             "Conv2d_3b_1x1": (64, 80, 1, 1), "Conv2d_4a_3x3": (80, 192, 3, 3)}
+    convs = {
+        "Conv2d_1a_3x3": (3, 32, 3, 3),
+        "Conv2d_2a_3x3": (32, 32, 3, 3),
+        "Conv2d_2b_3x3": (32, 64, 3, 3),
+        "Conv2d_3b_1x1": (64, 80, 1, 1),
+        "Conv2d_4a_3x3": (80, 192, 3, 3),
+    }
 
     def block_a(name, cin, pool):
-        convs.update({f"{name}.branch1x1": (cin, 64, 1, 1), f"{name}.branch5x5_1": (cin, 48, 1, 1),
-                      f"{name}.branch5x5_2": (48, 64, 5, 5), f"{name}.branch3x3dbl_1": (cin, 64, 1, 1),
-                      f"{name}.branch3x3dbl_2": (64, 96, 3, 3), f"{name}.branch3x3dbl_3": (96, 96, 3, 3),
-                      f"{name}.branch_pool": (cin, pool, 1, 1)})
+        convs.update(
+            {
+                f"{name}.branch1x1": (cin, 64, 1, 1),
+                f"{name}.branch5x5_1": (cin, 48, 1, 1),
+                f"{name}.branch5x5_2": (48, 64, 5, 5),
+                f"{name}.branch3x3dbl_1": (cin, 64, 1, 1),
+                f"{name}.branch3x3dbl_2": (64, 96, 3, 3),
+                f"{name}.branch3x3dbl_3": (96, 96, 3, 3),
+                f"{name}.branch_pool": (cin, pool, 1, 1),
+            }
+        )
         return 64 + 64 + 96 + pool
 
     def block_c(name, c7):
-        convs.update({f"{name}.branch1x1": (768, 192, 1, 1), f"{name}.branch7x7_1": (768, c7, 1, 1),
-                      f"{name}.branch7x7_2": (c7, c7, 1, 7), f"{name}.branch7x7_3": (c7, 192, 7, 1),
-                      f"{name}.branch7x7dbl_1": (768, c7, 1, 1), f"{name}.branch7x7dbl_2": (c7, c7, 7, 1),
-                      f"{name}.branch7x7dbl_3": (c7, c7, 1, 7), f"{name}.branch7x7dbl_4": (c7, c7, 7, 1),
-                      f"{name}.branch7x7dbl_5": (c7, 192, 1, 7), f"{name}.branch_pool": (768, 192, 1, 1)})
+        convs.update(
+            {
+                f"{name}.branch1x1": (768, 192, 1, 1),
+                f"{name}.branch7x7_1": (768, c7, 1, 1),
+                f"{name}.branch7x7_2": (c7, c7, 1, 7),
+                f"{name}.branch7x7_3": (c7, 192, 7, 1),
+                f"{name}.branch7x7dbl_1": (768, c7, 1, 1),
+                f"{name}.branch7x7dbl_2": (c7, c7, 7, 1),
+                f"{name}.branch7x7dbl_3": (c7, c7, 1, 7),
+                f"{name}.branch7x7dbl_4": (c7, c7, 7, 1),
+                f"{name}.branch7x7dbl_5": (c7, 192, 1, 7),
+                f"{name}.branch_pool": (768, 192, 1, 1),
+            }
+        )
 
     def block_e(name, cin):
-        convs.update({f"{name}.branch1x1": (cin, 320, 1, 1), f"{name}.branch3x3_1": (cin, 384, 1, 1),
-                      f"{name}.branch3x3_2a": (384, 384, 1, 3), f"{name}.branch3x3_2b": (384, 384, 3, 1),
-                      f"{name}.branch3x3dbl_1": (cin, 448, 1, 1), f"{name}.branch3x3dbl_2": (448, 384, 3, 3),
-                      f"{name}.branch3x3dbl_3a": (384, 384, 1, 3),
-                      f"{name}.branch3x3dbl_3b": (384, 384, 3, 1),
-                      f"{name}.branch_pool": (cin, 192, 1, 1)})
+        convs.update(
+            {
+                f"{name}.branch1x1": (cin, 320, 1, 1),
+                f"{name}.branch3x3_1": (cin, 384, 1, 1),
+                f"{name}.branch3x3_2a": (384, 384, 1, 3),
+                f"{name}.branch3x3_2b": (384, 384, 3, 1),
+                f"{name}.branch3x3dbl_1": (cin, 448, 1, 1),
+                f"{name}.branch3x3dbl_2": (448, 384, 3, 3),
+                f"{name}.branch3x3dbl_3a": (384, 384, 1, 3),
+                f"{name}.branch3x3dbl_3b": (384, 384, 3, 1),
+                f"{name}.branch_pool": (cin, 192, 1, 1),
+            }
+        )
 
     c = block_a("Mixed_5b", 192, 32)
     c = block_a("Mixed_5c", c, 64)
     c = block_a("Mixed_5d", c, 64)
     assert c == 288
-    convs.update({"Mixed_6a.branch3x3": (288, 384, 3, 3), "Mixed_6a.branch3x3dbl_1": (288, 64, 1, 1),
-                  "Mixed_6a.branch3x3dbl_2": (64, 96, 3, 3), "Mixed_6a.branch3x3dbl_3": (96, 96, 3, 3)})
+    convs.update(
+        {
+            "Mixed_6a.branch3x3": (288, 384, 3, 3),
+            "Mixed_6a.branch3x3dbl_1": (288, 64, 1, 1),
+            "Mixed_6a.branch3x3dbl_2": (64, 96, 3, 3),
+            "Mixed_6a.branch3x3dbl_3": (96, 96, 3, 3),
+        }
+    )
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
         block_c(name, c7)
-    convs.update({"Mixed_7a.branch3x3_1": (768, 192, 1, 1), "Mixed_7a.branch3x3_2": (192, 320, 3, 3),
-                  "Mixed_7a.branch7x7x3_1": (768, 192, 1, 1), "Mixed_7a.branch7x7x3_2": (192, 192, 1, 7),
-                  "Mixed_7a.branch7x7x3_3": (192, 192, 7, 1), "Mixed_7a.branch7x7x3_4": (192, 192, 3, 3)})
+    convs.update(
+        {
+            "Mixed_7a.branch3x3_1": (768, 192, 1, 1),
+            "Mixed_7a.branch3x3_2": (192, 320, 3, 3),
+            "Mixed_7a.branch7x7x3_1": (768, 192, 1, 1),
+            "Mixed_7a.branch7x7x3_2": (192, 192, 1, 7),
+            "Mixed_7a.branch7x7x3_3": (192, 192, 7, 1),
+            "Mixed_7a.branch7x7x3_4": (192, 192, 3, 3),
+        }
+    )
     block_e("Mixed_7b", 1280)
     block_e("Mixed_7c", 2048)
     return convs
@@ -109,8 +150,10 @@ def test_bilinear_resize_is_pytorchs_align_corners_false():
 
 def _random_flat(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(v.shape, dtype=np.float32)
-            for k, v in inception._flatten(inception.abstract_variables()).items()}
+    return {
+        k: rng.standard_normal(v.shape, dtype=np.float32)
+        for k, v in inception._flatten(inception.abstract_variables()).items()
+    }
 
 
 def test_npz_round_trip_and_errors(tmp_path):
@@ -172,9 +215,11 @@ class _StorageRef:
 @pytest.fixture()
 def fake_torch(monkeypatch):
     torch_mod, utils_mod = types.ModuleType("torch"), types.ModuleType("torch._utils")
-    for obj, mod, name in ((_rebuild_tensor_v2, utils_mod, "_rebuild_tensor_v2"),
-                           (FloatStorage, torch_mod, "FloatStorage"),
-                           (LongStorage, torch_mod, "LongStorage")):
+    for obj, mod, name in (
+        (_rebuild_tensor_v2, utils_mod, "_rebuild_tensor_v2"),
+        (FloatStorage, torch_mod, "FloatStorage"),
+        (LongStorage, torch_mod, "LongStorage"),
+    ):
         obj.__module__, obj.__qualname__ = mod.__name__, name
         setattr(mod, name, obj)
     monkeypatch.setitem(sys.modules, "torch", torch_mod)
@@ -231,19 +276,22 @@ def _torch_save(path, tensors: dict[str, np.ndarray], legacy: bool):
 def test_torch_state_dict_reader(tmp_path, fake_torch, legacy):
     rng = np.random.default_rng(0)
     base = rng.standard_normal((4, 6)).astype(np.float32)
-    tensors = {"a.weight": rng.standard_normal((3, 2, 5, 5)).astype(np.float32),
-               "a.num_batches_tracked": np.array(7, dtype=np.int64),
-               "shared": base,
-               # a transposed view of the same storage at an offset: storage "2" is `base`
-               "view": _Tensor("2", 1, (3, 4), (1, 6))}
+    tensors = {
+        "a.weight": rng.standard_normal((3, 2, 5, 5)).astype(np.float32),
+        "a.num_batches_tracked": np.array(7, dtype=np.int64),
+        "shared": base,
+        # a transposed view of the same storage at an offset: storage "2" is `base`
+        "view": _Tensor("2", 1, (3, 4), (1, 6)),
+    }
     path = tmp_path / "w.pth"
     _torch_save(path, tensors, legacy)
     state = load_state_dict(str(path))
     assert list(state) == list(tensors)
     np.testing.assert_array_equal(state["a.weight"], tensors["a.weight"])
     assert state["a.num_batches_tracked"] == 7 and state["a.num_batches_tracked"].dtype == np.int64
-    np.testing.assert_array_equal(state["view"], base.ravel()[1:].__getitem__(
-        np.arange(3)[:, None] + 6 * np.arange(4)[None, :]))
+    np.testing.assert_array_equal(
+        state["view"], base.ravel()[1:].__getitem__(np.arange(3)[:, None] + 6 * np.arange(4)[None, :])
+    )
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -273,8 +321,10 @@ def test_torch_reader_refuses_code(tmp_path, legacy):
 
 def test_pth_converts_to_the_loadable_npz(tmp_path, fake_torch):
     rng = np.random.default_rng(1)
-    tensors = {name: rng.standard_normal(shape, dtype=np.float32)
-               for name, shape in _published_state_dict_shapes().items()}
+    tensors = {
+        name: rng.standard_normal(shape, dtype=np.float32)
+        for name, shape in _published_state_dict_shapes().items()
+    }
     tensors["fc.weight"] = np.zeros((1008, 2048), np.float32)  # pytorch-fid's file carries the classifier
     tensors["fc.bias"] = np.zeros((1008,), np.float32)
     pth = tmp_path / "pt_inception.pth"
@@ -287,10 +337,13 @@ def test_pth_converts_to_the_loadable_npz(tmp_path, fake_torch):
     torch_w = tensors["Mixed_6b.branch7x7_2.conv.weight"]  # (O, I, kh, kw) = (128, 128, 1, 7)
     assert kernel.shape == (1, 7, 128, 128)
     assert kernel[0, 3, 5, 9] == torch_w[9, 5, 0, 3]
-    np.testing.assert_array_equal(np.asarray(variables["batch_stats"]["Mixed_7c"]["branch1x1"]["bn"]["var"]),
-                                  tensors["Mixed_7c.branch1x1.bn.running_var"])
-    np.testing.assert_array_equal(np.asarray(variables["params"]["Conv2d_1a_3x3"]["bn"]["scale"]),
-                                  tensors["Conv2d_1a_3x3.bn.weight"])
+    np.testing.assert_array_equal(
+        np.asarray(variables["batch_stats"]["Mixed_7c"]["branch1x1"]["bn"]["var"]),
+        tensors["Mixed_7c.branch1x1.bn.running_var"],
+    )
+    np.testing.assert_array_equal(
+        np.asarray(variables["params"]["Conv2d_1a_3x3"]["bn"]["scale"]), tensors["Conv2d_1a_3x3.bn.weight"]
+    )
 
 
 def test_forward_gives_2048_pool3_features():

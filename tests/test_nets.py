@@ -21,8 +21,11 @@ def test_upconv_phases_equal_conv_transpose(strides, shape, features) -> None:
     assert jax.tree.map(jnp.shape, phases.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
     out_p, out_l = phases.apply(params, x), lax.apply(params, x)
-    assert out_p.shape == out_l.shape == (shape[0], 4 if strides == 1 else 2 * shape[1],
-                                          4 if strides == 1 else 2 * shape[2], features)
+    assert (
+        out_p.shape
+        == out_l.shape
+        == (shape[0], 4 if strides == 1 else 2 * shape[1], 4 if strides == 1 else 2 * shape[2], features)
+    )
     np.testing.assert_allclose(out_p, out_l, rtol=1e-5, atol=1e-5)
     g_p = jax.grad(lambda v: jnp.sum(jnp.sin(phases.apply(params, v))))(x)
     g_l = jax.grad(lambda v: jnp.sum(jnp.sin(lax.apply(params, v))))(x)

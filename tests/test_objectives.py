@@ -26,11 +26,23 @@ LINEAR = Networks(
 
 def _setup(dtype=jnp.float32, **hyper):
     rng = np.random.default_rng(0)
-    params = {"ebm": {"w": jnp.asarray(rng.normal(size=D_Z) * 0.3, dtype)},
-              "gen": {"w": jnp.asarray(rng.normal(size=(D_Z, 4)) * 0.5, dtype)}}
+    params = {
+        "ebm": {"w": jnp.asarray(rng.normal(size=D_Z) * 0.3, dtype)},
+        "gen": {"w": jnp.asarray(rng.normal(size=(D_Z, 4)) * 0.5, dtype)},
+    }
     x = jnp.asarray(rng.normal(size=(B, 2, 2, 1)), dtype)
-    values = dict(temp_power=1.5, kl_weight=0.0, prior_step_size=0.1, posterior_step_size=0.05,
-                  prior_sigma=1.0, lkhood_sigma=0.8, kl_ridge=1e-3) | hyper
+    values = (
+        dict(
+            temp_power=1.5,
+            kl_weight=0.0,
+            prior_step_size=0.1,
+            posterior_step_size=0.05,
+            prior_sigma=1.0,
+            lkhood_sigma=0.8,
+            kl_ridge=1e-3,
+        )
+        | hyper
+    )
     hp = Hyper(**{k: jnp.asarray(v, dtype) for k, v in values.items()})
     return params, x, hp
 
@@ -38,8 +50,11 @@ def _setup(dtype=jnp.float32, **hyper):
 def test_vanilla_gradients_are_eq7_and_eq8():
     params, x, hp = _setup()
     key, ids = jax.random.key(4), jnp.arange(B)
-    grads = jax.grad(lambda p: vanilla_loss(p, x, key, ids, hp, nets=LINEAR, prior_steps=7, posterior_steps=5,
-                                            z_dim=D_Z)[0])(params)
+    grads = jax.grad(
+        lambda p: vanilla_loss(p, x, key, ids, hp, nets=LINEAR, prior_steps=7, posterior_steps=5, z_dim=D_Z)[
+            0
+        ]
+    )(params)
     k_prior, k_post = jax.random.split(key)
     z_prior = np.asarray(sample_prior(LINEAR, params["ebm"], k_prior, ids, 7, D_Z, hp))
     z_post = np.asarray(sample_power_posteriors(LINEAR, params, x, jnp.ones(1), k_post, ids, 5, D_Z, hp)[0])
@@ -65,8 +80,21 @@ def test_thermo_ebm_gradient_flows_through_the_chains_only():
     so its a-gradient (eta = 0) is -sum_i w_i mean_b (dz_K/da) grad_z log p(x_b|z_ib)."""
     params, x, hp = _setup(kl_weight=0.0)
     key, ids, nt, steps = jax.random.key(7), jnp.arange(B), 4, 6
-    loss = lambda p, cg: thermo_loss(p, x, key, ids, hp, nets=LINEAR, num_temps=nt, posterior_steps=steps,  # noqa: E731
-                                     z_dim=D_Z, ebm_gradient="chains" if cg else "none")[0]
+
+    def loss(p, cg):
+        return thermo_loss(
+            p,
+            x,
+            key,
+            ids,
+            hp,
+            nets=LINEAR,
+            num_temps=nt,
+            posterior_steps=steps,
+            z_dim=D_Z,
+            ebm_gradient="chains" if cg else "none",
+        )[0]
+
     grads = jax.grad(lambda p: loss(p, True))(params)
     temps = np.asarray(temperature_schedule(nt, hp.temp_power))
     z = np.asarray(sample_power_posteriors(LINEAR, params, x, jnp.asarray(temps), key, ids, steps, D_Z, hp))
@@ -95,8 +123,18 @@ def test_thermo_gradient_matches_finite_differences(kl_weight):
         key, ids = jax.random.key(11), jnp.arange(B)
 
         def loss(p):
-            return thermo_loss(p, x, key, ids, hp, nets=LINEAR, num_temps=5, posterior_steps=4, z_dim=D_Z,
-                               ebm_gradient="chains")[0]
+            return thermo_loss(
+                p,
+                x,
+                key,
+                ids,
+                hp,
+                nets=LINEAR,
+                num_temps=5,
+                posterior_steps=4,
+                z_dim=D_Z,
+                ebm_gradient="chains",
+            )[0]
 
         grads = jax.grad(loss)(params)
         rng = np.random.default_rng(5)
@@ -106,8 +144,9 @@ def test_thermo_gradient_matches_finite_differences(kl_weight):
             plus = loss(jax.tree.map(lambda a, b: a + eps * b, params, v))
             minus = loss(jax.tree.map(lambda a, b: a - eps * b, params, v))
             numeric = (plus - minus) / (2 * eps)
-            analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(v),
-                                                            strict=True))
+            analytic = sum(
+                jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(v), strict=True)
+            )
             np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6, atol=1e-8)
 
 

@@ -29,9 +29,11 @@ def test_render_docs_refuses_a_page_without_markers() -> None:
 
 
 def test_importing_the_schema_pulls_in_no_jax_ray_or_pandas() -> None:
-    code = ("import sys, model.schema; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('jax', 'ray', 'pandas', 'flax', 'optax') or m.startswith(('model.', 'sweep', 'analysis')) "
-            "and m != 'model.schema'); print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, model.schema; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('jax', 'ray', 'pandas', 'flax', 'optax') or m.startswith(('model.', 'sweep', 'analysis')) "
+        "and m != 'model.schema'); print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -47,8 +49,9 @@ def test_vanilla_rows_null_the_thermo_only_fields() -> None:
 
 
 def test_to_table_types_documented_columns_even_when_all_null() -> None:
-    table = schema.to_table([{"trial_id": "a", "epoch": 1}, {"trial_id": "b", "epoch": 2, "extra": 1.5}],
-                            schema.EPOCH_COLUMNS)
+    table = schema.to_table(
+        [{"trial_id": "a", "epoch": 1}, {"trial_id": "b", "epoch": 2, "extra": 1.5}], schema.EPOCH_COLUMNS
+    )
     assert table.column_names[: len(schema.EPOCH_COLUMNS)] == list(schema.EPOCH_COLUMNS)
     assert table.schema.field("kid_rbf_inf").type == pa.float64()
     assert table.schema.field("extra").type == pa.float64()

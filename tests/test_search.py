@@ -19,10 +19,27 @@ from _procs import descendants, kill_all
 from sweep.search import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"z_dim": 4, "ebm_width": 8, "gen_width": 1, "prior_steps": 2, "posterior_steps": 2, "num_temps": 3,
-        "num_train": 64, "num_val": 48, "batch_size": 16, "eval_every": 1, "eval_num_min": 16,
-        "eval_num_max": 48, "eval_num_points": 3, "sample_every": 0, "val_ll_examples": 4, "val_ll_temps": 5,
-        "val_ll_chains": 2, "val_ll_prior_chains": 8, "grad_noise_draws": 2}
+TINY = {
+    "z_dim": 4,
+    "ebm_width": 8,
+    "gen_width": 1,
+    "prior_steps": 2,
+    "posterior_steps": 2,
+    "num_temps": 3,
+    "num_train": 64,
+    "num_val": 48,
+    "batch_size": 16,
+    "eval_every": 1,
+    "eval_num_min": 16,
+    "eval_num_max": 48,
+    "eval_num_points": 3,
+    "sample_every": 0,
+    "val_ll_examples": 4,
+    "val_ll_temps": 5,
+    "val_ll_chains": 2,
+    "val_ll_prior_chains": 8,
+    "grad_noise_draws": 2,
+}
 TINY_SET = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 
 
@@ -33,8 +50,10 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def read(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return (pd.read_parquet(run_dir / "results" / "trials.parquet"),
-            pd.read_parquet(run_dir / "results" / "epochs.parquet"))
+    return (
+        pd.read_parquet(run_dir / "results" / "trials.parquet"),
+        pd.read_parquet(run_dir / "results" / "epochs.parquet"),
+    )
 
 
 def study_of(run_dir: Path, name: str) -> optuna.Study:
@@ -66,8 +85,25 @@ def check_study_matches_parquet(run_dir: Path, name: str, complete: int) -> tupl
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_four_trial_search(tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--trials", "4", "--epochs", "2", "--max-concurrent", "2", "--storage", str(tmp_path),
-                 "--name", "tiny", "--study", "pe", "--compile-cache", cache, *TINY_SET])
+    code = main(
+        [
+            "--trials",
+            "4",
+            "--epochs",
+            "2",
+            "--max-concurrent",
+            "2",
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "tiny",
+            "--study",
+            "pe",
+            "--compile-cache",
+            cache,
+            *TINY_SET,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     run_dir = tmp_path / "tiny"
@@ -80,8 +116,25 @@ def test_four_trial_search(tmp_path: Path, cache: str, capsys: pytest.CaptureFix
         assert 0.1 <= t.params["p"] <= 10 and 0.5 <= t.params["eta"] <= 4
         assert t.distributions["p"].log and not t.distributions["eta"].log
     # Rerunning a finished search with --resume starts no trial and changes nothing.
-    assert main(["--trials", "4", "--epochs", "2", "--storage", str(tmp_path), "--name", "tiny", "--resume",
-                 "--compile-cache", cache, *TINY_SET]) == 0
+    assert (
+        main(
+            [
+                "--trials",
+                "4",
+                "--epochs",
+                "2",
+                "--storage",
+                str(tmp_path),
+                "--name",
+                "tiny",
+                "--resume",
+                "--compile-cache",
+                cache,
+                *TINY_SET,
+            ]
+        )
+        == 0
+    )
     assert len(study_of(run_dir, "pe").trials) == 4
 
 
@@ -100,13 +153,27 @@ def _states(db: Path) -> list[str]:
 def test_kill_and_resume_reaches_total(tmp_path: Path, cache: str) -> None:
     """SIGKILL the driver once a trial is COMPLETE and another RUNNING; --resume finishes 4 trials in total,
     the interrupted trial is FAIL in the study (its params enqueued again) and ERROR in Parquet."""
-    args = ["--trials", "4", "--epochs", "1", "--max-concurrent", "2", "--storage", str(tmp_path),
-            "--name", "killed", "--compile-cache", cache, *TINY_SET]
+    args = [
+        "--trials",
+        "4",
+        "--epochs",
+        "1",
+        "--max-concurrent",
+        "2",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "killed",
+        "--compile-cache",
+        cache,
+        *TINY_SET,
+    ]
     run_dir = tmp_path / "killed"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "sweep.search", *args], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "sweep.search", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     started: list = []
     try:
         deadline = time.time() + 300
@@ -157,23 +224,31 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("argv", "needle"), [
-    (["--p", "5", "1"], "--p 5 1: LOW must be smaller than HIGH"),
-    (["--p", "0", "10"], "--p 0 10: p must be > 0"),
-    (["--eta", "2", "2"], "--eta 2 2: LOW must be smaller than HIGH"),
-    (["--eta", "-1", "2"], "eta (the KL weight) must be >= 0"),
-    (["--metric", "kid"], "invalid choice: 'kid'"),
-    (["--set", "eval_every=0"], "--set eval_every=0 turns evaluation off"),
-    (["--set", "temp_power=6"], "temp_power is what the search varies; give its range with --p"),
-    (["--set", "objective=vanilla"], "drop --set objective"),
-    (["--scheduler", "asha", "--set", "eval_every=2"], "ASHA compares trials on the metric every epoch"),
-    (["--set", "nope=1"], "unknown config field"),
-    (["--trials", "0"], "--trials 0: must be >= 1"),
-    (["--resume"], "--resume: no search 'bad' under"),
-    (["--storage", "s3://bucket/runs"], "pass --optuna-storage"),
-])
-def test_bad_arguments_refused(argv: list[str], needle: str, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--p", "5", "1"], "--p 5 1: LOW must be smaller than HIGH"),
+        (["--p", "0", "10"], "--p 0 10: p must be > 0"),
+        (["--eta", "2", "2"], "--eta 2 2: LOW must be smaller than HIGH"),
+        (["--eta", "-1", "2"], "eta (the KL weight) must be >= 0"),
+        (["--metric", "kid"], "invalid choice: 'kid'"),
+        (["--set", "eval_every=0"], "--set eval_every=0 turns evaluation off"),
+        (["--set", "temp_power=6"], "temp_power is what the search varies; give its range with --p"),
+        (["--set", "objective=vanilla"], "drop --set objective"),
+        (["--scheduler", "asha", "--set", "eval_every=2"], "ASHA compares trials on the metric every epoch"),
+        (["--set", "nope=1"], "unknown config field"),
+        (["--trials", "0"], "--trials 0: must be >= 1"),
+        (["--resume"], "--resume: no search 'bad' under"),
+        (["--storage", "s3://bucket/runs"], "pass --optuna-storage"),
+    ],
+)
+def test_bad_arguments_refused(
+    argv: list[str],
+    needle: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
@@ -181,8 +256,9 @@ def test_bad_arguments_refused(argv: list[str], needle: str, tmp_path: Path,
     assert needle in err
 
 
-def test_study_with_another_space_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_study_with_another_space_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An existing study searched p over [0.1, 10]; asking for [0.5, 20] (or another metric, or running it
     again without --resume) is refused with the study's own range as the fix."""
     import ray
@@ -190,8 +266,10 @@ def test_study_with_another_space_refused(tmp_path: Path, capsys: pytest.Capture
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
     url = f"sqlite:///{tmp_path}/shared.db"
     study = optuna.create_study(study_name="pe", storage=url, direction="minimize")
-    space = {"p": optuna.distributions.FloatDistribution(0.1, 10, log=True),
-             "eta": optuna.distributions.FloatDistribution(0.5, 4)}
+    space = {
+        "p": optuna.distributions.FloatDistribution(0.1, 10, log=True),
+        "eta": optuna.distributions.FloatDistribution(0.5, 4),
+    }
     study.add_trial(optuna.trial.create_trial(params={"p": 1.0, "eta": 1.0}, distributions=space, value=0.5))
     common = ["--storage", str(tmp_path), "--name", "r", "--study", "pe", "--optuna-storage", url]
     err = _refused([*common, "--p", "0.5", "20"], capsys)
@@ -212,11 +290,14 @@ def test_a_maximised_metric_ranks_the_largest_value_first() -> None:
     from sweep.study import format_top
 
     study = optuna.create_study(direction="maximize")
-    space = {"p": optuna.distributions.FloatDistribution(0.1, 10, log=True),
-             "eta": optuna.distributions.FloatDistribution(0.5, 4)}
+    space = {
+        "p": optuna.distributions.FloatDistribution(0.1, 10, log=True),
+        "eta": optuna.distributions.FloatDistribution(0.5, 4),
+    }
     for p, value in ((1.0, -250.0), (2.0, -180.0), (3.0, -300.0)):
-        study.add_trial(optuna.trial.create_trial(params={"p": p, "eta": 1.0}, distributions=space,
-                                                  value=value))
+        study.add_trial(
+            optuna.trial.create_trial(params={"p": p, "eta": 1.0}, distributions=space, value=value)
+        )
     assert format_top(study, "val_ll").startswith("best: p = 2, eta = 1, val_ll = -180")
 
 
@@ -231,9 +312,15 @@ def test_searcher_tells_optuna_the_final_epoch_rule(tmp_path: Path) -> None:
 
     config = base_config("digits", [f"{k}={v}" for k, v in TINY.items()], epochs=2, scheduler="none")
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/unit.db")
-    searcher = searcher_class()(space=search_space((0.1, 10), (0.5, 4)), metric="kid_rbf_inf", mode="min",
-                                 sampler=optuna.samplers.TPESampler(seed=0), study_name="unit",
-                                 storage=storage, experiment=config.to_dict())
+    searcher = searcher_class()(
+        space=search_space((0.1, 10), (0.5, 4)),
+        metric="kid_rbf_inf",
+        mode="min",
+        sampler=optuna.samplers.TPESampler(seed=0),
+        study_name="unit",
+        storage=storage,
+        experiment=config.to_dict(),
+    )
     configs = {name: searcher.suggest(name) for name in ("done", "stopped", "nan", "crashed", "diverged")}
     for number, tune_config in enumerate(configs.values()):
         cfg, meta = resolve_trial(tune_config)
@@ -264,9 +351,25 @@ def test_searcher_tells_optuna_the_final_epoch_rule(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_diverged_trial_is_failed_in_study_with_reason_in_parquet(tmp_path: Path, cache: str) -> None:
     """A trial whose loss goes NaN: FAIL in the study, ERROR with the DivergenceError in Parquet."""
-    code = main(["--trials", "1", "--epochs", "1", "--storage", str(tmp_path), "--name", "boom",
-                 "--max-failures", "0", "--compile-cache", cache, *TINY_SET,
-                 "--set", "posterior_step_size=1e20"])
+    code = main(
+        [
+            "--trials",
+            "1",
+            "--epochs",
+            "1",
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "boom",
+            "--max-failures",
+            "0",
+            "--compile-cache",
+            cache,
+            *TINY_SET,
+            "--set",
+            "posterior_step_size=1e20",
+        ]
+    )
     assert code == 0  # the search finished its one trial, which failed
     (trial,) = study_of(tmp_path / "boom", "boom").trials
     assert trial.state == optuna.trial.TrialState.FAIL
@@ -283,8 +386,26 @@ def test_asha_reports_every_epoch_and_prunes_as_pruned(tmp_path: Path, cache: st
     """With ASHA every epoch is evaluated and reported; a trial ASHA stops early is PRUNED (not COMPLETE with
     an early value), one that runs to the end is COMPLETE with its last-epoch metric."""
     tiny = [a for k, v in TINY.items() if k != "eval_every" for a in ("--set", f"{k}={v}")]  # asha sets it
-    assert main(["--trials", "3", "--epochs", "2", "--scheduler", "asha", "--storage", str(tmp_path),
-                 "--name", "asha", "--compile-cache", cache, *tiny]) == 0
+    assert (
+        main(
+            [
+                "--trials",
+                "3",
+                "--epochs",
+                "2",
+                "--scheduler",
+                "asha",
+                "--storage",
+                str(tmp_path),
+                "--name",
+                "asha",
+                "--compile-cache",
+                cache,
+                *tiny,
+            ]
+        )
+        == 0
+    )
     study = study_of(tmp_path / "asha", "asha")
     trials, epochs = read(tmp_path / "asha")
     assert len(trials) == 3 and not epochs["kid_rbf_inf"].isna().any()

@@ -20,22 +20,38 @@ from model.schema import EPOCH_COLUMNS, TRIAL_COLUMNS
 from sweep.grid import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_BASE = {"epochs": 2, "z_dim": 4, "ebm_width": 8, "gen_width": 2, "prior_steps": 2, "posterior_steps": 2,
-             "num_train": 64, "num_val": 32, "batch_size": 16, "eval_every": 0, "sample_every": 2,
-             "num_temps": 3}
+TINY_BASE = {
+    "epochs": 2,
+    "z_dim": 4,
+    "ebm_width": 8,
+    "gen_width": 2,
+    "prior_steps": 2,
+    "posterior_steps": 2,
+    "num_train": 64,
+    "num_val": 32,
+    "batch_size": 16,
+    "eval_every": 0,
+    "sample_every": 2,
+    "num_temps": 3,
+}
 TIMING_COLUMNS = {"epoch_time_s", "eval_time_s", "val_ll_time_s", "grad_noise_time_s"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def write_grid(path: Path, cells: list[dict], repetitions: int = 2, **base) -> str:
-    path.write_text(json.dumps({"preset": "digits", "base": {**TINY_BASE, **base}, "repetitions": repetitions,
-                                "cells": cells}))
+    path.write_text(
+        json.dumps(
+            {"preset": "digits", "base": {**TINY_BASE, **base}, "repetitions": repetitions, "cells": cells}
+        )
+    )
     return str(path)
 
 
-TINY_CELLS = [{"name": "vanilla", "objective": "vanilla"},
-              {"name": "thermo", "objective": "thermo", "temp_power": 0.5}]
+TINY_CELLS = [
+    {"name": "vanilla", "objective": "vanilla"},
+    {"name": "thermo", "objective": "thermo", "temp_power": 0.5},
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +66,27 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, sweep_env: dict[str,
     """The tiny grid (2 cells x 2 repetitions x 2 epochs) run once, uninterrupted, in this process."""
     root = tmp_path_factory.mktemp("ref")
     grid = write_grid(root / "tiny.json", TINY_CELLS)
-    code = main(["--grid", grid, "--storage", str(root / "runs"), "--name", "ref",
-                 "--compile-cache", sweep_env["cache"]])
+    code = main(
+        [
+            "--grid",
+            grid,
+            "--storage",
+            str(root / "runs"),
+            "--name",
+            "ref",
+            "--compile-cache",
+            sweep_env["cache"],
+        ]
+    )
     assert code == 0
     return root / "runs" / "ref"
 
 
 def read(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return (pd.read_parquet(run_dir / "results" / "trials.parquet"),
-            pd.read_parquet(run_dir / "results" / "epochs.parquet"))
+    return (
+        pd.read_parquet(run_dir / "results" / "trials.parquet"),
+        pd.read_parquet(run_dir / "results" / "epochs.parquet"),
+    )
 
 
 def test_tiny_grid_end_to_end(reference_run: Path) -> None:
@@ -88,7 +116,9 @@ def test_tiny_grid_end_to_end(reference_run: Path) -> None:
     for trial_id in trials["trial_id"]:
         assert (reference_run / "samples" / trial_id / "epoch_0002.png").is_file()
         assert sorted(p.name for p in (reference_run / trial_id).glob("checkpoint_*")) == [
-            "checkpoint_000000", "checkpoint_000001"]
+            "checkpoint_000000",
+            "checkpoint_000001",
+        ]
 
 
 def _checkpoint_in_experiment_state(run_dir: Path) -> bool:
@@ -104,8 +134,16 @@ def _checkpoint_in_experiment_state(run_dir: Path) -> bool:
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path: Path, sweep_env: dict[str, str]) -> None:
     """SIGKILL the driver mid-sweep, resume, and get exactly the epochs table of an uninterrupted run."""
-    grid = write_grid(tmp_path / "kill.json", TINY_CELLS, repetitions=1, epochs=6, num_train=512,
-                      prior_steps=10, posterior_steps=10, sample_every=0)
+    grid = write_grid(
+        tmp_path / "kill.json",
+        TINY_CELLS,
+        repetitions=1,
+        epochs=6,
+        num_train=512,
+        prior_steps=10,
+        posterior_steps=10,
+        sample_every=0,
+    )
     storage = tmp_path / "runs"
     common = ["--grid", grid, "--storage", str(storage), "--compile-cache", sweep_env["cache"]]
     assert main([*common, "--name", "whole"]) == 0
@@ -135,8 +173,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path, sweep_env: dict[s
     assert not (trials["status"] == "TERMINATED").all(), "the sweep was meant to be interrupted"
     killed_at = log_path.stat().st_size
 
-    code = subprocess.run([*args, "--resume"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                          timeout=400).returncode
+    code = subprocess.run(
+        [*args, "--resume"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400
+    ).returncode
     resumed_log = log_path.read_text()[killed_at:]
     assert code == 0, resumed_log[-3000:]
     assert "resumed after epoch" in resumed_log, "a trial should continue from its checkpoint"
@@ -155,8 +194,20 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path, sweep_env: dict[s
 
 def test_trial_with_two_cpu_devices(tmp_path: Path, reference_run: Path, sweep_env: dict[str, str]) -> None:
     grid = write_grid(tmp_path / "one.json", TINY_CELLS[:1], repetitions=1)
-    code = main(["--grid", grid, "--storage", str(tmp_path), "--name", "two", "--cpus-per-trial", "2",
-                 "--compile-cache", sweep_env["cache"]])
+    code = main(
+        [
+            "--grid",
+            grid,
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "two",
+            "--cpus-per-trial",
+            "2",
+            "--compile-cache",
+            sweep_env["cache"],
+        ]
+    )
     assert code == 0
     trials, epochs = read(tmp_path / "two")
     assert trials["devices"].tolist() == [2] and trials["status"].tolist() == ["TERMINATED"]
@@ -166,8 +217,9 @@ def test_trial_with_two_cpu_devices(tmp_path: Path, reference_run: Path, sweep_e
         np.testing.assert_allclose(epochs.sort_values("epoch")[column], ref[column], rtol=2e-4)
 
 
-def test_two_node_cluster_and_a_diverging_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                sweep_env: dict[str, str]) -> None:
+def test_two_node_cluster_and_a_diverging_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sweep_env: dict[str, str]
+) -> None:
     """Two single-CPU nodes run the two trials at once, one each; one trial diverges (a huge prior step
     size): it ends in ERROR with the reason in the `error` column, and the other still finishes."""
     from ray.cluster_utils import Cluster
@@ -178,11 +230,27 @@ def test_two_node_cluster_and_a_diverging_trial(tmp_path: Path, monkeypatch: pyt
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        cells = [{"name": "ok", "objective": "vanilla"},
-                 {"name": "boom", "objective": "vanilla", "prior_step_size": 1e20}]
+        cells = [
+            {"name": "ok", "objective": "vanilla"},
+            {"name": "boom", "objective": "vanilla", "prior_step_size": 1e20},
+        ]
         grid = write_grid(tmp_path / "two.json", cells, repetitions=1, epochs=1)
-        code = main(["--grid", grid, "--storage", str(tmp_path), "--name", "nodes", "--address",
-                     cluster.address, "--max-failures", "1", "--compile-cache", sweep_env["cache"]])
+        code = main(
+            [
+                "--grid",
+                grid,
+                "--storage",
+                str(tmp_path),
+                "--name",
+                "nodes",
+                "--address",
+                cluster.address,
+                "--max-failures",
+                "1",
+                "--compile-cache",
+                sweep_env["cache"],
+            ]
+        )
         assert code == 0
     finally:
         cluster.shutdown()

@@ -19,9 +19,22 @@ from sweep.results import (
 
 
 def _reading(epoch: int, loss: float) -> dict:
-    return {"epoch": epoch, "train_loss": loss, "val_loss": loss, "grad_mean": 0.0, "grad_var": loss / 10,
-            "grad_var_ebm": 0.1, "grad_var_gen": 0.2, "kid_rbf_inf": math.nan, "kid_poly_inf": math.nan,
-            "fid_inf": math.nan, "epoch_time_s": 1.0, "ebm_lr": 1e-4, "gen_lr": 1e-3, "kid_rbf_slope": 0.5}
+    return {
+        "epoch": epoch,
+        "train_loss": loss,
+        "val_loss": loss,
+        "grad_mean": 0.0,
+        "grad_var": loss / 10,
+        "grad_var_ebm": 0.1,
+        "grad_var_gen": 0.2,
+        "kid_rbf_inf": math.nan,
+        "kid_poly_inf": math.nan,
+        "fid_inf": math.nan,
+        "epoch_time_s": 1.0,
+        "ebm_lr": 1e-4,
+        "gen_lr": 1e-3,
+        "kid_rbf_slope": 0.5,
+    }
 
 
 def test_tables_are_idempotent_atomic_and_reloadable(tmp_path) -> None:
@@ -29,8 +42,16 @@ def test_tables_are_idempotent_atomic_and_reloadable(tmp_path) -> None:
 
     tables = ResultsTables(str(tmp_path / "results"))
     cfg = get_preset("digits", objective="vanilla")
-    tables.upsert_trial("a-r0", run="r", cell="a", repetition=0, **config_columns(cfg), status="RUNNING",
-                        search="p-eta", optuna_trial=3)
+    tables.upsert_trial(
+        "a-r0",
+        run="r",
+        cell="a",
+        repetition=0,
+        **config_columns(cfg),
+        status="RUNNING",
+        search="p-eta",
+        optuna_trial=3,
+    )
     tables.upsert_epochs("a-r0", [_reading(1, 10.0), _reading(2, 9.0)], run="r", cell="a", repetition=0)
     tables.upsert_epochs("a-r0", [_reading(2, 9.0)], run="r", cell="a", repetition=0)  # a re-run epoch
     tables.flush()
@@ -55,10 +76,15 @@ def test_tables_are_idempotent_atomic_and_reloadable(tmp_path) -> None:
 
 
 def test_summary_mean_and_std_over_repetitions() -> None:
-    trials = pd.DataFrame({
-        "cell": ["a", "a", "b", "b"], "status": ["TERMINATED", "TERMINATED", "TERMINATED", "ERROR"],
-        "final_grad_var": [1.0, 3.0, 5.0, None], "final_kid_rbf_inf": [None, None, 0.2, None],
-        "final_train_loss": [10.0, 20.0, 30.0, None]})
+    trials = pd.DataFrame(
+        {
+            "cell": ["a", "a", "b", "b"],
+            "status": ["TERMINATED", "TERMINATED", "TERMINATED", "ERROR"],
+            "final_grad_var": [1.0, 3.0, 5.0, None],
+            "final_kid_rbf_inf": [None, None, 0.2, None],
+            "final_train_loss": [10.0, 20.0, 30.0, None],
+        }
+    )
     summary = summarize(trials, pd.DataFrame())
     a = summary.set_index("cell").loc["a"]
     assert a["grad_var_mean"] == 2.0 and a["grad_var_std"] == pytest.approx(math.sqrt(2))
@@ -69,9 +95,11 @@ def test_summary_mean_and_std_over_repetitions() -> None:
 
 
 def test_error_message_picks_the_divergence() -> None:
-    trace = ("Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError(DivergenceError): "
-             "ray::f() (pid=1)\nmodel.train.DivergenceError: "
-             "loss is nan at epoch 2, step 3: lower the rates\n")
+    trace = (
+        "Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError(DivergenceError): "
+        "ray::f() (pid=1)\nmodel.train.DivergenceError: "
+        "loss is nan at epoch 2, step 3: lower the rates\n"
+    )
     assert error_message(trace) == "DivergenceError: loss is nan at epoch 2, step 3: lower the rates"
     assert error_message("boom\nValueError: bad") == "ValueError: bad"
     assert error_message(None) is None

@@ -44,8 +44,9 @@ def _random_spd(rng, d):
 def _kl_direct(m0, s0, m1, s1):
     d = len(m0)
     inv1 = np.linalg.inv(s1)
-    return 0.5 * (np.log(np.linalg.det(s1) / np.linalg.det(s0)) + np.trace(inv1 @ s0)
-                  + (m1 - m0) @ inv1 @ (m1 - m0) - d)
+    return 0.5 * (
+        np.log(np.linalg.det(s1) / np.linalg.det(s0)) + np.trace(inv1 @ s0) + (m1 - m0) @ inv1 @ (m1 - m0) - d
+    )
 
 
 def test_gaussian_kl_matches_eq20_and_is_zero_for_equal_gaussians():
@@ -84,8 +85,9 @@ class LinearGaussian:
     def expected_loglik(self, t):
         m, c = self.power_posterior(t)
         r = self.x - self.W @ m
-        return (-0.5 * self.D * np.log(2 * np.pi * self.sl**2)
-                - (r @ r + np.trace(self.W @ c @ self.W.T)) / (2 * self.sl**2))
+        return -0.5 * self.D * np.log(2 * np.pi * self.sl**2) - (r @ r + np.trace(self.W @ c @ self.W.T)) / (
+            2 * self.sl**2
+        )
 
     def log_evidence(self):
         cov = self.s0**2 * self.W @ self.W.T + self.sl**2 * np.eye(self.D)

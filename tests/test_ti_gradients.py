@@ -23,11 +23,23 @@ QUADRATIC = Networks(
 
 def _problem(batch, step_size=0.1, seed=0, **hyper):
     rng = np.random.default_rng(seed)
-    params = {"ebm": {"a": jnp.asarray([0.4, -0.3]), "q": jnp.asarray([0.5, 0.2])},
-              "gen": {"w": jnp.asarray(rng.normal(size=(D_Z, D_X)) * 0.6)}}
+    params = {
+        "ebm": {"a": jnp.asarray([0.4, -0.3]), "q": jnp.asarray([0.5, 0.2])},
+        "gen": {"w": jnp.asarray(rng.normal(size=(D_Z, D_X)) * 0.6)},
+    }
     x = jnp.asarray(1.5 + 2.0 * rng.normal(size=(batch, 2, 2, 1)))  # far from the model: large gradients
-    values = dict(temp_power=1.5, kl_weight=1.0, prior_step_size=step_size, posterior_step_size=step_size,
-                  prior_sigma=1.0, lkhood_sigma=SIGMA, kl_ridge=1e-3) | hyper
+    values = (
+        dict(
+            temp_power=1.5,
+            kl_weight=1.0,
+            prior_step_size=step_size,
+            posterior_step_size=step_size,
+            prior_sigma=1.0,
+            lkhood_sigma=SIGMA,
+            kl_ridge=1e-3,
+        )
+        | hyper
+    )
     return params, x, Hyper(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
 
 
@@ -75,8 +87,18 @@ def test_ml_gradients_are_the_gradient_of_log_px():
     equal grad log p(x) in closed form (for a and q, so means and second moments are both tested)."""
     params, x, hp = _problem(256, step_size=0.01)
     keys = [jax.random.key(i) for i in range(8)]
-    got = _estimates(params, x, hp, keys, num_temps=2, posterior_steps=800, prior_steps=800,
-                     ebm_gradient="ml", gen_gradient="ml", ti_rule="trapezoid")
+    got = _estimates(
+        params,
+        x,
+        hp,
+        keys,
+        num_temps=2,
+        posterior_steps=800,
+        prior_steps=800,
+        ebm_gradient="ml",
+        gen_gradient="ml",
+        ti_rule="trapezoid",
+    )
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
         exact = jax.grad(lambda p: -_closed_form_log_evidence(p, jnp.asarray(x, jnp.float64)))(p64)
@@ -91,8 +113,17 @@ def test_ti_gradient_with_frozen_chains_is_the_trapezoid_mixture_of_tempered_gra
     params, x, hp = _problem(256, step_size=0.01)
     num_temps = 4
     keys = [jax.random.key(10 + i) for i in range(8)]
-    got = _estimates(params, x, hp, keys, num_temps=num_temps, posterior_steps=800, ebm_gradient="none",
-                     gen_gradient="ti", ti_rule=rule)
+    got = _estimates(
+        params,
+        x,
+        hp,
+        keys,
+        num_temps=num_temps,
+        posterior_steps=800,
+        ebm_gradient="none",
+        gen_gradient="ti",
+        ti_rule=rule,
+    )
     np.testing.assert_array_equal(got["ebm"]["a"], 0.0)
     temps = temperature_schedule(num_temps, hp.temp_power)
     w = np.asarray(trapezoid_weights(temps))
@@ -104,8 +135,11 @@ def test_ti_gradient_with_frozen_chains_is_the_trapezoid_mixture_of_tempered_gra
         second = cov + np.einsum("bi,bj->ij", mean, mean) / len(mean)
         expected -= wi * (mean.T @ xf / len(mean) - second @ wm) / SIGMA**2
     _within({"w": got["gen"]["w"]}, {"w": expected})
-    exact_ml = np.asarray(jax.grad(lambda w_: -_closed_form_log_evidence(
-        {"ebm": params["ebm"], "gen": {"w": w_}}, x))(params["gen"]["w"]))
+    exact_ml = np.asarray(
+        jax.grad(lambda w_: -_closed_form_log_evidence({"ebm": params["ebm"], "gen": {"w": w_}}, x))(
+            params["gen"]["w"]
+        )
+    )
     assert np.abs(expected - exact_ml).max() > 0.1 * np.abs(exact_ml).max()  # TI is not the ML gradient
 
 
@@ -116,16 +150,32 @@ def test_thermo_ml_ml_is_the_vanilla_gradient_on_the_same_samples(monkeypatch):
 
     params, x, hp = _problem(6)
     key, ids, num_temps = jax.random.key(3), jnp.arange(6), 3
-    grads = jax.grad(lambda p: thermo_loss(p, x, key, ids, hp, nets=QUADRATIC, num_temps=num_temps,
-                                           posterior_steps=5, prior_steps=7, z_dim=D_Z, ebm_gradient="ml",
-                                           gen_gradient="ml")[0])(params)
+    grads = jax.grad(
+        lambda p: thermo_loss(
+            p,
+            x,
+            key,
+            ids,
+            hp,
+            nets=QUADRATIC,
+            num_temps=num_temps,
+            posterior_steps=5,
+            prior_steps=7,
+            z_dim=D_Z,
+            ebm_gradient="ml",
+            gen_gradient="ml",
+        )[0]
+    )(params)
     temps = temperature_schedule(num_temps, hp.temp_power)
     z_post = sample_power_posteriors(QUADRATIC, params, x, temps, key, ids, 5, D_Z, hp)[-1]
     z_prior = sample_prior(QUADRATIC, params["ebm"], jax.random.split(key)[1], ids, 7, D_Z, hp)
     monkeypatch.setattr(objectives, "sample_prior", lambda *a, **k: z_prior)
     monkeypatch.setattr(objectives, "sample_power_posteriors", lambda *a, **k: z_post[None])
-    expected = jax.grad(lambda p: objectives.vanilla_loss(p, x, key, ids, hp, nets=QUADRATIC, prior_steps=7,
-                                                          posterior_steps=5, z_dim=D_Z)[0])(params)
+    expected = jax.grad(
+        lambda p: objectives.vanilla_loss(
+            p, x, key, ids, hp, nets=QUADRATIC, prior_steps=7, posterior_steps=5, z_dim=D_Z
+        )[0]
+    )(params)
     for got, exp in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-7)
         assert np.abs(np.asarray(exp)).max() > 1e-3  # not vacuous
@@ -138,13 +188,21 @@ def test_gen_ml_with_chain_gradients_does_not_flow_through_the_chains():
 
     params, x, hp = _problem(6)
     key, ids, num_temps = jax.random.key(4), jnp.arange(6), 3
-    loss = functools.partial(thermo_loss, nets=QUADRATIC, num_temps=num_temps, posterior_steps=5, z_dim=D_Z,
-                             ebm_gradient="chains", ti_rule="trapezoid")
+    loss = functools.partial(
+        thermo_loss,
+        nets=QUADRATIC,
+        num_temps=num_temps,
+        posterior_steps=5,
+        z_dim=D_Z,
+        ebm_gradient="chains",
+        ti_rule="trapezoid",
+    )
     grads = jax.grad(lambda p: loss(p, x, key, ids, hp, gen_gradient="ml")[0])(params)
     temps = temperature_schedule(num_temps, hp.temp_power)
     z_post = sample_power_posteriors(QUADRATIC, params, x, temps, key, ids, 5, D_Z, hp)[-1]
-    expected = jax.grad(lambda g: -jnp.mean(log_likelihood(x, QUADRATIC.generate(g, z_post), hp.lkhood_sigma))
-                        )(params["gen"])
+    expected = jax.grad(
+        lambda g: -jnp.mean(log_likelihood(x, QUADRATIC.generate(g, z_post), hp.lkhood_sigma))
+    )(params["gen"])
     np.testing.assert_allclose(grads["gen"]["w"], expected["w"], rtol=1e-5, atol=1e-6)
     ti = jax.grad(lambda p: loss(p, x, key, ids, hp, gen_gradient="ti")[0])(params)
     for a, b in zip(jax.tree.leaves(grads["ebm"]), jax.tree.leaves(ti["ebm"]), strict=True):
@@ -160,8 +218,15 @@ def test_eta_changes_training_only_through_the_chains(ebm_gradient):
 
     def grads(kl_weight):
         h = hp._replace(kl_weight=jnp.asarray(kl_weight, jnp.float32))
-        loss = functools.partial(thermo_loss, nets=QUADRATIC, num_temps=4, posterior_steps=3, prior_steps=3,
-                                 z_dim=D_Z, ebm_gradient=ebm_gradient)
+        loss = functools.partial(
+            thermo_loss,
+            nets=QUADRATIC,
+            num_temps=4,
+            posterior_steps=3,
+            prior_steps=3,
+            z_dim=D_Z,
+            ebm_gradient=ebm_gradient,
+        )
         return jax.grad(lambda p: loss(p, x, key, ids, h)[0])(params)
 
     one, four = (jax.tree.leaves(grads(k)) for k in (1.0, 4.0))
@@ -178,8 +243,17 @@ def test_kl_rules_train_like_trapezoid_when_the_chains_are_stop_gradient(ebm_gra
     key, ids = jax.random.key(7), jnp.arange(6)
 
     def grads(rule):
-        loss = functools.partial(thermo_loss, nets=QUADRATIC, num_temps=4, posterior_steps=3, prior_steps=3,
-                                 z_dim=D_Z, ti_rule=rule, chains_per_example=6, ebm_gradient=ebm_gradient)
+        loss = functools.partial(
+            thermo_loss,
+            nets=QUADRATIC,
+            num_temps=4,
+            posterior_steps=3,
+            prior_steps=3,
+            z_dim=D_Z,
+            ti_rule=rule,
+            chains_per_example=6,
+            ebm_gradient=ebm_gradient,
+        )
         return jax.tree.leaves(jax.grad(lambda p: loss(p, x, key, ids, hp)[0])(params))
 
     trap, batch, example = (grads(r) for r in ("trapezoid", "kl_batch", "kl_example"))
@@ -188,10 +262,17 @@ def test_kl_rules_train_like_trapezoid_when_the_chains_are_stop_gradient(ebm_gra
         assert same == (ebm_gradient != "chains")
 
 
-CASES = [(rule, 6, "chains", "ti") for rule in ("kl_batch", "kl_example", "variance", "stepping_stone",
-                                                "trapezoid")]
-CASES += [("kl_batch", 1, "chains", "ti"), ("kl_example", 6, "none", "ti"), ("variance", 2, "ml", "ml"),
-          ("stepping_stone", 2, "ml", "ti"), ("kl_batch", 2, "chains", "ml")]
+CASES = [
+    (rule, 6, "chains", "ti")
+    for rule in ("kl_batch", "kl_example", "variance", "stepping_stone", "trapezoid")
+]
+CASES += [
+    ("kl_batch", 1, "chains", "ti"),
+    ("kl_example", 6, "none", "ti"),
+    ("variance", 2, "ml", "ml"),
+    ("stepping_stone", 2, "ml", "ti"),
+    ("kl_batch", 2, "chains", "ml"),
+]
 
 
 @pytest.mark.parametrize("rule,chains,ebm_gradient,gen_gradient", CASES)
@@ -202,8 +283,17 @@ def test_one_and_two_devices_agree(rule, chains, ebm_gradient, gen_gradient):
     assert len(devices) == 2, "tests/conftest.py forces two host devices"
     params, x, hp = _problem(4)
     key = jax.random.key(9)
-    kw = dict(nets=QUADRATIC, num_temps=3, posterior_steps=3, prior_steps=3, z_dim=D_Z, ti_rule=rule,
-              chains_per_example=chains, ebm_gradient=ebm_gradient, gen_gradient=gen_gradient)
+    kw = dict(
+        nets=QUADRATIC,
+        num_temps=3,
+        posterior_steps=3,
+        prior_steps=3,
+        z_dim=D_Z,
+        ti_rule=rule,
+        chains_per_example=chains,
+        ebm_gradient=ebm_gradient,
+        gen_gradient=gen_gradient,
+    )
 
     def value_and_grad(p, xb, ids, axis_name=None):
         loss = functools.partial(thermo_loss, **kw, axis_name=axis_name)

@@ -15,8 +15,20 @@ from model.data import Dataset, load_dataset
 
 
 def tiny(**overrides):
-    base = dict(num_train=64, num_val=32, batch_size=16, z_dim=4, ebm_width=8, gen_width=1, prior_steps=3,
-                posterior_steps=3, num_temps=3, epochs=2, eval_every=0, sample_every=0)
+    base = dict(
+        num_train=64,
+        num_val=32,
+        batch_size=16,
+        z_dim=4,
+        ebm_width=8,
+        gen_width=1,
+        prior_steps=3,
+        posterior_steps=3,
+        num_temps=3,
+        epochs=2,
+        eval_every=0,
+        sample_every=0,
+    )
     return get_preset("digits", **(base | overrides))
 
 
@@ -45,10 +57,14 @@ def test_gradient_statistics_are_over_all_entries_of_both_networks():
     assert float(stats["grad_var_gen"]) == pytest.approx(np.var([-1.0, 0.0, 5.0]))
 
 
-@pytest.mark.parametrize("objective,estimator", [
-    ("vanilla", {}), ("thermo", {}),
-    ("thermo", dict(ti_rule="kl_example", chains_per_example=6, ebm_gradient="ml", gen_gradient="ti")),
-])
+@pytest.mark.parametrize(
+    "objective,estimator",
+    [
+        ("vanilla", {}),
+        ("thermo", {}),
+        ("thermo", dict(ti_rule="kl_example", chains_per_example=6, ebm_gradient="ml", gen_gradient="ti")),
+    ],
+)
 def test_one_and_two_devices_give_the_same_epoch(objective, estimator, digits_small):
     devices = jax.local_devices()
     assert len(devices) >= 2, "tests/conftest.py forces two host devices"
@@ -63,8 +79,11 @@ def test_one_and_two_devices_give_the_same_epoch(objective, estimator, digits_sm
             np.testing.assert_allclose(r1[name], r2[name], rtol=2e-4, atol=1e-6, err_msg=name)
     for name in names:
         assert r1[name] == pytest.approx(r2[name], rel=2e-4, abs=1e-7), name
-    for a, b in zip(jax.tree.leaves((one.ebm_params, one.gen_params)),
-                    jax.tree.leaves((two.ebm_params, two.gen_params)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves((one.ebm_params, one.gen_params)),
+        jax.tree.leaves((two.ebm_params, two.gen_params)),
+        strict=True,
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert r1["grad_var_ebm"] > 0 and r1["grad_var_gen"] > 0
     assert int(one.epoch) == 1 and int(one.step) == 64 // 16
@@ -96,8 +115,9 @@ def test_cells_differing_in_p_eta_and_step_sizes_share_one_compiled_step(digits_
         loop.train_epoch(first, loop.init_state(first), data, devices=jax.local_devices()[:1])
         after_first = len(compiles)
         for p, eta, s in [(0.3, 2.0, 0.02), (6.0, 0.5, 0.005)]:
-            cell = dataclasses.replace(first, temp_power=p, kl_weight=eta, posterior_step_size=s,
-                                       prior_step_size=s * 10)
+            cell = dataclasses.replace(
+                first, temp_power=p, kl_weight=eta, posterior_step_size=s, prior_step_size=s * 10
+            )
             loop.train_epoch(cell, loop.init_state(cell), data, devices=jax.local_devices()[:1])
         assert after_first > 0
         assert len(compiles) == after_first, "a cell differing only in traced values recompiled"
@@ -134,8 +154,19 @@ def test_generate_images_shape_range_and_batching():
 
 def test_command_line_writes_the_epochs_table(tmp_path, capsys):
     args = ["--preset", "digits", "--epochs", "2", "--out", str(tmp_path)]
-    overrides = dict(num_train=64, num_val=32, batch_size=16, z_dim=4, ebm_width=8, gen_width=1,
-                     prior_steps=2, posterior_steps=2, eval_every=0, objective="thermo", temp_power=6)
+    overrides = dict(
+        num_train=64,
+        num_val=32,
+        batch_size=16,
+        z_dim=4,
+        ebm_width=8,
+        gen_width=1,
+        prior_steps=2,
+        posterior_steps=2,
+        eval_every=0,
+        objective="thermo",
+        temp_power=6,
+    )
     for k, v in overrides.items():
         args += ["--set", f"{k}={v}"]
     assert train.main(args) == 0
@@ -143,15 +174,28 @@ def test_command_line_writes_the_epochs_table(tmp_path, capsys):
     assert out.count("epoch ") == 2 and "grad mean" in out
     table = pq.read_table(tmp_path / "epochs.parquet").to_pandas()
     assert len(table) == 2 and list(table["epoch"]) == [1, 2]
-    for col in ["trial_id", "epoch", "train_loss", "val_loss", "grad_mean", "grad_var", "grad_var_ebm",
-                "grad_var_gen", "kid_rbf_inf", "kid_poly_inf", "fid_inf", "epoch_time_s"]:
+    for col in [
+        "trial_id",
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "grad_mean",
+        "grad_var",
+        "grad_var_ebm",
+        "grad_var_gen",
+        "kid_rbf_inf",
+        "kid_poly_inf",
+        "fid_inf",
+        "epoch_time_s",
+    ]:
         assert col in table.columns, col
     assert np.all(np.isfinite(table["grad_var"])) and table["kid_rbf_inf"].isna().all()
     assert table["ebm_gradient"].tolist() == ["chains", "chains"]  # recorded with every reading
     assert table["ti_rule"].tolist() == ["kl_batch", "kl_batch"]
     # the TI curve of every epoch: N_t temperatures, weights that sum to 1, E_i rising with t
-    temps, weights, e = (np.asarray(table[c].iloc[-1]) for c in ("ti_temps", "ti_weights",
-                                                                 "ti_expected_loglik"))
+    temps, weights, e = (
+        np.asarray(table[c].iloc[-1]) for c in ("ti_temps", "ti_weights", "ti_expected_loglik")
+    )
     np.testing.assert_allclose(temps, (np.arange(5) / 4) ** 6, rtol=1e-5)
     assert weights.sum() == pytest.approx(1.0) and len(e) == 5 and e[-1] > e[0]
     assert len(table["ti_kl_forward"].iloc[0]) == 4 and table["kl_identity_error"].notna().all()
@@ -159,13 +203,15 @@ def test_command_line_writes_the_epochs_table(tmp_path, capsys):
 
 
 def test_command_line_refuses_bad_values(capsys):
-    for args, needle in [(["--preset", "imagenet"], "unknown preset"),
-                         (["--set", "num_temps=1"], "num_temps=1"),
-                         (["--set", "temp_power=0"], "temp_power=0"),
-                         (["--set", "posterior_step_size=-0.1"], "posterior_step_size=-0.1"),
-                         (["--set", "dataset=mnist"], "dataset='mnist'"),
-                         (["--set", "tempo=3"], "unknown config field 'tempo'"),
-                         (["--set", "objective"], "not key=value")]:
+    for args, needle in [
+        (["--preset", "imagenet"], "unknown preset"),
+        (["--set", "num_temps=1"], "num_temps=1"),
+        (["--set", "temp_power=0"], "temp_power=0"),
+        (["--set", "posterior_step_size=-0.1"], "posterior_step_size=-0.1"),
+        (["--set", "dataset=mnist"], "dataset='mnist'"),
+        (["--set", "tempo=3"], "unknown config field 'tempo'"),
+        (["--set", "objective"], "not key=value"),
+    ]:
         with pytest.raises(SystemExit) as exc:
             train.main(args)
         assert exc.value.code == 2

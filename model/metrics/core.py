@@ -125,8 +125,9 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, kernel: str = "rbf") -> 
     return float(sums[0] / (m * (m - 1)) + sums[1] / (n * (n - 1)) - 2.0 * sums[2] / (m * n))
 
 
-def _kernel_row_sums(a: np.ndarray, b: np.ndarray, kernels: Sequence[str]
-                     ) -> dict[str, tuple[np.ndarray, ...]]:
+def _kernel_row_sums(
+    a: np.ndarray, b: np.ndarray, kernels: Sequence[str]
+) -> dict[str, tuple[np.ndarray, ...]]:
     """Per kernel, float64 row sums: (sum_{j!=i} k(a_i,a_j), sum_{j!=i} k(b_i,b_j), sum_j k(a_i,b_j),
     sum_i k(a_i,b_j)), built in row chunks so memory stays at ~chunk * N rows."""
     dim = a.shape[1]
@@ -135,8 +136,11 @@ def _kernel_row_sums(a: np.ndarray, b: np.ndarray, kernels: Sequence[str]
     sq_a = np.einsum("ij,ij->i", a, a, dtype=np.float64)
     sq_b = np.einsum("ij,ij->i", b, b, dtype=np.float64)
     out = {k: (np.zeros(len(a)), np.zeros(len(b)), np.zeros(len(a)), np.zeros(len(b))) for k in kernels}
-    for rows, cols, sq_r, sq_c, same, slot in ((a, a, sq_a, sq_a, True, 0), (b, b, sq_b, sq_b, True, 1),
-                                               (a, b, sq_a, sq_b, False, 2)):
+    for rows, cols, sq_r, sq_c, same, slot in (
+        (a, a, sq_a, sq_a, True, 0),
+        (b, b, sq_b, sq_b, True, 1),
+        (a, b, sq_a, sq_b, False, 2),
+    ):
         for start in range(0, len(rows), _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, len(rows))
             gram = rows[start:stop] @ cols.T
@@ -151,8 +155,9 @@ def _kernel_row_sums(a: np.ndarray, b: np.ndarray, kernels: Sequence[str]
     return out
 
 
-def _kid_and_jackknife(rxx: np.ndarray, ryy: np.ndarray, cxy: np.ndarray, cyx: np.ndarray
-                       ) -> tuple[float, float]:
+def _kid_and_jackknife(
+    rxx: np.ndarray, ryy: np.ndarray, cxy: np.ndarray, cyx: np.ndarray
+) -> tuple[float, float]:
     """The unbiased KID from row sums and its two-sample jackknife standard error: leaving out row i of
     one set changes its within-set sum by 2 r_i and the cross sum by c_i, so each leave-one-out value
     costs O(1). Var = (m-1)/m sum_i (theta_-i - mean)^2 + the same over the other set (Arvesen 1969)."""
@@ -164,22 +169,30 @@ def _kid_and_jackknife(rxx: np.ndarray, ryy: np.ndarray, cxy: np.ndarray, cyx: n
 
     drop_x = value(xx - 2.0 * rxx, yy, xy - cxy, m - 1, n)
     drop_y = value(xx, yy - 2.0 * ryy, xy - cyx, m, n - 1)
-    var = ((m - 1) / m * ((drop_x - drop_x.mean()) ** 2).sum()
-           + (n - 1) / n * ((drop_y - drop_y.mean()) ** 2).sum())
+    var = (m - 1) / m * ((drop_x - drop_x.mean()) ** 2).sum() + (n - 1) / n * (
+        (drop_y - drop_y.mean()) ** 2
+    ).sum()
     return float(value(xx, yy, xy, m, n)), float(np.sqrt(var))
 
 
-def kid_stderrs(features_a: np.ndarray, features_b: np.ndarray, kernels: Sequence[str] = KERNELS
-                ) -> dict[str, tuple[float, float]]:
+def kid_stderrs(
+    features_a: np.ndarray, features_b: np.ndarray, kernels: Sequence[str] = KERNELS
+) -> dict[str, tuple[float, float]]:
     """{kernel: (KID, standard error)} for the whole of both sets, the kernel matrices built once."""
     a, b = _check_pair(features_a, features_b, min_rows=3)
     sums = _kernel_row_sums(a, b, kernels)
     return {k: _kid_and_jackknife(*sums[k]) for k in kernels}
 
 
-def kid_with_stderr(features_a: np.ndarray, features_b: np.ndarray, kernel: str = "rbf", *,
-                    num: int | None = None, replace: bool = False,
-                    seed: int | np.random.Generator | None = 0) -> tuple[float, float]:
+def kid_with_stderr(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    kernel: str = "rbf",
+    *,
+    num: int | None = None,
+    replace: bool = False,
+    seed: int | np.random.Generator | None = 0,
+) -> tuple[float, float]:
     """KID between two feature sets with a standard error that accounts for the shared pool.
 
     By default all rows of both sets are used (KID at N_max): the unbiased MMD^2 of `kid`, and the
@@ -194,8 +207,10 @@ def kid_with_stderr(features_a: np.ndarray, features_b: np.ndarray, kernel: str 
     a, b = _check_pair(features_a, features_b, min_rows=3)
     if num is not None:
         if num < 3 or (not replace and num > min(len(a), len(b))):
-            raise ValueError(f"num={num} must be >= 3 and, without replacement, at most the smaller set "
-                             f"({min(len(a), len(b))} rows); lower num or pass replace=True")
+            raise ValueError(
+                f"num={num} must be >= 3 and, without replacement, at most the smaller set "
+                f"({min(len(a), len(b))} rows); lower num or pass replace=True"
+            )
         rng = np.random.default_rng(seed)
         a = a[rng.choice(len(a), num, replace=replace)]
         b = b[rng.choice(len(b), num, replace=replace)]
@@ -247,8 +262,12 @@ def sample_sizes(num_min: int, num_max: int, num_points: int) -> tuple[int, ...]
 
 
 def metric_readings(
-    real: np.ndarray, gen: np.ndarray, real_idx: Sequence[np.ndarray], gen_idx: Sequence[np.ndarray],
-    *, replace: bool = False,
+    real: np.ndarray,
+    gen: np.ndarray,
+    real_idx: Sequence[np.ndarray],
+    gen_idx: Sequence[np.ndarray],
+    *,
+    replace: bool = False,
 ) -> dict[str, np.ndarray]:
     """FID_N, KID_N(rbf), KID_N(poly) for each pair of row selections (equal sizes N_p; no repeats
     unless `replace`, where a repeated row counts as a distinct sample, as in the paper's code).

@@ -23,16 +23,23 @@ import numpy as np
 import optax
 
 NAME = "digits-mlp-v1"
-SETUP = {"name": NAME, "hidden": (128, 64), "steps": 300, "learning_rate": 3e-3, "weight_decay": 1e-3,
-         "seed": 0}
+SETUP = {
+    "name": NAME,
+    "hidden": (128, 64),
+    "steps": 300,
+    "learning_rate": 3e-3,
+    "weight_decay": 1e-3,
+    "seed": 0,
+}
 
 
 def _init(key: jax.Array, in_dim: int, widths: tuple[int, ...]) -> list[dict[str, jax.Array]]:
     params = []
     for width in widths:
         key, sub = jax.random.split(key)
-        params.append({"w": jax.random.normal(sub, (in_dim, width)) * jnp.sqrt(2.0 / in_dim),
-                       "b": jnp.zeros((width,))})
+        params.append(
+            {"w": jax.random.normal(sub, (in_dim, width)) * jnp.sqrt(2.0 / in_dim), "b": jnp.zeros((width,))}
+        )
         in_dim = width
     return params
 
@@ -90,8 +97,9 @@ class DigitsNet(NamedTuple):
     scale: float
 
 
-def load_or_train(images: np.ndarray, labels: np.ndarray, cache_dir: str | os.PathLike | None,
-                  setup: dict[str, Any] = SETUP) -> DigitsNet:
+def load_or_train(
+    images: np.ndarray, labels: np.ndarray, cache_dir: str | os.PathLike | None, setup: dict[str, Any] = SETUP
+) -> DigitsNet:
     """The trained classifier: read from `<cache_dir>/digits-mlp-v1-<hash>.npz` if present, else trained on
     (images, labels) and written there atomically. `cache_dir=None` trains without caching."""
     path = Path(cache_dir) / f"{NAME}-{setup_hash(images, labels, setup)}.npz" if cache_dir else None
@@ -119,5 +127,8 @@ def make_feature_fn(net: DigitsNet) -> Callable[[jax.Array], jax.Array]:
 
 def accuracy(params: list[dict], images: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of `images` classified as `labels`."""
-    return float((np.asarray(_logits(jax.tree.map(jnp.asarray, params), jnp.asarray(images))).argmax(-1)
-                  == labels).mean())
+    return float(
+        (
+            np.asarray(_logits(jax.tree.map(jnp.asarray, params), jnp.asarray(images))).argmax(-1) == labels
+        ).mean()
+    )

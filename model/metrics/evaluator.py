@@ -80,8 +80,10 @@ class Evaluator:
         for b, start in enumerate(range(0, self.num_generated, size)):
             images = np.asarray(generate(jax.random.fold_in(key, b), size))
             if images.shape != (size, *self.image_shape):
-                raise ValueError(f"generate(key, {size}) returned shape {images.shape}; expected "
-                                 f"{(size, *self.image_shape)}")
+                raise ValueError(
+                    f"generate(key, {size}) returned shape {images.shape}; expected "
+                    f"{(size, *self.image_shape)}"
+                )
             feats.append(self.extractor(images[: self.num_generated - start]))
         return np.concatenate(feats)
 
@@ -95,12 +97,19 @@ class Evaluator:
 
     def metrics_from_features(self, generated_features: np.ndarray, key: jax.Array) -> dict[str, Any]:
         """The metrics dict for already extracted generated features; the draws are seeded by `key`."""
-        return extrapolated_metrics(self.real_features, generated_features, self.sizes, numpy_seed(key),
-                                    feature_extractor=self.extractor.name, replace=self.replace)
+        return extrapolated_metrics(
+            self.real_features,
+            generated_features,
+            self.sizes,
+            numpy_seed(key),
+            feature_extractor=self.extractor.name,
+            replace=self.replace,
+        )
 
 
-def digits_extractor(image_size: int, cache_dir: str | os.PathLike | None, batch_size: int = 500
-                     ) -> FeatureExtractor:
+def digits_extractor(
+    image_size: int, cache_dir: str | os.PathLike | None, batch_size: int = 500
+) -> FeatureExtractor:
     """The digits classifier (trained on the digits training split at `image_size`, cached in `cache_dir`)."""
     from model.data import digits_split
     from model.metrics import digits_net
@@ -110,19 +119,25 @@ def digits_extractor(image_size: int, cache_dir: str | os.PathLike | None, batch
     return FeatureExtractor(digits_net.NAME, digits_net.make_feature_fn(net), batch_size)
 
 
-def inception_extractor(cache_dir: str | os.PathLike | None, batch_size: int = 50,
-                        variables: Any = None) -> FeatureExtractor:
+def inception_extractor(
+    cache_dir: str | os.PathLike | None, batch_size: int = 50, variables: Any = None
+) -> FeatureExtractor:
     """InceptionV3-FID with weights from `<cache_dir>/inception-v3-fid.npz` (or the given `variables`)."""
     from model.metrics import inception
 
     if variables is None:
-        path = (inception.default_cache_dir() if cache_dir is None else os.fspath(cache_dir))
+        path = inception.default_cache_dir() if cache_dir is None else os.fspath(cache_dir)
         variables = inception.load_variables(os.path.join(path, inception.NPZ_NAME))
     return FeatureExtractor(inception.NAME, inception.make_feature_fn(variables), batch_size)
 
 
-def make_evaluator(config: Any, dataset: Any, *, cache_dir: str | os.PathLike | None = None,
-                   extractor: FeatureExtractor | None = None) -> Evaluator:
+def make_evaluator(
+    config: Any,
+    dataset: Any,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    extractor: FeatureExtractor | None = None,
+) -> Evaluator:
     """An `Evaluator` for `config` (dataset, image size, eval_num_min/max/points, eval_with_replacement)
     and `dataset` (`model.data.Dataset`). The extractor follows the data set (digits -> digits MLP, else
     InceptionV3-FID) unless one is given; cache_dir defaults to $THERMOSWEEP_CACHE or
@@ -152,5 +167,11 @@ def make_evaluator(config: Any, dataset: Any, *, cache_dir: str | os.PathLike | 
     image_shape = (config.image_size, config.image_size, config.channels)
     if tuple(real.shape[1:]) != image_shape:
         raise ValueError(f"real images have shape {real.shape[1:]}, config says {image_shape}")
-    return Evaluator(extractor, extractor(real), sizes, image_shape, split,
-                     replace=bool(getattr(config, "eval_with_replacement", False)))
+    return Evaluator(
+        extractor,
+        extractor(real),
+        sizes,
+        image_shape,
+        split,
+        replace=bool(getattr(config, "eval_with_replacement", False)),
+    )

