@@ -209,10 +209,44 @@ def log_z_prior(
     """AIS estimate of log Z_alpha (the EBM prior's normaliser over N(0, sigma_0^2 I)) with `chains` chains
     and `num_temps` linearly spaced temperatures. Returns (log Z_hat_alpha, acceptance rate, the
     delta-method variance of log Z_hat_alpha)."""
-    state = initial_state(jax.random.fold_in(key, 0), (), chains, num_pilots, z_dim, prior_sigma, step_size)
+    state, rate = _turn_on_energy(
+        nets,
+        ebm_params,
+        key,
+        (),
+        prior_sigma=prior_sigma,
+        z_dim=z_dim,
+        num_temps=num_temps,
+        chains=chains,
+        num_pilots=num_pilots,
+        step_size=step_size,
+    )
+    return log_normaliser(state, num_pilots), rate, log_normaliser_variance(state, num_pilots)
+
+
+def _turn_on_energy(
+    nets: Networks,
+    ebm_params: Any,
+    key: Array,
+    lead: tuple[int, ...],
+    *,
+    prior_sigma: Array,
+    z_dim: int,
+    num_temps: int,
+    chains: int,
+    num_pilots: int,
+    step_size: float,
+) -> tuple[AisState, Array]:
+    """The first AIS stage of both paths: chains shaped lead + (chains + pilots, d) drawn exactly from
+    N(0, sigma_0^2 I), then f turned on over `num_temps` linear temperatures. Returns the state and the
+    acceptance rate."""
+    state = initial_state(jax.random.fold_in(key, 0), lead, chains, num_pilots, z_dim, prior_sigma, step_size)
     energy = functools.partial(nets.energy, ebm_params)
-    zero = lambda z: jnp.zeros(z.shape[:-1], z.dtype)  # noqa: E731
-    state, rate = anneal(
+
+    def zero(z: Array) -> Array:
+        return jnp.zeros(z.shape[:-1], z.dtype)
+
+    return anneal(
         zero,
         energy,
         power_schedule(num_temps, 1.0),
@@ -221,7 +255,6 @@ def log_z_prior(
         prior_sigma,
         num_pilots,
     )
-    return log_normaliser(state, num_pilots), rate, log_normaliser_variance(state, num_pilots)
 
 
 def log_z_data(
@@ -242,19 +275,19 @@ def log_z_data(
     """AIS estimates of log Z(x) for each x (n, H, W, C): `num_temps` linear temperatures turning on f,
     then `num_temps` temperatures b_l = (k/K)^lkhood_power turning on log p(x|z), `chains` chains per x.
     Returns (log Z_hat(x) (n,), acceptance rate of the likelihood stage)."""
-    n = x.shape[0]
-    state = initial_state(jax.random.fold_in(key, 0), (n,), chains, num_pilots, z_dim, prior_sigma, step_size)
-    energy = functools.partial(nets.energy, params["ebm"])
-    zero = lambda z: jnp.zeros(z.shape[:-1], z.dtype)  # noqa: E731
-    state, _ = anneal(
-        zero,
-        energy,
-        power_schedule(num_temps, 1.0),
-        state,
-        jax.random.fold_in(key, 1),
-        prior_sigma,
-        num_pilots,
+    state, _ = _turn_on_energy(
+        nets,
+        params["ebm"],
+        key,
+        (x.shape[0],),
+        prior_sigma=prior_sigma,
+        z_dim=z_dim,
+        num_temps=num_temps,
+        chains=chains,
+        num_pilots=num_pilots,
+        step_size=step_size,
     )
+    energy = functools.partial(nets.energy, params["ebm"])
 
     def loglik(z: Array) -> Array:
         return log_likelihood(x[:, None], nets.generate(params["gen"], z), lkhood_sigma)
