@@ -1,16 +1,20 @@
-"""Ray Tune's Optuna searcher, adapted to thermosweep trials: every proposal of (p, eta) becomes a whole
-trial spec (like a grid trial), reported per epoch, and told to Optuna by the final-epoch rule.
+"""Ray Tune's Optuna searcher, adapted to thermosweep trials: every proposal of (p, eta) fills the search's
+base config (`base_config`) into a whole trial spec (like a grid trial), reported per epoch, and told to
+Optuna by the final-epoch rule.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 from typing import Any
 
-from model.config import ExperimentConfig
-from sweep.study import FAIL_REASON_ATTR, trial_id_of
+from model.config import ExperimentConfig, get_preset, parse_set_args, parse_value
+from sweep.study import FAIL_REASON_ATTR, SearchError, trial_id_of
 from sweep.trainable import trial_spec
+
+SEARCHED_FIELDS = {"temp_power": "--p", "kl_weight": "--eta"}
 
 
 def searcher_class() -> type:
@@ -109,3 +113,52 @@ def search_trial_config(
         columns={"search": study, "optuna_trial": number},
     )
     return {"trial": spec, "p": float(p), "eta": float(eta), "optuna_trial": number}
+
+
+def base_config(preset: str, sets: list[str], *, epochs: int | None, scheduler: str) -> ExperimentConfig:
+    """The config every trial starts from: the preset with `--set`/`--epochs`, objective thermo, and
+    evaluation on (every epoch with ASHA, else the preset's cadence, which always includes the last epoch).
+    p and eta are filled per trial. Raises SearchError naming the key and the fix."""
+    try:
+        overrides: dict[str, Any] = parse_set_args(sets)
+        for key in overrides:
+            if key in SEARCHED_FIELDS:
+                raise SearchError(
+                    f"--set {key}=...: {key} is what the search varies; give its range with "
+                    f"{SEARCHED_FIELDS[key]} LOW HIGH instead"
+                )
+        if "objective" in overrides and overrides["objective"] != "thermo":
+            raise SearchError(
+                f"--set objective={overrides['objective']}: the search tunes the thermodynamic "
+                "objective's p and eta; drop --set objective"
+            )
+        eval_every = parse_value("eval_every", overrides["eval_every"]) if "eval_every" in overrides else None
+    except ValueError as err:
+        raise SearchError(str(err)) from None
+    if eval_every == 0:
+        raise SearchError(
+            "--set eval_every=0 turns evaluation off, but the search's objective is the metric "
+            "at the last epoch; drop it or use --set eval_every=N with N >= 1"
+        )
+    if scheduler == "asha" and eval_every not in (None, 1):
+        raise SearchError(
+            f"--set eval_every={eval_every} with --scheduler asha: ASHA compares trials on the "
+            "metric every epoch; drop --set eval_every (it becomes 1) or use --scheduler none"
+        )
+    if epochs is not None:
+        if epochs < 1:
+            raise SearchError(f"--epochs {epochs}: must be >= 1")
+        overrides["epochs"] = epochs
+    overrides["objective"] = "thermo"
+    try:
+        config = get_preset(preset, **overrides)
+    except (ValueError, TypeError) as err:
+        raise SearchError(f"--base {preset} with --set {' '.join(sets) or '(none)'}: {err}") from None
+    if scheduler == "asha":
+        config = replace(config, eval_every=1)
+    elif config.eval_every == 0:
+        config = replace(config, eval_every=config.epochs)  # evaluate at the last epoch only
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- driver

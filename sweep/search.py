@@ -18,11 +18,11 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
-from model.config import ExperimentConfig, get_preset, parse_set_args, parse_value
+from model.config import ExperimentConfig
 from sweep import cost, launch
+from sweep.optuna_search import base_config
 from sweep.results import ResultsTables
 from sweep.storage import storage_join, write_json_uri
 from sweep.study import (
@@ -54,7 +54,6 @@ METRICS = {
 DEFAULT_P = (0.1, 10.0)
 DEFAULT_ETA = (0.5, 4.0)
 DEFAULT_SAMPLER_SEED = 0
-SEARCHED_FIELDS = {"temp_power": "--p", "kl_weight": "--eta"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,55 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-
-
-def base_config(preset: str, sets: list[str], *, epochs: int | None, scheduler: str) -> ExperimentConfig:
-    """The config every trial starts from: the preset with `--set`/`--epochs`, objective thermo, and
-    evaluation on (every epoch with ASHA, else the preset's cadence, which always includes the last epoch).
-    p and eta are filled per trial. Raises SearchError naming the key and the fix."""
-    try:
-        overrides: dict[str, Any] = parse_set_args(sets)
-        for key in overrides:
-            if key in SEARCHED_FIELDS:
-                raise SearchError(
-                    f"--set {key}=...: {key} is what the search varies; give its range with "
-                    f"{SEARCHED_FIELDS[key]} LOW HIGH instead"
-                )
-        if "objective" in overrides and overrides["objective"] != "thermo":
-            raise SearchError(
-                f"--set objective={overrides['objective']}: the search tunes the thermodynamic "
-                "objective's p and eta; drop --set objective"
-            )
-        eval_every = parse_value("eval_every", overrides["eval_every"]) if "eval_every" in overrides else None
-    except ValueError as err:
-        raise SearchError(str(err)) from None
-    if eval_every == 0:
-        raise SearchError(
-            "--set eval_every=0 turns evaluation off, but the search's objective is the metric "
-            "at the last epoch; drop it or use --set eval_every=N with N >= 1"
-        )
-    if scheduler == "asha" and eval_every not in (None, 1):
-        raise SearchError(
-            f"--set eval_every={eval_every} with --scheduler asha: ASHA compares trials on the "
-            "metric every epoch; drop --set eval_every (it becomes 1) or use --scheduler none"
-        )
-    if epochs is not None:
-        if epochs < 1:
-            raise SearchError(f"--epochs {epochs}: must be >= 1")
-        overrides["epochs"] = epochs
-    overrides["objective"] = "thermo"
-    try:
-        config = get_preset(preset, **overrides)
-    except (ValueError, TypeError) as err:
-        raise SearchError(f"--base {preset} with --set {' '.join(sets) or '(none)'}: {err}") from None
-    if scheduler == "asha":
-        config = replace(config, eval_every=1)
-    elif config.eval_every == 0:
-        config = replace(config, eval_every=config.epochs)  # evaluate at the last epoch only
-    return config
-
-
-# ---------------------------------------------------------------------------------------------- driver
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

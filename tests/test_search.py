@@ -305,8 +305,7 @@ def test_searcher_tells_optuna_the_final_epoch_rule(tmp_path: Path) -> None:
     """Without Ray: each proposal becomes a grid-like trial config, and a trial is COMPLETE with the metric
     at its last epoch, PRUNED when stopped earlier (ASHA), FAIL when it errored or ended without a finite
     metric (reason in the trial's user attrs, which the Parquet `error` column takes)."""
-    from sweep.optuna_search import searcher_class
-    from sweep.search import base_config
+    from sweep.optuna_search import base_config, searcher_class
     from sweep.study import search_space
     from sweep.trainable import resolve_trial
 
