@@ -122,13 +122,19 @@ def test_tiny_grid_end_to_end(reference_run: Path) -> None:
 
 
 def _checkpoint_in_experiment_state(run_dir: Path) -> bool:
-    """True once Tune's experiment snapshot records a trial checkpoint (a resume can then continue it)."""
+    """True once Tune's experiment snapshot has a checkpoint in a trial's checkpoint manager (a resume can
+    then continue that trial). The checkpoint's name in the trial's last result is not enough: a snapshot
+    can hold the result before the checkpoint is registered, and a resume from it starts over."""
     for path in run_dir.glob("experiment_state-*.json"):
         try:
-            if "checkpoint_000000" in path.read_text():
+            trials = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue  # not yet written, or being rewritten
+        for _, runtime in trials:
+            manager = json.loads(runtime).get("checkpoint_manager", {})
+            # Tune stores the manager as hex of its pickle; the bytes are searched, never unpickled.
+            if b"checkpoint_000000" in bytes.fromhex(manager.get("value", "")):
                 return True
-        except OSError:
-            pass
     return False
 
 
