@@ -6,6 +6,7 @@ so a run restored from a checkpoint continues with the numbers of an uninterrupt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -116,11 +117,28 @@ def validation_loss(
     return float(np.mean(jax.device_get(losses))) if losses else float("nan")
 
 
+@dataclasses.dataclass(frozen=True)
+class StepProgress:
+    """Where a running epoch stands, handed to `train_epoch`'s `on_step` after each dispatched step."""
+
+    epoch: int  # the 1-based epoch being trained
+    step: int  # steps of this epoch dispatched so far (1-based)
+    steps: int  # steps in the whole epoch
+    elapsed_s: float  # seconds since the epoch began
+    batch_size: int
+
+
 def train_epoch(
-    config: ExperimentConfig, state: TrainState, dataset: Dataset, *, devices: Sequence[Any] | None = None
+    config: ExperimentConfig,
+    state: TrainState,
+    dataset: Dataset,
+    *,
+    devices: Sequence[Any] | None = None,
+    on_step: Callable[[StepProgress], None] | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One pass over the training set. Returns the new state and the epoch's readings: loss and the
     learning-gradient statistics averaged over the epoch's steps, validation loss, time, learning rates.
+    `on_step(StepProgress)` is called after each step (it must not touch the numbers).
     Raises DivergenceError (with the step) if the loss or gradient statistics go non-finite."""
     devices = list(devices or jax.local_devices())
     check_devices(config.batch_size, devices)
@@ -134,10 +152,13 @@ def train_epoch(
     key = state.key
     order = epoch_order(config, epoch, len(dataset.train))
     history: list[dict[str, jax.Array]] = []
+    steps = len(order) // config.batch_size
     for i, x in enumerate(_batches(dataset.train, order, config.batch_size, n_dev)):
         key, sub = jax.random.split(key)
         carry, stats = step(carry, x, sub, hp, lrs)
         history.append(stats)
+        if on_step is not None:
+            on_step(StepProgress(epoch, i + 1, steps, time.perf_counter() - start, config.batch_size))
         if (i + 1) % _DIVERGENCE_CHECK_EVERY == 0:
             _check_finite(jax.device_get(stats), epoch, i + 1, config)
     if not history:
