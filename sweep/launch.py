@@ -307,9 +307,10 @@ def run_config(
     retries of crashed trials (none for an error a retry cannot cure: `sweep.failures`)."""
     from ray import tune
 
+    from sweep.diskfull import StorageGuard
     from sweep.failures import TrialFailures
 
-    callbacks = [*callbacks, TrialFailures(args.max_failures)]
+    callbacks = [StorageGuard(), *callbacks, TrialFailures(args.max_failures)]
     reporter = tune.CLIReporter(
         metric_columns=metric_columns, parameter_columns=parameter_columns, max_report_frequency=30
     )

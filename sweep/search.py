@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from model.config import ExperimentConfig
-from sweep import cost, launch
+from sweep import cost, launch, lease
 from sweep.optuna_search import base_config
 from sweep.results import ResultsTables
 from sweep.storage import storage_join, write_json_uri
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field of the base preset (repeatable)",
     )
     launch.add_ray_arguments(p)
+    lease.add_lease_arguments(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(args)
-    except SearchError as err:
+    except (SearchError, launch.LaunchError) as err:
         parser.error(str(err))
     return 2  # not reached: parser.error exits
 
@@ -161,7 +162,11 @@ def _main(args: argparse.Namespace) -> int:
         storage = launch.storage_of(args)
         launch.check_ray_arguments(args)
         if args.name is not None:
-            launch.run_location(storage, args.name)
+            run_uri = launch.run_location(storage, args.name)
+            if not args.dry_run:  # a second driver is refused before anything is read or planned
+                lease.refuse_if_held(
+                    run_uri, what=f"search {args.name!r}", resume=args.resume, take_over=args.take_over
+                )
         if args.study is not None:
             launch.check_name(args.study, "--study")
     except launch.LaunchError as err:
@@ -220,6 +225,40 @@ def _main(args: argparse.Namespace) -> int:
             )
 
     optuna_storage = open_storage(url)
+    held = lease.hold(
+        run_uri,
+        what=f"search {run!r}",
+        resume=args.resume,
+        take_over=args.take_over,
+        study=(optuna_storage, study_name, masked(url)),
+    )
+    with held:
+        return _checked_search(
+            args,
+            run=run,
+            storage=storage,
+            study_name=study_name,
+            url=url,
+            optuna_storage=optuna_storage,
+            space=space,
+            config=config,
+            n_dev=n_dev,
+        )
+
+
+def _checked_search(
+    args: argparse.Namespace,
+    *,
+    run: str,
+    storage: str,
+    study_name: str,
+    url: str,
+    optuna_storage: Any,
+    space: dict[str, Any],
+    config: ExperimentConfig,
+    n_dev: int,
+) -> int:
+    """The study checks of a search whose leases are held, then `run_search`."""
     study = load_study_or_none(optuna_storage, study_name)
     if study is not None:
         check_study(study, space, args.metric, masked(url), maximise=METRICS[args.metric] == "max")

@@ -1,0 +1,461 @@
+"""One driver per run: a lease that a launch takes before it writes anything, renews while it runs, and
+gives back when it ends.
+
+The lease is a small JSON record (host, pid, start time, last renewal) created exclusively, so that of two
+drivers started on one run the second is refused at once, naming the first:
+
+- local or NFS storage: `<run>/driver.lease`, created with O_CREAT | O_EXCL;
+- S3 (and S3-compatible stores): the object `<run>/driver.lease`, put with `If-None-Match: *` (boto3; pyarrow
+  cannot make a conditional put) and renewed with `If-Match: <its ETag>`;
+- a search's Optuna study: a study named `thermosweep-lease:<study>` in the study's own database (its name
+  is unique there, so creating it is exclusive), the record in its user attributes. Two runs cannot drive
+  one study even when their run directories differ.
+
+A heartbeat thread renews the lease every `ttl / 3` seconds. A lease is expired when its holder's
+renewal is older than the ttl, or when the holder ran on this host and its process is gone (a SIGKILLed
+driver can be resumed at once). `--resume` takes over an expired lease; `--take-over` takes a live one
+(the holder, if it still runs, sees the loss at its next renewal and stops).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sweep.launch import LaunchError
+
+LEASE_FILE = "driver.lease"
+TTL_ENV = "THERMOSWEEP_LEASE_TTL_S"
+DEFAULT_TTL_S = 60.0
+STUDY_LEASE_PREFIX = "thermosweep-lease:"
+
+
+class LeaseHeld(LaunchError):
+    """Another driver holds the run (or the study); the message names it and the fix."""
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - no such process, or no permission to see it
+        return None
+
+
+def new_record(ttl: float) -> dict[str, Any]:
+    """This driver's lease record: who holds it, since when, and a token that tells its renewals apart."""
+    now = time.time()
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "process_start": _process_start(os.getpid()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "renewed": now,
+        "ttl_s": ttl,
+        "token": uuid.uuid4().hex,
+        "argv": sys.argv[1:],
+    }
+
+
+def expired(record: dict[str, Any] | None, now: float | None = None) -> bool:
+    """True when the holder of `record` cannot be running: its last renewal is older than its ttl, or it
+    ran on this host and its process is gone (or is another process with the same pid). An unreadable
+    record counts as expired only once its ttl has passed (see `Backend.read`)."""
+    if record is None:
+        return True
+    now = time.time() if now is None else now
+    if now - float(record.get("renewed", 0)) > float(record.get("ttl_s", DEFAULT_TTL_S)):
+        return True
+    if record.get("host") == socket.gethostname():
+        start = _process_start(int(record.get("pid", -1)))
+        if start is None:
+            return True
+        if record.get("process_start") is not None and abs(start - float(record["process_start"])) > 1:
+            return True
+    return False
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """`host H, pid P, started T (renewed N s ago)` for messages."""
+    if not record:
+        return "a driver whose lease cannot be read"
+    ago = time.time() - float(record.get("renewed", 0))
+    return (
+        f"host {record.get('host')}, pid {record.get('pid')}, started {record.get('started')} "
+        f"(lease renewed {ago:.0f} s ago)"
+    )
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+
+class Backend:
+    """Where one lease lives. `version` is whatever tells one written record from the next."""
+
+    where: str
+
+    def create(self, record: dict[str, Any]) -> Any | None:
+        """Create the lease if there is none; its version, or None if one exists."""
+        raise NotImplementedError
+
+    def read(self) -> tuple[dict[str, Any] | None, Any]:
+        """(record, version); record None for an unreadable lease (version None: there is none)."""
+        raise NotImplementedError
+
+    def replace(self, record: dict[str, Any], version: Any) -> Any | None:
+        """Overwrite the lease if it is still at `version`; the new version, or None if it moved on."""
+        raise NotImplementedError
+
+    def delete(self, version: Any) -> None:
+        """Remove the lease if it is still at `version`."""
+        raise NotImplementedError
+
+
+class LocalBackend(Backend):
+    """`<run dir>/driver.lease` on a local or network filesystem."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.dir = run_dir
+        self.path = os.path.join(run_dir, LEASE_FILE)
+        self.where = self.path
+
+    def create(self, record: dict[str, Any]) -> Any | None:
+        os.makedirs(self.dir, exist_ok=True)
+        data = json.dumps(record).encode()
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        os.close(fd)
+        return data
+
+    def read(self) -> tuple[dict[str, Any] | None, Any]:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+            mtime = os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            return None, None
+        try:
+            return json.loads(data), data
+        except ValueError:  # cut off (a full disk, a crash while writing): dated by its mtime
+            return {"renewed": mtime, "ttl_s": DEFAULT_TTL_S, "unreadable": True}, data
+
+    def replace(self, record: dict[str, Any], version: Any) -> Any | None:
+        _, current = self.read()
+        if current != version:
+            return None
+        data = json.dumps(record).encode()
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except OSError:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return data
+
+    def delete(self, version: Any) -> None:
+        _, current = self.read()
+        if current is not None and current == version:
+            os.unlink(self.path)
+
+
+class S3Backend(Backend):
+    """The object `<run prefix>/driver.lease` in an S3 bucket (any store that honours conditional puts)."""
+
+    def __init__(self, run_uri: str) -> None:
+        import boto3
+
+        bucket_and_key = run_uri.split("://", 1)[1]
+        self.bucket, _, prefix = bucket_and_key.partition("/")
+        self.key = f"{prefix.rstrip('/')}/{LEASE_FILE}".lstrip("/")
+        self.where = f"s3://{self.bucket}/{self.key}"
+        self.client = boto3.client("s3")  # AWS_ENDPOINT_URL, keys and region from the environment
+
+    def _refused(self, err: Exception) -> bool:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code")
+        return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+    def create(self, record: dict[str, Any]) -> Any | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            out = self.client.put_object(
+                Bucket=self.bucket, Key=self.key, Body=json.dumps(record).encode(), IfNoneMatch="*"
+            )
+        except ClientError as err:
+            if self._refused(err):
+                return None
+            raise
+        return out["ETag"]
+
+    def read(self) -> tuple[dict[str, Any] | None, Any]:
+        from botocore.exceptions import ClientError
+
+        try:
+            out = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        data = out["Body"].read()
+        try:
+            return json.loads(data), out["ETag"]
+        except ValueError:
+            stamp = out["LastModified"].timestamp()
+            return {"renewed": stamp, "ttl_s": DEFAULT_TTL_S, "unreadable": True}, out["ETag"]
+
+    def replace(self, record: dict[str, Any], version: Any) -> Any | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            out = self.client.put_object(
+                Bucket=self.bucket, Key=self.key, Body=json.dumps(record).encode(), IfMatch=version
+            )
+        except ClientError as err:
+            if self._refused(err):
+                return None
+            raise
+        return out["ETag"]
+
+    def delete(self, version: Any) -> None:
+        _, current = self.read()
+        if current == version:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key)
+
+
+class StudyBackend(Backend):
+    """A lease study `thermosweep-lease:<study>` in an Optuna storage: creating it is exclusive (study
+    names are unique in the database); the record lives in its user attributes."""
+
+    def __init__(self, storage: Any, study_name: str, where: str) -> None:
+        self.storage = storage
+        self.name = f"{STUDY_LEASE_PREFIX}{study_name}"
+        self.where = f"study {self.name!r} in {where}"
+
+    def _id(self) -> int | None:
+        try:
+            return self.storage.get_study_id_from_name(self.name)
+        except KeyError:
+            return None
+
+    def create(self, record: dict[str, Any]) -> Any | None:
+        from optuna.exceptions import DuplicatedStudyError
+        from optuna.study import StudyDirection
+
+        try:
+            study_id = self.storage.create_new_study([StudyDirection.MINIMIZE], self.name)
+        except DuplicatedStudyError:
+            return None
+        self.storage.set_study_user_attr(study_id, "lease", record)
+        return record["token"]
+
+    def read(self) -> tuple[dict[str, Any] | None, Any]:
+        study_id = self._id()
+        if study_id is None:
+            return None, None
+        record = self.storage.get_study_user_attrs(study_id).get("lease")
+        if record is None:  # created, its record not yet written: a driver between two calls
+            return {"renewed": time.time(), "ttl_s": DEFAULT_TTL_S, "unreadable": True}, None
+        return record, record.get("token")
+
+    def replace(self, record: dict[str, Any], version: Any) -> Any | None:
+        study_id = self._id()
+        if study_id is None:
+            return None
+        current = self.storage.get_study_user_attrs(study_id).get("lease") or {}
+        if current.get("token") != version:
+            return None
+        if record["token"] != version:  # a take-over: a fresh study, created exclusively again
+            self.storage.delete_study(study_id)
+            return self.create(record)
+        self.storage.set_study_user_attr(study_id, "lease", record)
+        return record["token"]
+
+    def delete(self, version: Any) -> None:
+        study_id = self._id()
+        if study_id is None:
+            return
+        current = self.storage.get_study_user_attrs(study_id).get("lease") or {}
+        if current.get("token") == version:
+            self.storage.delete_study(study_id)
+
+
+def run_backend(run_uri: str) -> Backend:
+    """The lease of the run directory `run_uri` (a local path or s3:// URI)."""
+    if run_uri.startswith("s3://"):
+        return S3Backend(run_uri)
+    if "://" in run_uri:
+        raise LeaseHeld(
+            f"--storage {run_uri}: only local paths and s3:// hold a driver lease; use one of those"
+        )
+    return LocalBackend(run_uri)
+
+
+# ------------------------------------------------------------------------------------------ the lease
+
+
+class DriverLease:
+    """Leases this driver holds (the run's, and a search's study's), renewed by one heartbeat thread.
+
+    `on_lost(where)` runs in the heartbeat thread when another driver took a lease over (default: print
+    one line and interrupt the main thread, so Tune stops as on Ctrl-C)."""
+
+    def __init__(self, ttl: float | None = None, on_lost: Callable[[str], None] | None = None) -> None:
+        self.ttl = float(ttl if ttl is not None else os.environ.get(TTL_ENV, DEFAULT_TTL_S))
+        self.record = new_record(self.ttl)
+        self.held: list[tuple[Backend, Any]] = []
+        self.on_lost = on_lost or _stop_main_thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def acquire(self, backend: Backend, *, what: str, resume: bool, take_over: bool) -> None:
+        """Take the lease at `backend` or raise LeaseHeld naming its holder and the fix.
+
+        A new lease is created exclusively. An existing one is taken when it has expired and this launch
+        resumes (a dead driver's run), or when `take_over` is set; otherwise refused."""
+        version = backend.create(self.record)
+        if version is None:
+            holder, current = backend.read()
+            if current is None and holder is None:  # released between the two calls
+                version = backend.create(self.record)
+            elif take_over or expired(holder):  # a new run's manifest check already passed
+                if holder and not expired(holder):
+                    print(f"--take-over: taking {what} from {describe(holder)}", file=sys.stderr, flush=True)
+                version = backend.replace(self.record, current)
+            if version is None:
+                fix = (
+                    "wait for it to finish or stop it; if it is gone (e.g. its machine died), pass "
+                    "--take-over"
+                )
+                raise LeaseHeld(f"{what} is held by {describe(holder)} ({backend.where}); {fix}")
+        self.held.append((backend, version))
+        self._start()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="thermosweep-lease", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self.renew()
+
+    def renew(self) -> None:
+        """Write a fresh renewal time into every lease held; report one another driver took over."""
+        self.record = {**self.record, "renewed": time.time()}
+        for i, (backend, version) in enumerate(list(self.held)):
+            try:
+                new = backend.replace(self.record, version)
+            except Exception as err:  # noqa: BLE001 - a full disk, the network: retried at the next beat
+                if not self._warned:
+                    print(f"warning: cannot renew the lease {backend.where}: {err}", file=sys.stderr)
+                    self._warned = True
+                continue
+            if new is None:
+                self.held.remove((backend, version))
+                self.on_lost(backend.where)
+            else:
+                self.held[i] = (backend, new)
+
+    def release(self) -> None:
+        """Stop renewing and remove every lease still held (never raises: the run's outcome matters more)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for backend, version in self.held:
+            try:
+                backend.delete(version)
+            except Exception:  # noqa: BLE001 - it expires on its own
+                pass
+        self.held.clear()
+
+    def __enter__(self) -> DriverLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _stop_main_thread(where: str) -> None:
+    import _thread
+    import signal
+
+    print(
+        f"another driver took over the lease {where} (--take-over); stopping this one",
+        file=sys.stderr,
+        flush=True,
+    )
+    _thread.interrupt_main(signal.SIGINT)
+
+
+# ------------------------------------------------------------------------------------------ launches
+
+
+def add_lease_arguments(p: Any) -> None:
+    """--take-over (sweep.grid and sweep.search)."""
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the run (and a search's study) from a driver that still holds its lease, e.g. "
+        "one on a machine that died before its lease expired (the holder, if alive, stops)",
+    )
+
+
+def refuse_if_held(run_uri: str, *, what: str, resume: bool, take_over: bool) -> None:
+    """Refuse at once, before anything is read or planned, a launch on a run a live driver holds.
+    Raises LeaseHeld. (`hold` takes the lease itself, exclusively.)"""
+    if take_over:
+        return
+    holder, version = run_backend(run_uri).read()
+    if version is not None and holder is not None and not expired(holder):
+        raise LeaseHeld(
+            f"{what} is held by {describe(holder)} ({run_uri}/{LEASE_FILE}); wait for it to finish or "
+            "stop it; if it is gone (e.g. its machine died), pass --take-over"
+        )
+
+
+def hold(
+    run_uri: str,
+    *,
+    what: str,
+    resume: bool,
+    take_over: bool,
+    study: tuple[Any, str, str] | None = None,
+) -> DriverLease:
+    """A started `DriverLease` on the run (and, for a search, on `study` = (Optuna storage, study name,
+    where it is shown)). Raises LeaseHeld, having released whatever it took."""
+    lease = DriverLease()
+    try:
+        lease.acquire(run_backend(run_uri), what=what, resume=resume, take_over=take_over)
+        if study is not None:
+            storage, name, where = study
+            lease.acquire(
+                StudyBackend(storage, name, where),
+                what=f"study {name!r}",
+                resume=True,  # the run's lease decided whether this is a resume; a dead holder's goes
+                take_over=take_over,
+            )
+    except BaseException:
+        lease.release()
+        raise
+    return lease
