@@ -60,6 +60,23 @@ def load_digits_dataset(config: ExperimentConfig) -> Dataset:
     return Dataset("digits", np.ascontiguousarray(train), np.ascontiguousarray(val))
 
 
+class DataNotReadyError(ValueError):
+    """A config's data set cannot be read where it points: the message is one line with the fix."""
+
+
+def check_data_ready(config: ExperimentConfig) -> None:
+    """Raise DataNotReadyError (one line naming the directory and the prepare command) when
+    `config.dataset` is not prepared where training would read it; digits (embedded) always is."""
+    if config.dataset == "digits":
+        return
+    from model import tfds_data
+
+    name = tfds_data.resolve_tfds_name(config.dataset)
+    problem = tfds_data.not_prepared(name, tfds_data.resolve_data_dir(config.data_dir))
+    if problem:
+        raise DataNotReadyError(problem)
+
+
 def load_dataset(config: ExperimentConfig) -> Dataset:
     """The data set named by `config.dataset`, as `Dataset(train, val)` in [-1, 1]."""
     if config.dataset == "digits":

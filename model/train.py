@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
+from model.data import check_data_ready
 from model.device_memory import DeviceMemoryError, check_step_fits
 from model.loop import (
     DivergenceError,
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_devices(config.batch_size, jax.local_devices())
         check_step_fits(config, jax.local_devices())
+        check_data_ready(config)  # one line and the prepare command, before anything compiles
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; pass a directory (created if missing)")
     except ValueError as err:

@@ -14,7 +14,7 @@ from typing import Any
 
 from model.config import ExperimentConfig, parse_set_args
 from model.schema import EPOCHS_FILE, TRIALS_FILE
-from sweep import cost, launch, lease, rebuild
+from sweep import cost, launch, lease, preflight, rebuild
 from sweep.grid_file import (
     GridError,
     TrialPlan,
@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         launch.run_location(storage, run)
     except launch.LaunchError as err:  # a default name made from the grid's name
         parser.error(f"{err}; pass --name")
+    try:
+        preflight.check_data(cells.items(), local=args.address is None)
+    except launch.LaunchError as err:
+        parser.error(str(err))
     return run_sweep(
         args,
         run=run,

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from model.config import ExperimentConfig
-from sweep import cost, launch, lease
+from sweep import cost, launch, lease, preflight
 from sweep.optuna_search import base_config
 from sweep.results import ResultsTables
 from sweep.storage import storage_join, write_json_uri
@@ -186,6 +186,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cost.format_plan(plans, args.trials, target))
         return 0
+    try:
+        preflight.check_data([(f"{args.base}-thermo", config)], local=args.address is None)
+    except launch.LaunchError as err:
+        raise SearchError(str(err)) from None
     if "://" in storage and args.optuna_storage is None:  # before anything reads the remote storage
         raise SearchError(
             f"--storage {storage} is remote; SQLite cannot live there: pass "

@@ -3,6 +3,7 @@ found by bisection, names past the filesystem's and S3's limits, a data set that
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,61 @@ def test_an_s3_key_past_1024_bytes_is_refused(capsys, cli):
         )
     assert exc.value.code == 2
     assert "1024 bytes" in capsys.readouterr().err
+
+
+def test_a_missing_data_set_is_refused_before_ray_starts(tmp_path, capsys):
+    """`--set data_dir=<empty>` on paper-cifar10 used to start every trial and retry each twice."""
+    storage = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exc:
+        grid_main(
+            ["--grid", "paper-cifar10", "--set", f"data_dir={tmp_path / 'empty'}", "--storage", str(storage)]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "not prepared" in err and "python -m model.data prepare cifar10 --data-dir" in err
+    assert "Traceback" not in err and not storage.exists()
+
+
+def test_search_refuses_a_missing_data_set(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        search_main(
+            ["--base", "cifar10", "--set", f"data_dir={tmp_path / 'empty'}", "--storage", str(tmp_path / "r")]
+        )
+    assert exc.value.code == 2
+    assert "python -m model.data prepare cifar10" in capsys.readouterr().err
+
+
+def test_model_train_refuses_a_missing_data_set_in_one_line(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model.train",
+            "--preset",
+            "cifar10",
+            "--set",
+            f"data_dir={tmp_path / 'empty'}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": ""},  # one CPU device: the preset's batch of 75 fits
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("python -m model.train: error: TFDS data set 'cifar10'")
+    )
+
+
+def test_a_trial_on_a_missing_data_set_is_not_retried():
+    """On a cluster whose head cannot see the workers' data, the trial's own DatasetNotPreparedError ends
+    it at once (incurable), instead of `--max-failures` retries."""
+    from model.tfds_data import DatasetNotPreparedError
+    from sweep.failures import is_fatal
+
+    assert is_fatal(DatasetNotPreparedError("TFDS data set 'cifar10' is not prepared in /empty"))
+    assert not is_fatal(OSError("connection reset"))
