@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pandas as pd
 from analysis import figures as F
 from analysis import readings as R
 from analysis.load import Results, load
+from analysis.remote import read_bytes
 from analysis.render import Report, fmt, render_html, render_markdown
 from analysis.summary import (
     cell_label,
@@ -90,7 +90,7 @@ def _copy_samples(results: Results, final: pd.DataFrame, out: Path, rep: Report)
         safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", r.trial_id)
         dst = out / "samples" / re.sub(r"[^A-Za-z0-9._=-]+", "_", r.run) / f"{safe}_epoch_{r.epoch:04d}.png"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(r.path, dst)
+        dst.write_bytes(read_bytes(r.path))  # a local path or an s3:// URI
         where = (
             f"{F.dataset_title(r.dataset)} {r.cell}, repetition {r.repetition}" if meta is not None else ""
         )
@@ -397,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Figures and tables of the paper (Figs. 1-6, 9-12, 14; Table 1) from sweep results.",
     )
     ap.add_argument(
-        "runs", nargs="+", type=Path, help="run directories (holding results/), results dirs or files"
+        "runs",
+        nargs="+",
+        help="run directories (holding results/), results dirs or files; local or s3://bucket/prefix/run",
     )
     ap.add_argument("--out", type=Path, required=True, help="output directory for the report")
     ap.add_argument("--title", default=None, help="report title (default: thermosweep report: <runs>)")

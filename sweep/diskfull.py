@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -76,8 +77,12 @@ class StorageGuard(Callback):
             logging.getLogger(name).addFilter(_DropStorageFull())
 
     def _check(self, trial: Any) -> None:
+        try:  # the driver's own copy of the trial's trace (the one in the storage may never be written)
+            text = Path(trial.error_file).read_text() if trial.error_file else ""
+        except OSError:
+            text = ""
         error = trial.get_error() if hasattr(trial, "get_error") else None
-        if is_storage_full(error) or is_storage_full(str(error)):
+        if is_storage_full(error) or is_storage_full(f"{error} {text}"):
             raise StorageFull(errno.ENOSPC, f"trial {trial} could not write its checkpoint: storage full")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

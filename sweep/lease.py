@@ -19,6 +19,7 @@ driver can be resumed at once). `--resume` takes over an expired lease; `--take-
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -367,7 +368,8 @@ class DriverLease:
             try:
                 new = backend.replace(self.record, version)
             except Exception as err:  # noqa: BLE001 - a full disk, the network: retried at the next beat
-                if not self._warned:
+                full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                if not self._warned and not full:  # a full storage is reported once, by the launcher
                     print(f"warning: cannot renew the lease {backend.where}: {err}", file=sys.stderr)
                     self._warned = True
                 continue
