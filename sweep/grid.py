@@ -116,15 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         storage = launch.storage_of(args)
         launch.check_ray_arguments(args)
         if args.name is not None:
-            run_uri = launch.run_location(storage, args.name)
-            if not args.dry_run:  # a second driver is refused before anything is read or planned
-                lease.refuse_if_held(
-                    run_uri, what=f"run {args.name!r}", resume=args.resume, take_over=args.take_over
-                )
+            launch.run_location(storage, args.name)
         # A dry run may name an existing run: it only prints the plan.
         checked_name = args.name if args.resume or not args.dry_run else None
-        manifest = launch.existing_manifest(
-            storage, checked_name, MANIFEST_FILE, resume=args.resume, what="run"
+        manifest = lease.unless_held(  # a second driver is refused, naming the first, before any planning
+            lambda: launch.existing_manifest(
+                storage, checked_name, MANIFEST_FILE, resume=args.resume, what="run"
+            ),
+            None if args.dry_run or not checked_name else launch.run_location(storage, checked_name),
+            what=f"run {checked_name!r}",
+            take_over=args.take_over,
         )
         if manifest is not None:
             ignored = [f for f in ("repetitions", "epochs") if getattr(args, f) is not None] + (

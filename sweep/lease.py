@@ -423,11 +423,29 @@ def add_lease_arguments(p: Any) -> None:
     )
 
 
-def refuse_if_held(run_uri: str, *, what: str, resume: bool, take_over: bool) -> None:
-    """Refuse at once, before anything is read or planned, a launch on a run a live driver holds.
-    Raises LeaseHeld. (`hold` takes the lease itself, exclusively.)"""
-    if take_over:
-        return
+def unless_held(read_manifest: Callable[[], Any], run_uri: str | None, *, what: str, take_over: bool) -> Any:
+    """`read_manifest()` (a launch's own checks of an existing run) for a run no live driver holds; a
+    launch on a held run is refused at once naming the holder (LeaseHeld), also where the manifest check
+    would have refused it for another reason ("already exists"). `run_uri` None: no lease to check (a
+    dry run, a new default-named run). `hold` takes the lease itself, exclusively."""
+    if run_uri is None or take_over:
+        return read_manifest()
+    try:
+        manifest = read_manifest()
+    except LaunchError:
+        try:
+            refuse_if_held(run_uri, what=what)
+        except LeaseHeld:
+            raise
+        except Exception:  # noqa: BLE001 - the manifest's own error says why the storage cannot be read
+            pass
+        raise
+    refuse_if_held(run_uri, what=what)
+    return manifest
+
+
+def refuse_if_held(run_uri: str, *, what: str) -> None:
+    """Raise LeaseHeld if a live driver holds the run at `run_uri`."""
     holder, version = run_backend(run_uri).read()
     if version is not None and holder is not None and not expired(holder):
         raise LeaseHeld(

@@ -60,7 +60,7 @@ def newest_checkpoint_uri(trial_uri: str) -> str | None:
         if not CHECKPOINT_NAME.match(name):
             continue
         uri = f"{trial_uri.rstrip('/')}/{name}"
-        meta, history = read_json_uri(f"{uri}/{TRIAL_FILE}"), read_json_uri(f"{uri}/{HISTORY_FILE}")
+        meta, history = _json_or_none(f"{uri}/{TRIAL_FILE}"), _json_or_none(f"{uri}/{HISTORY_FILE}")
         if not isinstance(meta, dict) or not isinstance(history, list) or "epoch" not in meta:
             continue
         if best is None or int(meta["epoch"]) > best[0]:
@@ -82,7 +82,15 @@ def own_checkpoint(trial_uri: str) -> Any | None:
 def own_history(trial_uri: str) -> list[dict[str, Any]] | None:
     """The readings history of the trial's newest complete checkpoint, or None."""
     uri = newest_checkpoint_uri(trial_uri)
-    return None if uri is None else read_json_uri(f"{uri}/{HISTORY_FILE}")
+    return None if uri is None else _json_or_none(f"{uri}/{HISTORY_FILE}")
+
+
+def _json_or_none(uri: str) -> Any:
+    """The JSON document at `uri`, or None if it is missing or cut off."""
+    try:
+        return read_json_uri(uri)
+    except ValueError:
+        return None
 
 
 def pending_specs(

@@ -162,11 +162,7 @@ def _main(args: argparse.Namespace) -> int:
         storage = launch.storage_of(args)
         launch.check_ray_arguments(args)
         if args.name is not None:
-            run_uri = launch.run_location(storage, args.name)
-            if not args.dry_run:  # a second driver is refused before anything is read or planned
-                lease.refuse_if_held(
-                    run_uri, what=f"search {args.name!r}", resume=args.resume, take_over=args.take_over
-                )
+            launch.run_location(storage, args.name)
         if args.study is not None:
             launch.check_name(args.study, "--study")
     except launch.LaunchError as err:
@@ -196,8 +192,13 @@ def _main(args: argparse.Namespace) -> int:
             "--optuna-storage URL (e.g. postgresql://user@host/db)"
         )
     try:
-        manifest = launch.existing_manifest(
-            storage, args.name, MANIFEST_FILE, resume=args.resume, what="search"
+        manifest = lease.unless_held(  # a second driver is refused, naming the first
+            lambda: launch.existing_manifest(
+                storage, args.name, MANIFEST_FILE, resume=args.resume, what="search"
+            ),
+            None if args.name is None else launch.run_location(storage, args.name),
+            what=f"search {args.name!r}",
+            take_over=args.take_over,
         )
     except launch.LaunchError as err:
         raise SearchError(str(err)) from None
@@ -236,18 +237,27 @@ def _main(args: argparse.Namespace) -> int:
         take_over=args.take_over,
         study=(optuna_storage, study_name, masked(url)),
     )
-    with held:
-        return _checked_search(
-            args,
-            run=run,
-            storage=storage,
-            study_name=study_name,
-            url=url,
-            optuna_storage=optuna_storage,
-            space=space,
-            config=config,
-            n_dev=n_dev,
-        )
+    try:
+        with held:
+            return _checked_search(
+                args,
+                run=run,
+                storage=storage,
+                study_name=study_name,
+                url=url,
+                optuna_storage=optuna_storage,
+                space=space,
+                config=config,
+                n_dev=n_dev,
+            )
+    except Exception as err:
+        from sweep.diskfull import is_storage_full, storage_full_message
+
+        if not is_storage_full(err):
+            raise
+        resume = f"python -m sweep.search --name {run} --resume (plus the flags it was started with)"
+        print(storage_full_message(storage_join(storage), run, resume), file=sys.stderr, flush=True)
+        return 1
 
 
 def _checked_search(
