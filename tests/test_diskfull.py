@@ -34,7 +34,58 @@ TINY = {
 }
 CELLS = [{"name": "vanilla", "objective": "vanilla"}, {"name": "thermo", "objective": "thermo"}]
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 KiB tmpfs (root only; skipped elsewhere), unmounted at the end."""
+    mnt = tmp_path / f"small-{uuid.uuid4().hex[:6]}"
+    _mount(mnt, "64k")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_is_storage_full_reads_errors_chains_and_traces():
+    from sweep.diskfull import is_storage_full
+
+    assert is_storage_full(OSError(28, "No space left on device"))
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("could not persist the checkpoint") from inner
+    except RuntimeError as outer:
+        assert is_storage_full(outer)
+    assert is_storage_full("OSError: [Errno 28] Error writing bytes to file.")
+    assert is_storage_full("sqlite3.OperationalError: database or disk is full")
+    assert not is_storage_full(OSError(5, "Input/output error"))
+    assert not is_storage_full("DivergenceError: loss is nan")
+
+
+def test_writes_on_a_full_disk_leave_the_old_file_whole(small_disk: Path):
+    from sweep.checkpoint import write_json
+    from sweep.results import ResultsTables
+    from sweep.storage import write_bytes_uri, write_json_uri
+
+    write_json_uri(str(small_disk / "sweep.json"), {"run": "r"})
+    tables = ResultsTables(str(small_disk / "results"))
+    tables.upsert_trial("t", run="r", status="RUNNING")
+    tables.flush()
+    before = {p: p.read_bytes() for p in small_disk.rglob("*") if p.is_file()}
+    big = os.urandom(200_000)
+    with pytest.raises(OSError):
+        write_bytes_uri(str(small_disk / "sweep.json"), big)
+    with pytest.raises(OSError):
+        write_json(small_disk / "sweep.json", {"x": big.hex()})
+    tables.upsert_trial("t", error=big.hex())
+    with pytest.raises(OSError):
+        tables.flush()
+    after = {p: p.read_bytes() for p in small_disk.rglob("*") if p.is_file()}
+    assert after == before, "a failed write must leave the old files whole and no temporary behind"
+
+
+pytestmark = [pytest.mark.timeout(900)]
 
 
 def _mount(directory: Path, size: str) -> None:
@@ -60,6 +111,7 @@ def _files_whole(run_dir: Path) -> None:
         assert png.stat().st_size > 0, png
 
 
+@pytest.mark.slow
 def test_full_disk_stops_in_one_line_and_resume_completes(tmp_path: Path) -> None:
     grid = tmp_path / "tiny.json"
     grid.write_text(json.dumps({"preset": "digits", "base": TINY, "repetitions": 1, "cells": CELLS}))
