@@ -391,7 +391,8 @@ def _finish(rep: Report, out: Path, title: str) -> Path:
     return md
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m analysis.report`."""
     ap = argparse.ArgumentParser(
         prog="python -m analysis.report",
         description="Figures and tables of the paper (Figs. 1-6, 9-12, 14; Table 1) from sweep results.",
@@ -407,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="fit against log10(grad_var): auto = when cell means span two decades (default)",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out} is a file; pass a directory (created if missing)")
