@@ -182,6 +182,11 @@ READING_COLUMNS: Columns = {
         )
         for k in ("rbf", "poly")
     },
+    "feature_extractor": (
+        pa.string(),
+        "the network whose features FID and KID compare (`digits-mlp-v1`, `inception-v3-fid`; "
+        "docs/metrics.md); null when not evaluated",
+    ),
     "val_ll_time_s": (pa.float64(), "wall time of the val_ll reading, seconds"),
     "grad_noise_time_s": (pa.float64(), "wall time of the gradient-noise reading, seconds"),
     "epoch_time_s": (pa.float64(), "wall time of the epoch's training and validation, seconds"),
