@@ -160,6 +160,16 @@ def _why_no(objective: str, fig: str, what: str, readings: str) -> Callable[[Dat
     )
 
 
+def _why_no_extras(c: DatasetContext) -> str:
+    s = c.summary
+    has_extras = bool((s["dataset"].eq(c.dataset) & s["extra"].astype(bool)).any())
+    return f"{c.name} Fig. 6 (extra cells): " + (
+        "no kid_rbf_inf readings of the extra cells"
+        if has_extras
+        else "no thermo cell varies N_t, K or eta off the main setting"
+    )
+
+
 _FIDELITY = "quadratic fit per regime"
 DATASET_FIGURES: list[FigureSpec] = [
     FigureSpec(
@@ -209,12 +219,7 @@ DATASET_FIGURES: list[FigureSpec] = [
     FigureSpec(
         "fig06_extras_{tag}.png",
         "{name}: cells varying N_t, K or eta overlaid on the 0 < p <= 1 regime; baseline circled (Fig. 6)",
-        lambda c: f"{c.name} Fig. 6 (extra cells): "
-        + (
-            "no thermo cell varies N_t, K or eta off the main setting"
-            if not c.summary[(c.summary["dataset"] == c.dataset) & c.summary["extra"].astype(bool)].size
-            else "no kid_rbf_inf readings of the extra cells"
-        ),
+        _why_no_extras,
         lambda c: F.fig_extras(c.summary, c.fits_of("kid_rbf_inf"), c.dataset),
         section="4. Extra thermo cells on the 0 < p <= 1 regime (Fig. 6)",
     ),
@@ -383,8 +388,9 @@ def build_report(
     rep.p(
         "y = a X^2 + b X + c fitted by least squares to the cell means of main-grid cells; X is the column "
         "`x` (grad_var, or log10(grad_var) when a data set's cell means span two decades or more); "
-        "R^2 = 1 - SS_res/SS_tot; `dof` = n_cells - 3. Through three cells a quadratic passes exactly (dof 0): "
-        "no degrees of freedom are left to judge it, so R^2 is left empty and the figures draw no curve."
+        "R^2 = 1 - SS_res/SS_tot; `dof` = n_cells - 3. Through three cells a quadratic passes exactly "
+        "(dof 0): no degrees of freedom are left to judge it, so R^2 is left empty and the figures draw "
+        "no curve."
     )
     rep.table(fits[fits["n_cells"] > 0])
     rep.h(3, "Table 1 (and 2) restated as measured signs")

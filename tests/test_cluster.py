@@ -9,7 +9,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_YAML = ROOT / "clusters" / "gpu.yaml"
-GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5")  # AWS instance families with NVIDIA GPUs
+# AWS instance families with NVIDIA GPUs
+GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5")
 
 
 def test_gpu_cluster_yaml_validates() -> None:
@@ -55,7 +56,9 @@ def test_ssh_is_admitted_only_by_the_security_group_the_user_names(monkeypatch) 
     # The launcher's own step (private API, ray 2.60) run on this config: it creates no security group
     # (and so no 0.0.0.0/0 SSH rule) for it, and would for a node type that names none.
     created: list[list[str]] = []
-    monkeypatch.setattr(aws_config, "_upsert_security_groups", lambda conf, types: created.append(types) or {})
+    monkeypatch.setattr(
+        aws_config, "_upsert_security_groups", lambda conf, types: created.append(types) or {}
+    )
     assert aws_config._configure_security_group(config) is config and created == []
     del config["available_node_types"]["gpu_worker"]["node_config"]["SecurityGroupIds"]
     with pytest.raises(KeyError):  # the fake returns no group for it
