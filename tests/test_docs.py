@@ -406,3 +406,22 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path: Path) -> None:
         assert sorted(imported(src)) == ["analysis.report", "sweep"]
     finally:
         src.unlink()
+
+
+def test_the_readmes_sample_epoch_line_is_what_the_loop_prints() -> None:
+    from model.loop import format_readings
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(s for s in code_lines(readme) if "] epoch" in s)
+    keys = "epoch train_loss val_loss grad_mean grad_var grad_var_ebm grad_var_gen epoch_time_s val_ll"
+    keys += " val_ll_stderr kid_rbf_inf fid_inf"
+    number = r"(-?[\d.]+(?:e[-+]\d+)?)"
+    pattern = (
+        r"\[[^\]]+\] epoch +(\d+)  loss {n}  val {n}  grad mean {n} var {n} \(ebm {n}, gen {n}\)  {n}s"
+        r"  val_ll {n} \+- {n}  KID_inf {n} FID_inf {n}"
+    ).replace("{n}", number)
+    match = re.fullmatch(pattern, line.strip())
+    assert match, f"the README's sample line has not the fields model/loop.py format_readings prints: {line}"
+    readings = {k: float(v) for k, v in zip(keys.split(), match.groups(), strict=True)}
+    readings["epoch"] = int(readings["epoch"])
+    assert line.strip().split("] ", 1)[1] == format_readings(readings)
