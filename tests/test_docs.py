@@ -178,6 +178,24 @@ def dotted_problem(dotted: str) -> list[str]:
     return [f"`{dotted}`: no such module"]
 
 
+def layout_problems(text: str) -> list[str]:
+    """Files and folders of the README's layout block (the code block that starts with `model/`) that do
+    not exist: a word ending in `.py` or `/` names a file or folder of the top-level folder its section
+    starts with (a path with a `/` inside is from the root; `*` globs)."""
+    blocks = [b for b in FENCE.findall(text) if b.startswith("model/")]
+    problems, top = [], ""
+    for line in blocks[0].splitlines() if blocks else []:
+        if re.match(r"\S", line):
+            top = line.split()[0]
+        for word in re.split(r"[\s,;:()`]+", line):
+            if not re.fullmatch(r"[\w*][\w*.-]*(?:/[\w*.-]+)*/?", word) or not word.endswith((".py", "/")):
+                continue
+            path = word if "/" in word.rstrip("/") or line.startswith(word) else top + word
+            if not list(ROOT.glob(path.rstrip("/"))):
+                problems.append(f"{path} (layout line {line.strip()!r})")
+    return problems
+
+
 # ------------------------------------------------------------------------------------ (b) commands
 
 
@@ -298,10 +316,9 @@ def cli_modules() -> set[str]:
 # ------------------------------------------------------------------------------------ (d) imports
 
 
-def imported(path: Path) -> Iterator[str]:
-    """Absolute names of every module a file imports, anywhere in it (functions included)."""
-    package = path.relative_to(ROOT).parent.parts
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+def imported(source: str, package: tuple[str, ...]) -> Iterator[str]:
+    """Absolute names of every module a file of `package` imports, anywhere in it (functions included)."""
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             yield from (a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -315,6 +332,10 @@ def imported(path: Path) -> Iterator[str]:
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_file_module_and_symbol_the_docs_name_exists_there(page: Path) -> None:
     assert name_problems(page.read_text(encoding="utf-8")) == []
+
+
+def test_every_file_of_the_readmes_layout_exists() -> None:
+    assert layout_problems((ROOT / "README.md").read_text(encoding="utf-8")) == []
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -352,7 +373,7 @@ def test_model_imports_neither_sweep_nor_analysis() -> None:
     bad = [
         f"{path.relative_to(ROOT)} imports {name}"
         for path in sorted((ROOT / "model").rglob("*.py"))
-        for name in imported(path)
+        for name in imported(path.read_text(encoding="utf-8"), path.relative_to(ROOT).parent.parts)
         if name.split(".")[0] in ("sweep", "analysis")
     ]
     assert bad == []
@@ -383,6 +404,11 @@ def test_the_name_check_catches_stale_names() -> None:
     assert name_problems("`check_devices` in `model/config.py`; `model.step.learning_rate_schedules`") == []
 
 
+def test_the_layout_check_catches_a_moved_file() -> None:
+    layout = "```\nmodel/      the science\n  gone.py        moved away\n  metrics/   fine\n```\n"
+    assert layout_problems(layout) == ["model/gone.py (layout line 'gone.py        moved away')"]
+
+
 def test_the_command_check_catches_unknown_flags_and_bad_values() -> None:
     problems = command_problems(BROKEN)
     assert len(problems) == 2 and "--no-such-flag" in problems[0] and "three" in problems[1]
@@ -399,13 +425,9 @@ def test_the_flag_check_catches_an_undocumented_flag() -> None:
     assert missing_flags(parser, page.replace("--retry-errored", "--retry")) == ["--retry-errored"]
 
 
-def test_the_import_scan_sees_imports_inside_functions(tmp_path: Path) -> None:
-    src = ROOT / "model" / "_docs_test_probe.py"
-    src.write_text("def f():\n    from sweep import grid\n    import analysis.report\n", encoding="utf-8")
-    try:
-        assert sorted(imported(src)) == ["analysis.report", "sweep"]
-    finally:
-        src.unlink()
+def test_the_import_scan_sees_imports_inside_functions_and_relative_ones() -> None:
+    source = "def f():\n    from sweep import grid\n    import analysis.report\n    from ..x import y\n"
+    assert sorted(imported(source, ("model", "metrics"))) == ["analysis.report", "model.x", "sweep"]
 
 
 def test_the_readmes_sample_epoch_line_is_what_the_loop_prints() -> None:
