@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import cost, loop, memory
-from model.config import ExperimentConfig, get_preset
+from model.config import ExperimentConfig, RankDeficientKLWarning, get_preset
 from model.nets import resolve_conv_impl
 from model.objectives import Hyper
 from model.step import StepSpec, compiled_train_step, loss_fn
@@ -50,7 +51,16 @@ _REF = dict(
 
 
 def workloads(suite: str = "small") -> dict[str, ExperimentConfig]:
-    """The benchmark workloads of `suite` (small, paper or all) by name, in the order they run."""
+    """The benchmark workloads of `suite` (small, paper or all) by name, in the order they run.
+
+    Several are the paper's own settings with kl_batch at batch <= z_dim: they are timed, their estimates
+    are not read, so the rank warning addressed to someone training them is left out (that one only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankDeficientKLWarning)
+        return _workloads(suite)
+
+
+def _workloads(suite: str) -> dict[str, ExperimentConfig]:
     digits = get_preset("digits", eval_every=0)
     small = {
         "digits-vanilla": digits,
@@ -336,7 +346,8 @@ def compare_conv(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.bench`."""
     parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument(
@@ -361,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time the --only workloads one step each per round for ROUNDS rounds and print "
         "median images/s and ratios to the first (for a machine whose load moves)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     suite = args.suite if args.suite != "auto" else ("small" if jax.default_backend() == "cpu" else "paper")
     all_workloads = workloads("all")

@@ -114,7 +114,8 @@ def bench_digits(n_max: int, points: int) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.bench_metrics`."""
     parser = argparse.ArgumentParser(prog="python -m model.bench_metrics", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--num", type=int, default=4500, help="generated images through Inception (default 4500)"
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
     parser.add_argument("--skip-inception", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     result: dict[str, Any] = {
         "backend": jax.default_backend(),

@@ -129,12 +129,18 @@ def paper_step_seconds(paper_dir: Path, mode: str, steps: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["step_s"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.bench_paper`."""
     parser = argparse.ArgumentParser(prog="python -m model.bench_paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--paper-code", type=Path, required=True, help="checkout of the paper's code")
     parser.add_argument("--mode", action="append", choices=list(MODES), help="default: all three")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two codes per mode")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (median)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not (args.paper_code / "src" / "pipeline" / "pipeline_steps.py").is_file():
         parser.error(

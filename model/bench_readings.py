@@ -64,7 +64,8 @@ def measure(config: ExperimentConfig, repeats: int = 3) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.bench_readings`."""
     parser = argparse.ArgumentParser(
         prog="python -m model.bench_readings", description=__doc__.split("\n")[0]
     )
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         help="objective(s) to measure (default both)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         base = apply_overrides(get_preset(args.preset), parse_set_args(args.set))

@@ -261,7 +261,7 @@ def command_problems(text: str) -> list[str]:
     """Project command lines in the page's code blocks (and inline `python -m ...` spans) that their
     CLI's parser refuses."""
     lines = [s for s in code_lines(text) if PROJECT_COMMAND.search(s)]
-    lines += [s for s in SPAN.findall(prose(text)) if re.match(r"python -m \S+ \S", s)]
+    lines += [s for s in SPAN.findall(prose(text)) if re.match(r"python -m \S+ .*--", s)]
     problems = []
     for line in lines:
         for module, args in commands(line):

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 WARNING = re.compile(r"^\S+:\d+: (\w*Warning): (.*)$", re.M)
 
@@ -31,8 +29,8 @@ def test_bench_list_warns_nothing() -> None:
     assert warnings_of("model.bench", "--list", "--suite", "all") == []
 
 
-@pytest.mark.xfail(strict=True, reason="suggest_fix warns per batch size it tries; issue 18 rewrites it")
 def test_the_paper_grid_dry_run_warns_once_about_the_papers_own_kl_batch_rank(tmp_path: Path) -> None:
     """paper-celeba runs kl_batch at batch 75 <= z 80 as the paper did: that warning, once, and no other."""
     found = warnings_of("sweep.grid", "--grid", "paper-celeba", "--dry-run", "--storage", str(tmp_path))
-    assert len(found) == 1 and found[0][0] == "UserWarning" and "ti_rule=kl_batch" in found[0][1], found
+    assert len(found) == 1 and found[0][0] == "RankDeficientKLWarning", found
+    assert "ti_rule=kl_batch" in found[0][1] and "75 <= z_dim=80" in found[0][1]

