@@ -4,7 +4,15 @@ Ray Tune retries every failed trial up to `FailureConfig(max_failures)` times, w
 errors cannot go away: training diverged (`DivergenceError`), the trial's config is invalid, none of its
 checkpoints can be read (`CheckpointError`). The trial reports such an error (`FATAL_KEY` in its last
 result) before raising it, and `TrialFailures` then ends that trial at once: one line with the reason, no
-retries. A lost worker or node, an I/O error or anything else is still retried from the last checkpoint.
+retries. A crashed worker process, an I/O error or anything else is still retried from the last checkpoint,
+up to `--max-failures` times.
+
+A lost node (a spot instance reclaimed, a machine gone) is not the trial's fault: it is retried from the
+last checkpoint without limit and does not use up `--max-failures`, so a long sweep on preemptible nodes
+does not end in ERROR. Ray Tune itself leaves out of the count only the failures Ray marks as preempted
+(a node its autoscaler drained for preemption); `count_node_losses_apart` extends that to every actor
+that died because its node died, which Ray says in the error ("...because its node has died").
+`RAY_TRAIN_COUNT_PREEMPTION_AS_FAILURE=1` (Ray's own switch) counts them all again.
 
 Importing this module imports Ray (the callback); the trial side uses only `is_fatal` and `one_line`.
 """
@@ -18,6 +26,7 @@ from typing import Any
 from ray.tune import Callback
 
 FATAL_KEY = "fatal"  # in a trial's result: the error it reports cannot be cured by a retry
+NODE_DIED = "because its node has died"  # Ray's words for an actor lost with its node (gcs_actor_manager)
 
 
 def is_fatal(err: BaseException) -> bool:
@@ -27,6 +36,34 @@ def is_fatal(err: BaseException) -> bool:
     from sweep.checkpoint import CheckpointError
 
     return isinstance(err, DivergenceError | CheckpointError | ValueError | TypeError)
+
+
+def is_node_loss(err: BaseException | None) -> bool:
+    """True for the error of a trial whose node died or was preempted (not for a crash of its process)."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError) and (err.preempted or NODE_DIED in str(err))
+
+
+def count_node_losses_apart() -> None:
+    """Make this driver's Ray Tune treat a lost node as it treats a preempted one: the trial is retried
+    and the failure is not counted against its `max_failures`. Idempotent.
+
+    Tune counts a failure in `Trial._handle_ray_actor_error` unless `exc.preempted` (Ray 2.60; pinned by
+    tests/test_failures.py): this marks node losses preempted on their way in."""
+    from ray.tune.experiment.trial import Trial
+
+    original = Trial._handle_ray_actor_error
+    if getattr(original, "counts_node_losses_apart", False):
+        return
+
+    def handle(self: Any, exc: Any) -> Any:
+        if is_node_loss(exc):
+            exc._preempted = True
+        return original(self, exc)
+
+    handle.counts_node_losses_apart = True  # type: ignore[attr-defined]
+    Trial._handle_ray_actor_error = handle
 
 
 def one_line(err: BaseException) -> str:
@@ -57,6 +94,14 @@ class TrialFailures(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         limit = "unlimited" if self.max_failures < 0 else str(self.max_failures)
+        if NODE_DIED in (_last_failure(trial) or ""):
+            print(
+                f"trial {trial} lost its node ({_reason(trial)}); retrying from its last checkpoint "
+                "(a lost node does not count against --max-failures)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         print(
             f"trial {trial} failed ({_reason(trial)}); retrying from its last checkpoint "
             f"(retry {trial.num_failures} of {limit})",
@@ -73,13 +118,18 @@ class TrialFailures(Callback):
         print(f"trial {trial} ended in ERROR: {why}", file=sys.stderr, flush=True)
 
 
-def _reason(trial: Any) -> str:
-    """The last error line of the trial's error.txt (the driver's own copy: the one in the storage is
-    synced later)."""
-    from sweep.results import error_message
-
+def _last_failure(trial: Any) -> str | None:
+    """The text of the newest failure in the trial's error.txt (the driver's own copy: the one in the
+    storage is synced later), or None."""
     try:
         text = Path(trial.error_file).read_text() if trial.error_file else None
     except OSError:
-        text = None
-    return error_message(text) or "see error.txt in its trial directory"
+        return None
+    return text.rpartition("Failure # ")[2] if text else None
+
+
+def _reason(trial: Any) -> str:
+    """The last error line of the trial's newest failure."""
+    from sweep.results import error_message
+
+    return error_message(_last_failure(trial)) or "see error.txt in its trial directory"

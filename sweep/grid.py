@@ -242,6 +242,7 @@ def run_sweep(
             samples_uri=f"{run_uri}/samples",
             gpus_per_trial=args.gpus_per_trial,
             cpus_per_trial=args.cpus_per_trial,
+            checkpoint_every_s=args.checkpoint_every_s,
         )
         if args.resume and tune.Tuner.can_restore(run_uri):
             tuner = tune.Tuner.restore(
