@@ -129,7 +129,7 @@ class TrialCheckpointer:
         state = self._ckptr.restore(directory / STATE_DIR, abstract)
         history = read_json(directory / HISTORY_FILE)
         meta = read_json(directory / TRIAL_FILE)
-        if (directory / PARTIAL_FILE).exists():
+        if "partial_step" in meta:  # trial.json, not a partial.npz left over by a dead node's process
             import numpy as np
 
             from model.loop import PartialEpoch
