@@ -218,3 +218,68 @@ def test_s3_grid_killed_mid_epoch_resumes_bit_exactly(
     theirs = final_state(ref_trials, tmp_path / "theirs")
     assert_same_parameters(ours, theirs)
     assert not list(first.iterdir()) and not list(second.iterdir()), "nothing written beside the driver"
+
+
+def test_s3_search_killed_reaches_its_trials(s3_server, cache: str, tmp_path: Path) -> None:
+    """A search on S3 storage with its Optuna database beside the driver (local SQLite): SIGKILLed once a
+    trial is COMPLETE and another RUNNING, `--resume` reaches --trials COMPLETE trials, and the study and
+    the Parquet rows on S3 agree (same p, eta, final KID; one row per trial and epoch)."""
+    import optuna
+    from test_search import TINY_SET, _states
+
+    from sweep.search import main as search
+
+    db = tmp_path / "optuna.db"
+    args = [
+        "--trials",
+        "4",
+        "--epochs",
+        "1",
+        "--max-concurrent",
+        "2",
+        "--storage",
+        s3_server.uri("runs"),
+        "--optuna-storage",
+        f"sqlite:///{db}",
+        "--name",
+        "search",
+        "--compile-cache",
+        cache,
+        *TINY_SET,
+    ]
+    log = (tmp_path / "driver.log").open("w")
+    cmd = [sys.executable, "-m", "sweep.search", *args]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=driver_env(), stdout=log, stderr=subprocess.STDOUT)
+    started: list = []
+    try:
+        deadline = time.time() + 400
+        while not {"COMPLETE", "RUNNING"} <= set(_states(db)):
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.time() < deadline, "no COMPLETE and RUNNING trial within 400 s"
+            time.sleep(0.1)
+        started = descendants(driver.pid)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        kill_all(started + descendants(driver.pid))
+
+    assert search([*args, "--resume"]) == 0
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{db}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    trials, epochs = read_s3(s3_server, "search")
+    assert not trials.duplicated("trial_id").any() and not epochs.duplicated(["trial_id", "epoch"]).any()
+    rows = trials.set_index("optuna_trial")
+    for t in done:
+        row = rows.loc[t.number]
+        assert row["status"] == "TERMINATED" and row["optuna_state"] == "COMPLETE"
+        assert row["temp_power"] == t.params["p"] and row["kl_weight"] == t.params["eta"]
+        last = epochs[(epochs["trial_id"] == row["trial_id"]) & (epochs["epoch"] == 1)]
+        assert len(last) == 1 and last["kid_rbf_inf"].iloc[0] == t.value == row["search_value"]
+    interrupted = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert interrupted, "the kill was meant to interrupt a running trial"
+    for t in interrupted:  # ERROR in Parquet if the driver had written its row
+        if t.number in rows.index:
+            assert rows.loc[t.number, "status"] == "ERROR"
