@@ -10,9 +10,13 @@ up to `--max-failures` times.
 A lost node (a spot instance reclaimed, a machine gone) is not the trial's fault: it is retried from the
 last checkpoint without limit and does not use up `--max-failures`, so a long sweep on preemptible nodes
 does not end in ERROR. Ray Tune itself leaves out of the count only the failures Ray marks as preempted
-(a node its autoscaler drained for preemption); `count_node_losses_apart` extends that to every actor
-that died because its node died, which Ray says in the error ("...because its node has died").
-`RAY_TRAIN_COUNT_PREEMPTION_AS_FAILURE=1` (Ray's own switch) counts them all again.
+(a node its autoscaler drained for preemption); `count_node_losses_apart` extends that to the two errors a
+lost node gives: `ActorUnavailableError` (the driver's connection to the trial broke and Ray does not
+report the trial's process dead: its node's raylet is gone or unreachable; seen first when a node dies)
+and `ActorDiedError` "...because its node has died" (once Ray has marked the node dead). A trial process
+that crashes on a live node (a segfault, the kernel's OOM killer) is reported by its raylet as
+`ActorDiedError` "...its worker process has died" and still counts. `RAY_TRAIN_COUNT_PREEMPTION_AS_FAILURE=1`
+(Ray's own switch) counts them all again.
 
 Importing this module imports Ray (the callback); the trial side uses only `is_fatal` and `one_line`.
 """
@@ -38,10 +42,16 @@ def is_fatal(err: BaseException) -> bool:
     return isinstance(err, DivergenceError | CheckpointError | ValueError | TypeError)
 
 
-def is_node_loss(err: BaseException | None) -> bool:
-    """True for the error of a trial whose node died or was preempted (not for a crash of its process)."""
-    from ray.exceptions import RayActorError
+_NODE_LOSSES: dict[str, int] = {}  # Tune trial id -> node losses this driver has seen (a retry pops it)
 
+
+def is_node_loss(err: BaseException | None) -> bool:
+    """True for the error of a trial whose node died, was preempted or cannot be reached (not for a crash
+    of its process on a live node, nor for an error the trial raised)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    if isinstance(err, ActorUnavailableError):
+        return True
     return isinstance(err, RayActorError) and (err.preempted or NODE_DIED in str(err))
 
 
@@ -60,6 +70,7 @@ def count_node_losses_apart() -> None:
     def handle(self: Any, exc: Any) -> Any:
         if is_node_loss(exc):
             exc._preempted = True
+            _NODE_LOSSES[self.trial_id] = _NODE_LOSSES.get(self.trial_id, 0) + 1
         return original(self, exc)
 
     handle.counts_node_losses_apart = True  # type: ignore[attr-defined]
@@ -94,7 +105,7 @@ class TrialFailures(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         limit = "unlimited" if self.max_failures < 0 else str(self.max_failures)
-        if NODE_DIED in (_last_failure(trial) or ""):
+        if _NODE_LOSSES.pop(trial.trial_id, 0):
             print(
                 f"trial {trial} lost its node ({_reason(trial)}); retrying from its last checkpoint "
                 "(a lost node does not count against --max-failures)",

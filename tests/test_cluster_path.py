@@ -24,17 +24,18 @@ from _procs import descendants, kill_all
 from sweep.grid import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# One trial of 3 epochs of 384 steps each (batch 4): an epoch lasts seconds, so a kill lands inside one.
+# One trial of 3 epochs of 768 steps each (batch 2): an epoch lasts seconds (6 s on an idle 2-core
+# machine), so a kill lands inside one.
 LONG = {
     "epochs": 3,
     "z_dim": 4,
     "ebm_width": 8,
     "gen_width": 2,
-    "prior_steps": 10,
-    "posterior_steps": 10,
+    "prior_steps": 30,
+    "posterior_steps": 30,
     "num_train": 1536,
     "num_val": 32,
-    "batch_size": 4,
+    "batch_size": 2,
     "eval_every": 0,
     "sample_every": 0,
 }
@@ -106,6 +107,14 @@ def partial_meta(s3, run: str, index: int) -> dict | None:
     """trial.json of checkpoint `index` if it is a mid-epoch checkpoint, else None."""
     meta = s3_json(s3, f"runs/{run}/{TRIAL}/checkpoint_{index:06d}/trial.json")
     return meta if meta and "partial_step" in meta else None
+
+
+def partial_metas(s3, run: str) -> list[dict]:
+    """trial.json of every mid-epoch checkpoint of the trial now on S3."""
+    keys = s3.keys(f"runs/{run}/{TRIAL}/checkpoint_")
+    partial = [k.rsplit("/", 2)[1] for k in keys if k.endswith("/partial.npz")]
+    metas = [s3_json(s3, f"runs/{run}/{TRIAL}/{name}/trial.json") for name in partial]
+    return [m for m in metas if m and "partial_step" in m]
 
 
 def read_s3(s3, run: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -283,3 +292,152 @@ def test_s3_search_killed_reaches_its_trials(s3_server, cache: str, tmp_path: Pa
     for t in interrupted:  # ERROR in Parquet if the driver had written its row
         if t.number in rows.index:
             assert rows.loc[t.number, "status"] == "ERROR"
+
+
+class RayNodes:
+    """A Ray head and worker nodes as separate `ray start --block` processes on 127.0.0.1, each with its
+    own CPUs, temp dir (short: Unix socket paths are limited) and free ports. `stop()` ends every process
+    of these nodes, found by their pids and by their temp dirs in command lines, and nothing else."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.address = ""
+
+    def start(self, name: str, cpus: int) -> None:
+        from _s3 import _free_port
+
+        temp = self.root / name
+        temp.mkdir()
+        ports = [
+            "--node-manager-port",
+            "--object-manager-port",
+            "--runtime-env-agent-port",
+            "--dashboard-agent-grpc-port",
+            "--dashboard-agent-listen-port",
+            "--metrics-export-port",
+        ]
+        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--disable-usage-stats"]
+        cmd += ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--temp-dir", str(temp)]
+        cmd += ["--object-store-memory", str(100 * 2**20), "--min-worker-port", "0", "--max-worker-port", "0"]
+        for flag in ports:
+            cmd += [flag, str(_free_port())]
+        if not self.procs:
+            port = _free_port()
+            cmd += ["--head", "--port", str(port), "--include-dashboard", "false"]
+            cmd += ["--ray-client-server-port", str(_free_port())]
+            self.address = f"127.0.0.1:{port}"
+        else:
+            cmd += ["--address", self.address]
+        log = (self.root / f"{name}.log").open("w")
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def mine(self) -> list:
+        """Every live process of these nodes."""
+        import psutil
+
+        found = {p.pid: p for proc in self.procs.values() for p in descendants(proc.pid)}
+        for p in psutil.process_iter(["cmdline"]):
+            if str(self.root) in " ".join(p.info["cmdline"] or []):
+                found.setdefault(p.pid, p)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                found.setdefault(proc.pid, psutil.Process(proc.pid))
+        return list(found.values())
+
+    def running_trial(self) -> str | None:
+        """The worker node whose processes include a trial (Ray names it ray::ImplicitFunc)."""
+        for name, proc in self.procs.items():
+            if any("ImplicitFunc" in " ".join(p.cmdline()) for p in _alive(descendants(proc.pid))):
+                return name
+        return None
+
+    def raylet(self, name: str):
+        (raylet,) = [p for p in _alive(descendants(self.procs[name].pid)) if p.name() == "raylet"]
+        return raylet
+
+    def stop(self) -> None:
+        kill_all(self.mine())
+        for proc in self.procs.values():
+            proc.wait(timeout=30)
+
+
+def _alive(procs: list) -> list:
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            p.cmdline()
+            out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_lost_node_resumes_on_another_from_its_s3_checkpoint(
+    s3_server, reference: Path, cache: str, tmp_path: Path
+) -> None:
+    """A head (no CPUs) and two one-CPU worker nodes, separate `ray start` processes sharing nothing but
+    the S3 storage; the grid's trial runs on one worker; its raylet is SIGKILLed mid-epoch. The driver
+    says the trial lost its node, and with --max-failures 0 (a lost node does not count) the trial
+    resumes on the other worker from its mid-epoch checkpoint in S3: rows complete, unique, equal to an
+    uninterrupted run, and the same final parameters."""
+    import tempfile
+
+    env = {
+        **driver_env(),
+        "RAY_worker_niceness": "0",
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+    }
+    nodes = RayNodes(Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp")), env)
+    log_path = tmp_path / "driver.log"
+    driver = None
+    try:
+        nodes.start("head", cpus=0)
+        time.sleep(3)  # the head's GCS listens before the workers join
+        nodes.start("w1", cpus=1)
+        nodes.start("w2", cpus=1)
+        grid = write_grid(tmp_path / "long.json")
+        cmd = [sys.executable, "-m", "sweep.grid", "--grid", grid, "--storage", s3_server.uri("runs")]
+        cmd += ["--name", "nodes", "--address", nodes.address, "--max-failures", "0"]
+        cmd += ["--checkpoint-every-s", "1", "--compile-cache", cache]
+        log = log_path.open("w")
+        driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 400
+
+        def wait(what: str) -> None:
+            assert driver.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, f"{what} within 400 s"
+            time.sleep(0.1)
+
+        while not s3_server.keys("runs/nodes/results/epochs.parquet") or read_s3(s3_server, "nodes")[1].empty:
+            wait("no epoch row")  # the first epoch is done: its row names the trial's node
+        (before,) = read_s3(s3_server, "nodes")[0]["node_id"].tolist()
+        lost = nodes.running_trial()
+        assert lost in ("w1", "w2"), "the trial runs on a worker node"
+        steps = LONG["num_train"] // LONG["batch_size"]
+        while not any(
+            m["epoch"] >= 1 and m["partial_step"] < steps // 2 for m in partial_metas(s3_server, "nodes")
+        ):
+            wait("no mid-epoch checkpoint early in epoch 2 or 3")
+        nodes.raylet(lost).kill()  # SIGKILL: the node is gone mid-epoch
+        assert driver.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        nodes.stop()
+    text = log_path.read_text()
+    assert re.search(rf"trial {TRIAL} lost its node .*does not count against --max-failures", text), text[
+        -3000:
+    ]
+    assert re.search(rf"\[{TRIAL}\] resumed in epoch \d after step \d+", text), text[-3000:]
+    trials, epochs = read_s3(s3_server, "nodes")
+    assert trials["status"].tolist() == ["TERMINATED"]
+    assert trials["node_id"].iloc[0] != before, "the trial finished on the other worker"
+    assert_rows_equal(epochs, reference)
+    ref_trials = pd.read_parquet(reference / "results" / "trials.parquet")
+    assert_same_parameters(
+        final_state(trials, tmp_path / "ours", scheme="s3://"), final_state(ref_trials, tmp_path / "ref")
+    )

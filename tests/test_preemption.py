@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import optuna
 import pytest
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from sweep.partial import PARTIAL_KEY, epoch_view, is_epoch_result, partial_result
 
@@ -26,6 +26,8 @@ def test_a_lost_node_is_told_apart_from_a_crash() -> None:
     from sweep.failures import is_node_loss
 
     assert is_node_loss(RayActorError(error_msg=NODE_LOST))
+    # what the driver sees first when a node dies: its connection to the trial broke
+    assert is_node_loss(ActorUnavailableError("RpcError: Socket closed rpc_code: 14", None))
     assert is_node_loss(RayActorError(error_msg="anything", preempted=True))
     assert not is_node_loss(RayActorError(error_msg=PROCESS_DIED))
     assert not is_node_loss(OSError("its node has died"))  # only Ray's actor errors
@@ -41,8 +43,8 @@ def test_a_lost_node_does_not_count_against_max_failures() -> None:
     count_node_losses_apart()
     count_node_losses_apart()  # idempotent
     trial = Trial("__fake", stub=True, max_failures=0)
-    for _ in range(3):
-        trial._handle_ray_actor_error(RayActorError(error_msg=NODE_LOST))
+    for err in (RayActorError(error_msg=NODE_LOST), ActorUnavailableError("Socket closed", None)) * 2:
+        trial._handle_ray_actor_error(err)
         assert trial.num_failures == 0 and trial.should_recover()
     trial._handle_ray_actor_error(RayActorError(error_msg=PROCESS_DIED))
     assert trial.num_failures == 1 and not trial.should_recover()
