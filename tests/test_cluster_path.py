@@ -357,9 +357,12 @@ class RayNodes:
         return raylet
 
     def stop(self) -> None:
+        import shutil
+
         kill_all(self.mine())
         for proc in self.procs.values():
             proc.wait(timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _alive(procs: list) -> list:
