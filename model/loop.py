@@ -128,32 +128,60 @@ class StepProgress:
     batch_size: int
 
 
+@dataclasses.dataclass(frozen=True)
+class PartialEpoch:
+    """An epoch stopped after `done` of its steps, to be continued at step `done + 1` (a mid-epoch
+    checkpoint). `state` holds the parameters, Adam states and carried PRNG key after those steps (its
+    `epoch` still counts completed epochs, its `step` every step so far); `stats` the per-step statistics
+    of those steps as the host got them (what the epoch's readings average); `elapsed_s` the seconds of
+    training they took."""
+
+    state: TrainState
+    done: int
+    stats: list[dict[str, np.ndarray]]
+    elapsed_s: float = 0.0
+
+
 def train_epoch(
     config: ExperimentConfig,
-    state: TrainState,
+    state: TrainState | PartialEpoch,
     dataset: Dataset,
     *,
     devices: Sequence[Any] | None = None,
     on_step: Callable[[StepProgress], None] | None = None,
+    on_partial: Callable[[PartialEpoch], None] | None = None,
+    partial_every_s: float | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """One pass over the training set. Returns the new state and the epoch's readings: loss and the
     learning-gradient statistics averaged over the epoch's steps, validation loss, time, learning rates.
     `on_step(StepProgress)` is called after each step (it must not touch the numbers).
+
+    Mid-epoch checkpoints: with `on_partial` and `partial_every_s`, after every `partial_every_s` seconds
+    of training (counted from the epoch's start or the last call) and before the epoch's last step,
+    `on_partial(PartialEpoch)` gets the epoch so far. Passing that `PartialEpoch` as `state` continues the
+    epoch at its next step with the same data order, keys and statistics: the result equals an
+    uninterrupted epoch's bit for bit. Neither changes a trained number.
     Raises DivergenceError (with the step) if the loss or gradient statistics go non-finite."""
     devices = list(devices or jax.local_devices())
     check_devices(config.batch_size, devices)
     n_dev = len(devices)
+    partial = state if isinstance(state, PartialEpoch) else PartialEpoch(state, 0, [])
+    state = partial.state
+    first_step = int(state.step) - partial.done  # the step counter when the epoch began
     epoch = int(state.epoch) + 1
-    start = time.perf_counter()
+    start = time.perf_counter() - partial.elapsed_s
+    last_partial = time.perf_counter()
     spec = StepSpec.from_config(config)
     step = compiled_train_step(spec, tuple(devices))
     hp = Hyper.from_config(config)
     carry, lrs = step_inputs(config, state, epoch, devices)
     key = state.key
     order = epoch_order(config, epoch, len(dataset.train))
-    history: list[dict[str, jax.Array]] = []
+    history: list[Any] = list(partial.stats)
     steps = len(order) // config.batch_size
     for i, x in enumerate(_batches(dataset.train, order, config.batch_size, n_dev)):
+        if i < partial.done:  # trained before the checkpoint this epoch continues
+            continue
         key, sub = jax.random.split(key)
         carry, stats = step(carry, x, sub, hp, lrs)
         history.append(stats)
@@ -161,6 +189,14 @@ def train_epoch(
             on_step(StepProgress(epoch, i + 1, steps, time.perf_counter() - start, config.batch_size))
         if (i + 1) % _DIVERGENCE_CHECK_EVERY == 0:
             _check_finite(jax.device_get(stats), epoch, i + 1, config)
+        due = partial_every_s is not None and time.perf_counter() - last_partial >= partial_every_s
+        if on_partial is not None and due and i + 1 < steps:
+            history = jax.device_get(history)
+            params, (ebm_opt, gen_opt) = unreplicate(carry)
+            counters = (state.epoch, jnp.asarray(first_step + i + 1, jnp.int32))
+            snapshot = TrainState(params["ebm"], params["gen"], ebm_opt, gen_opt, key, *counters)
+            on_partial(PartialEpoch(snapshot, i + 1, list(history), time.perf_counter() - start))
+            last_partial = time.perf_counter()
     if not history:
         raise ValueError(
             f"batch_size={config.batch_size} leaves no full batch in {len(dataset.train)} "
@@ -177,7 +213,7 @@ def train_epoch(
         gen_opt,
         key,
         jnp.asarray(epoch, jnp.int32),
-        state.step + len(history),
+        jnp.asarray(first_step + len(history), jnp.int32),
     )
     readings = {
         name: float(np.mean([s[name][0] for s in host]))
@@ -265,32 +301,47 @@ def generate_images(
 
 def run_epoch(
     config: ExperimentConfig,
-    state: TrainState,
+    state: TrainState | PartialEpoch,
     dataset: Dataset,
     *,
     devices: Sequence[Any] | None = None,
     evaluator: Callable[..., dict] | None = None,
+    on_partial: Callable[[PartialEpoch], None] | None = None,
+    partial_every_s: float | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """train_epoch, then every config.eval_every epochs val_ll and the gradient noise (model.readings) and,
     if an evaluator is given, KID_inf and FID_inf of generated images. Those columns are NaN on epochs
-    without evaluation.
+    without evaluation. A `PartialEpoch` state, `on_partial` and `partial_every_s` are train_epoch's
+    mid-epoch checkpoints.
     Raises DeviceMemoryError, before compiling, for a step that cannot fit the devices, and for XLA's
     out-of-memory error."""
     devices = list(devices or jax.local_devices())
     check_step_fits(config, devices)
     with out_of_memory_as_advice(config):
-        return _run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+        return _run_epoch(
+            config,
+            state,
+            dataset,
+            devices=devices,
+            evaluator=evaluator,
+            on_partial=on_partial,
+            partial_every_s=partial_every_s,
+        )
 
 
 def _run_epoch(
     config: ExperimentConfig,
-    state: TrainState,
+    state: TrainState | PartialEpoch,
     dataset: Dataset,
     *,
     devices: Sequence[Any],
     evaluator: Callable[..., dict] | None,
+    on_partial: Callable[[PartialEpoch], None] | None = None,
+    partial_every_s: float | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    state, readings = train_epoch(config, state, dataset, devices=devices)
+    state, readings = train_epoch(
+        config, state, dataset, devices=devices, on_partial=on_partial, partial_every_s=partial_every_s
+    )
     for name in (*METRIC_COLUMNS, *READING_NAMES):
         readings[name] = float("nan")
     epoch = readings["epoch"]

@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from sweep.partial import is_epoch_result
 from sweep.results import ResultsTables, config_columns, error_message, final_columns
 
 
@@ -87,6 +88,8 @@ class ResultsCallback(Callback):
         self.tables.flush()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if not is_epoch_result(result):  # a mid-epoch checkpoint: no row to write
+            return
         trial_id, values = self._trial_base(trial)
         common = {"run": self.run, "cell": values["cell"], "repetition": values["repetition"]}
         if result.get("restored_history_json"):  # epochs done before a restart, maybe never flushed

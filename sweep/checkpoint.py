@@ -4,7 +4,10 @@ Layout of one checkpoint (the directory handed to `tune.Checkpoint.from_director
 
     state/          Orbax StandardCheckpointer output of the whole `TrainState` pytree
     history.json    the list of per-epoch readings so far (the epochs rows of this trial)
-    trial.json      who wrote it: trial_id, cell, repetition, epoch, config
+    trial.json      who wrote it: trial_id, cell, repetition, epoch (completed), config; in a mid-epoch
+                    checkpoint also partial_step (steps of the next epoch done) and partial_elapsed_s
+    partial.npz     only in a mid-epoch checkpoint: the statistics of the epoch's steps so far, stacked
+                    per name (`model.loop.PartialEpoch`); its `state/` is the state after those steps
     diverged.json   only in a checkpoint written when training diverged: the error message
     unreadable.json only in a checkpoint written when no older checkpoint could be read: the error
 
@@ -34,6 +37,7 @@ HISTORY_FILE = "history.json"
 TRIAL_FILE = "trial.json"
 DIVERGED_FILE = "diverged.json"
 UNREADABLE_FILE = "unreadable.json"
+PARTIAL_FILE = "partial.npz"
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)$")  # Ray's name for a trial's checkpoint directories
 
 
@@ -95,9 +99,24 @@ class TrialCheckpointer:
         write_json(directory / HISTORY_FILE, history)
         write_json(directory / TRIAL_FILE, meta)
 
+    def save_partial(
+        self, directory: str | os.PathLike, partial: Any, history: list[dict[str, Any]], meta: dict[str, Any]
+    ) -> None:
+        """Write a mid-epoch checkpoint of `partial` (a `model.loop.PartialEpoch`) into the existing empty
+        `directory`: its state as `save` writes one, its step statistics exactly (`PARTIAL_FILE`), and
+        `meta` with `partial_step` and `partial_elapsed_s` added."""
+        import numpy as np
+
+        stats = partial.stats
+        stacked = {name: np.stack([np.asarray(s[name]) for s in stats]) for name in stats[0]}
+        np.savez(Path(directory) / PARTIAL_FILE, **stacked)
+        meta = {**meta, "partial_step": partial.done, "partial_elapsed_s": partial.elapsed_s}
+        self.save(directory, partial.state, history, meta)
+
     def restore(self, directory: str | os.PathLike, template: Any) -> tuple[Any, list[dict[str, Any]], dict]:
         """(state, history, meta) from a checkpoint `directory`; `template` is a state of the same
-        config (e.g. `init_state(config)`) that gives the shapes, dtypes and tree structure.
+        config (e.g. `init_state(config)`) that gives the shapes, dtypes and tree structure. The state of
+        a mid-epoch checkpoint comes back as the `model.loop.PartialEpoch` to continue.
 
         Raises the trial's `DivergenceError` again if the checkpoint records a divergence, so a
         retried trial that diverged stops at once instead of training the diverging epoch again."""
@@ -113,6 +132,16 @@ class TrialCheckpointer:
         state = self._ckptr.restore(directory / STATE_DIR, abstract)
         history = read_json(directory / HISTORY_FILE)
         meta = read_json(directory / TRIAL_FILE)
+        if "partial_step" in meta:  # trial.json, not a partial.npz left over by a dead node's process
+            import numpy as np
+
+            from model.loop import PartialEpoch
+
+            with np.load(directory / PARTIAL_FILE) as data:
+                stacked = {name: data[name] for name in data.files}
+            done = int(meta["partial_step"])
+            stats = [{name: values[i] for name, values in stacked.items()} for i in range(done)]
+            state = PartialEpoch(state, done, stats, float(meta.get("partial_elapsed_s", 0.0)))
         return state, history, meta
 
 
@@ -238,7 +267,7 @@ def restore_newest_readable(
             failed.append((candidate, err))
             continue
         if failed:
-            epoch, newest = int(restored[0].epoch), _epoch_of(failed[0][0])
+            epoch, newest = completed_epochs(restored[0]), _epoch_of(failed[0][0])
             cost = (
                 "the epochs after it will be trained again"
                 if newest is None
@@ -255,6 +284,12 @@ def restore_newest_readable(
         f"no readable checkpoint in {where}: {names}; delete {' '.join(_name(c) for c, _ in failed)} "
         "there and resume the run with --retry-errored to restart this trial from epoch 0"
     )
+
+
+def completed_epochs(state: Any) -> int:
+    """The epochs a restored state (a `TrainState`, or the `PartialEpoch` of a mid-epoch checkpoint) has
+    completed."""
+    return int(getattr(state, "state", state).epoch)
 
 
 def _quiet_closed_loop_callbacks() -> None:

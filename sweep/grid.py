@@ -273,6 +273,7 @@ def _run_sweep(
             samples_uri=f"{run_uri}/samples",
             gpus_per_trial=args.gpus_per_trial,
             cpus_per_trial=args.cpus_per_trial,
+            checkpoint_every_s=args.checkpoint_every_s,
         )
         broken = rebuild.unreadable_tune_state(run_uri) if args.resume else None
         if broken:

@@ -61,7 +61,16 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
         "--max-failures",
         type=int,
         default=2,
-        help="retries of a crashed trial from its last checkpoint (default 2)",
+        help="retries of a crashed trial from its last checkpoint (default 2); a lost node is retried "
+        "without limit and does not count",
+    )
+    p.add_argument(
+        "--checkpoint-every-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="also checkpoint a trial after this many seconds of training inside an epoch, so a lost "
+        "node costs at most that much work (default: at every epoch's end only)",
     )
     p.add_argument(
         "--compile-cache",
@@ -76,6 +85,12 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
         raise LaunchError(f"--cpu-devices {args.cpu_devices} must be >= 1")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise LaunchError(f"--max-concurrent {args.max_concurrent} must be >= 1 (or leave it out)")
+    every = args.checkpoint_every_s
+    if every is not None and not (every > 0 and every < float("inf")):
+        raise LaunchError(
+            f"--checkpoint-every-s {every:g} must be a number of seconds > 0, e.g. 600 (or leave it out "
+            "to checkpoint at every epoch's end only)"
+        )
 
 
 def storage_of(args: argparse.Namespace) -> str:
@@ -308,10 +323,12 @@ def run_config(
     from ray import tune
 
     from sweep.diskfull import StorageGuard
-    from sweep.failures import TrialFailures
+    from sweep.failures import TrialFailures, count_node_losses_apart
+    from sweep.partial import epoch_reporter
 
+    count_node_losses_apart()
     callbacks = [StorageGuard(), *callbacks, TrialFailures(args.max_failures)]
-    reporter = tune.CLIReporter(
+    reporter = epoch_reporter(
         metric_columns=metric_columns, parameter_columns=parameter_columns, max_report_frequency=30
     )
     return tune.RunConfig(

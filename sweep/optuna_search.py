@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from model.config import ExperimentConfig, get_preset, parse_set_args, parse_value
+from sweep.partial import is_epoch_result
 from sweep.study import FAIL_REASON_ATTR, SearchError, trial_id_of
 from sweep.trainable import trial_spec
 
@@ -55,6 +56,8 @@ def searcher_class() -> type:
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            if not is_epoch_result(result):  # a mid-epoch checkpoint: Optuna hears epochs only
                 return
             self._report(trial_id, result.get(self.metric), result.get("epoch"))
 

@@ -52,10 +52,11 @@ def unreadable_tune_state(run_uri: str) -> str | None:
 
 
 def newest_checkpoint_uri(trial_uri: str) -> str | None:
-    """The newest complete checkpoint under a trial directory: the one with the highest epoch among those
+    """The newest complete checkpoint under a trial directory: the one with the highest (epoch, mid-epoch
+    step) among those
     whose `trial.json` and `history.json` read back (a rebuilt run numbers its checkpoints from 0 again,
     so the directory names do not order them). None if there is none."""
-    best: tuple[int, str] | None = None
+    best: tuple[tuple[int, int], str] | None = None
     for name in subdirectories(trial_uri, "checkpoint_"):
         if not CHECKPOINT_NAME.match(name):
             continue
@@ -63,8 +64,10 @@ def newest_checkpoint_uri(trial_uri: str) -> str | None:
         meta, history = _json_or_none(f"{uri}/{TRIAL_FILE}"), _json_or_none(f"{uri}/{HISTORY_FILE}")
         if not isinstance(meta, dict) or not isinstance(history, list) or "epoch" not in meta:
             continue
-        if best is None or int(meta["epoch"]) > best[0]:
-            best = (int(meta["epoch"]), uri)
+        # a mid-epoch checkpoint (`partial_step`) is newer than the epoch-end one of its epoch
+        rank = (int(meta["epoch"]), int(meta.get("partial_step") or 0))
+        if best is None or rank > best[0]:
+            best = (rank, uri)
     return None if best is None else best[1]
 
 

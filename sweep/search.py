@@ -451,6 +451,7 @@ def _fit(
                 samples_uri=f"{run_uri}/samples",
                 gpus_per_trial=args.gpus_per_trial,
                 cpus_per_trial=args.cpus_per_trial,
+                checkpoint_every_s=args.checkpoint_every_s,
             ),
             param_space={},
             tune_config=tune.TuneConfig(

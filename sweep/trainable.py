@@ -122,8 +122,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_trial: float = 0.0) -> None:
-    """Train one trial to its last epoch, reporting readings and an Orbax checkpoint every epoch.
+def run_trial(
+    tune_config: dict[str, Any],
+    *,
+    samples_uri: str | None,
+    gpus_per_trial: float = 0.0,
+    checkpoint_every_s: float | None = None,
+) -> None:
+    """Train one trial to its last epoch, reporting readings and an Orbax checkpoint every epoch, and with
+    `checkpoint_every_s` also a mid-epoch checkpoint after that many seconds of training inside an epoch
+    (reported as a result without readings: `sweep.partial`).
 
     Resumes from `tune.get_checkpoint()` when Tune restarts the trial, falling back to an older checkpoint
     if that one cannot be read. An error that a retry cannot cure (`sweep.failures.is_fatal`: divergence,
@@ -138,7 +146,13 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
     spec = tune_config.get(SPEC_KEY, tune_config)
     trial_id = (spec.get("trial_id") if isinstance(spec, dict) else None) or tune.get_context().get_trial_id()
     try:
-        _train_trial(tune_config, trial_id, samples_uri=samples_uri, gpus_per_trial=gpus_per_trial)
+        _train_trial(
+            tune_config,
+            trial_id,
+            samples_uri=samples_uri,
+            gpus_per_trial=gpus_per_trial,
+            checkpoint_every_s=checkpoint_every_s,
+        )
     except Exception as err:
         if not is_fatal(err):
             raise
@@ -148,7 +162,12 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
 
 
 def _train_trial(
-    tune_config: dict[str, Any], trial_id: str, *, samples_uri: str | None, gpus_per_trial: float
+    tune_config: dict[str, Any],
+    trial_id: str,
+    *,
+    samples_uri: str | None,
+    gpus_per_trial: float,
+    checkpoint_every_s: float | None = None,
 ) -> None:
     from ray import tune
 
@@ -158,12 +177,14 @@ def _train_trial(
     from sweep.checkpoint import (
         CheckpointError,
         TrialCheckpointer,
+        completed_epochs,
         mark_diverged,
         mark_unreadable,
         recorded_divergence,
         restore_newest_readable,
     )
     from sweep.failures import FATAL_KEY, one_line
+    from sweep.partial import partial_result
     from sweep.rebuild import CHECKPOINTS_KEY, own_checkpoint
 
     config, meta = resolve_trial(tune_config)
@@ -208,13 +229,35 @@ def _train_trial(
             else:
                 state, history, _ = found
                 restored = True
-                log(f"resumed after epoch {int(state.epoch)}")
+                if isinstance(state, mt.PartialEpoch):
+                    log(f"resumed in epoch {completed_epochs(state) + 1} after step {state.done}")
+                else:
+                    log(f"resumed after epoch {int(state.epoch)}")
+
+        def save_partial(partial: mt.PartialEpoch) -> None:
+            """A mid-epoch checkpoint, reported to Tune as a result without readings."""
+            epoch = completed_epochs(partial)
+            with tempfile.TemporaryDirectory() as directory:
+                checkpointer.save_partial(directory, partial, history, {**meta, "epoch": epoch})
+                tune.report(
+                    partial_result(epoch + 1, partial.done, static),
+                    checkpoint=tune.Checkpoint.from_directory(directory),
+                )
+
         evaluator = None
-        if int(state.epoch) < config.epochs:
+        if completed_epochs(state) < config.epochs:
             evaluator = mt.make_evaluator_or_none(config, dataset, log=lambda s: print(f"[{trial_id}] {s}"))
-        for _ in range(int(state.epoch), config.epochs):
+        for _ in range(completed_epochs(state), config.epochs):
             try:
-                state, readings = mt.run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+                state, readings = mt.run_epoch(
+                    config,
+                    state,
+                    dataset,
+                    devices=devices,
+                    evaluator=evaluator,
+                    on_partial=save_partial if checkpoint_every_s else None,
+                    partial_every_s=checkpoint_every_s,
+                )
             except mt.DivergenceError as err:
                 message = f"DivergenceError: {err}"
                 with tempfile.TemporaryDirectory() as directory:
@@ -250,16 +293,26 @@ def _train_trial(
 
 
 def make_trainable(
-    *, samples_uri: str | None, gpus_per_trial: float = 0.0, cpus_per_trial: float = 1.0
+    *,
+    samples_uri: str | None,
+    gpus_per_trial: float = 0.0,
+    cpus_per_trial: float = 1.0,
+    checkpoint_every_s: float | None = None,
 ) -> Callable[[dict[str, Any]], None]:
     """The Ray trainable (a function trainable with its resources) for `Tuner(...)` / `Tuner.restore`.
 
     Each trial asks Ray for `cpus_per_trial` CPUs and `gpus_per_trial` GPUs and trains data-parallel on
-    the devices it sees (set up by `trial_env`). Sample grids go under `samples_uri/<trial_id>/`."""
+    the devices it sees (set up by `trial_env`). Sample grids go under `samples_uri/<trial_id>/`.
+    `checkpoint_every_s` adds mid-epoch checkpoints (a launch setting, not part of any trial's config)."""
     from ray import tune
 
     def thermosweep_trial(tune_config: dict[str, Any]) -> None:
-        run_trial(tune_config, samples_uri=samples_uri, gpus_per_trial=gpus_per_trial)
+        run_trial(
+            tune_config,
+            samples_uri=samples_uri,
+            gpus_per_trial=gpus_per_trial,
+            checkpoint_every_s=checkpoint_every_s,
+        )
 
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     return tune.with_resources(thermosweep_trial, resources)

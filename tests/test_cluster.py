@@ -66,3 +66,25 @@ def test_ssh_is_admitted_only_by_the_security_group_the_user_names(monkeypatch) 
     assert created == [["gpu_worker"]]
     ssh = [r for r in aws_config._create_default_inbound_rules([]) if r.get("FromPort") == 22]
     assert ssh and ssh[0]["IpRanges"] == [{"CidrIp": "0.0.0.0/0"}], "what a created group would admit"
+
+
+def test_a_spot_worker_type_beside_the_on_demand_one() -> None:
+    """Spot GPU workers (preemptible) are offered beside on-demand ones, the same machine otherwise."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load(GPU_YAML.read_text()))
+    validate_config(config)
+    nodes = config["available_node_types"]
+    spot = [
+        n
+        for n in nodes.values()
+        if n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    ]
+    on_demand = [
+        n
+        for name, n in nodes.items()
+        if name != config["head_node_type"] and "InstanceMarketOptions" not in n["node_config"]
+    ]
+    assert len(spot) == 1 and len(on_demand) == 1
+    assert spot[0]["node_config"]["InstanceType"] == on_demand[0]["node_config"]["InstanceType"]
+    assert spot[0]["node_config"]["IamInstanceProfile"] == on_demand[0]["node_config"]["IamInstanceProfile"]

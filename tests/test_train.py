@@ -216,3 +216,40 @@ def test_command_line_refuses_bad_values(capsys):
             train.main(args)
         assert exc.value.code == 2
         assert needle in capsys.readouterr().err, needle
+
+
+@pytest.mark.parametrize("objective", ["vanilla", "thermo"])
+def test_a_partial_epoch_continues_bit_exactly(objective, digits_small):
+    """Mid-epoch checkpoints (train_epoch's `on_partial`): continuing from any of them, as host copies
+    the way a checkpoint restore would give them back, ends the epoch with the parameters, key, Adam
+    states and readings of an uninterrupted epoch, bit for bit; taking them changes nothing either."""
+    cfg = tiny(objective=objective)  # 64 images: 4 steps of 16
+    devs = jax.local_devices()[:1]
+    state, _ = loop.train_epoch(cfg, loop.init_state(cfg), digits_small, devices=devs)
+    straight, r_straight = loop.train_epoch(cfg, state, digits_small, devices=devs)
+    partials: list[loop.PartialEpoch] = []
+    watched, r_watched = loop.train_epoch(
+        cfg, state, digits_small, devices=devs, on_partial=partials.append, partial_every_s=0.0
+    )
+    assert [p.done for p in partials] == [1, 2, 3]  # after every step but the last
+    assert all(int(p.state.epoch) == 1 and int(p.state.step) == 4 + p.done for p in partials)
+    timing = {"epoch_time_s"}
+
+    def same(a, b, ra, rb):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+                x, y = jax.random.key_data(x), jax.random.key_data(y)
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert {k: v for k, v in ra.items() if k not in timing} == {
+            k: v for k, v in rb.items() if k not in timing
+        }
+
+    same(straight, watched, r_straight, r_watched)
+    for partial in (partials[0], partials[2]):
+        host = dataclasses.replace(
+            partial,
+            state=jax.device_get(partial.state),
+            stats=[{k: np.array(v) for k, v in s.items()} for s in partial.stats],
+        )
+        resumed, r_resumed = loop.train_epoch(cfg, host, digits_small, devices=devs)
+        same(straight, resumed, r_straight, r_resumed)
