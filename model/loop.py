@@ -270,16 +270,17 @@ def run_epoch(
     *,
     devices: Sequence[Any] | None = None,
     evaluator: Callable[..., dict] | None = None,
+    on_step: Callable[[StepProgress], None] | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """train_epoch, then every config.eval_every epochs val_ll and the gradient noise (model.readings) and,
-    if an evaluator is given, KID_inf and FID_inf of generated images. Those columns are NaN on epochs
-    without evaluation.
+    """train_epoch (with its `on_step` hook), then every config.eval_every epochs val_ll and the gradient
+    noise (model.readings) and, if an evaluator is given, KID_inf and FID_inf of generated images. Those
+    columns are NaN on epochs without evaluation.
     Raises DeviceMemoryError, before compiling, for a step that cannot fit the devices, and for XLA's
     out-of-memory error."""
     devices = list(devices or jax.local_devices())
     check_step_fits(config, devices)
     with out_of_memory_as_advice(config):
-        return _run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+        return _run_epoch(config, state, dataset, devices=devices, evaluator=evaluator, on_step=on_step)
 
 
 def _run_epoch(
@@ -289,8 +290,9 @@ def _run_epoch(
     *,
     devices: Sequence[Any],
     evaluator: Callable[..., dict] | None,
+    on_step: Callable[[StepProgress], None] | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    state, readings = train_epoch(config, state, dataset, devices=devices)
+    state, readings = train_epoch(config, state, dataset, devices=devices, on_step=on_step)
     for name in (*METRIC_COLUMNS, *READING_NAMES):
         readings[name] = float("nan")
     epoch = readings["epoch"]
@@ -344,15 +346,18 @@ def fit(
     devices: Sequence[Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
+    on_step: Callable[[StepProgress], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train `config.epochs` epochs from scratch. Returns the final state and every epoch's readings;
-    `on_epoch(readings)` is called after each epoch (e.g. to write them)."""
+    `on_epoch(readings)` is called after each epoch (e.g. to write them), `on_step` after each step."""
     dataset = dataset or load_dataset(config)
     state = init_state(config)
     evaluator = make_evaluator_or_none(config, dataset, log)
     history = []
     for _ in range(config.epochs):
-        state, readings = run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+        state, readings = run_epoch(
+            config, state, dataset, devices=devices, evaluator=evaluator, on_step=on_step
+        )
         history.append(readings)
         log(format_readings(readings))
         if on_epoch:

@@ -14,7 +14,7 @@ from typing import Any
 
 from model.config import ExperimentConfig, parse_set_args
 from model.schema import EPOCHS_FILE, TRIALS_FILE
-from sweep import cost, launch
+from sweep import bill, cost, launch
 from sweep.grid_file import (
     GridError,
     TrialPlan,
@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(trial_table(plans, launch.resources_of(args)))
         print(cost.format_plan(cell_plans, len(plans) // max(len(cells), 1), target))
+        if args.price_per_gpu_hour is not None or args.spot_price_per_gpu_hour is not None:
+            counts = [sum(p.cell == name for p in plans) for name in cells]
+            bills = bill.run_bill(list(zip(cell_plans, cells.values(), counts, strict=True)), args)
+            print(bill.format_bill(bills, args))
         return 0
     run = args.name or launch.default_run_name(grid_name)
     try:
@@ -242,6 +246,8 @@ def run_sweep(
             samples_uri=f"{run_uri}/samples",
             gpus_per_trial=args.gpus_per_trial,
             cpus_per_trial=args.cpus_per_trial,
+            run_uri=run_uri,
+            progress_every_s=args.progress_every_s,
         )
         if args.resume and tune.Tuner.can_restore(run_uri):
             tuner = tune.Tuner.restore(

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from model.config import ExperimentConfig
-from sweep import cost, launch
+from sweep import bill, cost, launch
 from sweep.optuna_search import base_config
 from sweep.results import ResultsTables
 from sweep.storage import storage_join, write_json_uri
@@ -180,6 +180,8 @@ def _main(args: argparse.Namespace) -> int:
         raise SearchError(str(err)) from None
     if args.dry_run:
         print(cost.format_plan(plans, args.trials, target))
+        if args.price_per_gpu_hour is not None or args.spot_price_per_gpu_hour is not None:
+            print(bill.format_bill(bill.run_bill([(plans[0], config, args.trials)], args), args))
         return 0
     if "://" in storage and args.optuna_storage is None:  # before anything reads the remote storage
         raise SearchError(
@@ -398,6 +400,8 @@ def _fit(
                 samples_uri=f"{run_uri}/samples",
                 gpus_per_trial=args.gpus_per_trial,
                 cpus_per_trial=args.cpus_per_trial,
+                run_uri=run_uri,
+                progress_every_s=args.progress_every_s,
             ),
             param_space={},
             tune_config=tune.TuneConfig(

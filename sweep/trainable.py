@@ -122,14 +122,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_trial: float = 0.0) -> None:
+def run_trial(
+    tune_config: dict[str, Any],
+    *,
+    samples_uri: str | None,
+    gpus_per_trial: float = 0.0,
+    run_uri: str | None = None,
+    progress_every_s: float = 0.0,
+) -> None:
     """Train one trial to its last epoch, reporting readings and an Orbax checkpoint every epoch.
 
     Resumes from `tune.get_checkpoint()` when Tune restarts the trial, falling back to an older checkpoint
     if that one cannot be read. An error that a retry cannot cure (`sweep.failures.is_fatal`: divergence,
     invalid config, no readable checkpoint) is reported, as one line with `FATAL_KEY`, before it is
     raised, so the driver ends the trial in ERROR without retrying it; a divergence is reported with a
-    checkpoint that records it, so a later restart stops at once instead of training the epoch again."""
+    checkpoint that records it, so a later restart stops at once instead of training the epoch again.
+    With `run_uri` and `progress_every_s` > 0, where the epoch stands is printed and written to
+    `sweep.progress.progress_uri(run_uri, trial_id)` at most every `progress_every_s` seconds."""
     from ray import tune
 
     from sweep.failures import FATAL_KEY, is_fatal, one_line
@@ -138,7 +147,13 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
     spec = tune_config.get(SPEC_KEY, tune_config)
     trial_id = (spec.get("trial_id") if isinstance(spec, dict) else None) or tune.get_context().get_trial_id()
     try:
-        _train_trial(tune_config, trial_id, samples_uri=samples_uri, gpus_per_trial=gpus_per_trial)
+        _train_trial(
+            tune_config,
+            trial_id,
+            samples_uri=samples_uri,
+            gpus_per_trial=gpus_per_trial,
+            progress=_progress_meter(trial_id, run_uri, progress_every_s),
+        )
     except Exception as err:
         if not is_fatal(err):
             raise
@@ -147,8 +162,26 @@ def run_trial(tune_config: dict[str, Any], *, samples_uri: str | None, gpus_per_
         raise
 
 
+def _progress_meter(trial_id: str, run_uri: str | None, every_s: float) -> Any:
+    """The trial's `on_step` hook: a plain progress line and the progress file the driver reads."""
+    from model.progress import ProgressMeter, format_progress
+    from sweep.progress import progress_uri, write_progress
+
+    def emit(p: Any) -> None:
+        print(f"[{trial_id}] {format_progress(p)}", flush=True)
+        if run_uri is not None:
+            write_progress(progress_uri(run_uri, trial_id), {"trial_id": trial_id, **p.to_dict()})
+
+    return ProgressMeter(every_s, 0, emit)
+
+
 def _train_trial(
-    tune_config: dict[str, Any], trial_id: str, *, samples_uri: str | None, gpus_per_trial: float
+    tune_config: dict[str, Any],
+    trial_id: str,
+    *,
+    samples_uri: str | None,
+    gpus_per_trial: float,
+    progress: Any,
 ) -> None:
     from ray import tune
 
@@ -205,12 +238,16 @@ def _train_trial(
                 state, history, _ = found
                 restored = True
                 log(f"resumed after epoch {int(state.epoch)}")
+        progress.epochs = config.epochs
+        progress.epoch_seconds = [float(r["epoch_time_s"]) for r in history if "epoch_time_s" in r]
         evaluator = None
         if int(state.epoch) < config.epochs:
             evaluator = mt.make_evaluator_or_none(config, dataset, log=lambda s: print(f"[{trial_id}] {s}"))
         for _ in range(int(state.epoch), config.epochs):
             try:
-                state, readings = mt.run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+                state, readings = mt.run_epoch(
+                    config, state, dataset, devices=devices, evaluator=evaluator, on_step=progress
+                )
             except mt.DivergenceError as err:
                 message = f"DivergenceError: {err}"
                 with tempfile.TemporaryDirectory() as directory:
@@ -223,6 +260,7 @@ def _train_trial(
                 raise
             readings = {k: _plain(v) for k, v in readings.items()}
             history.append(readings)
+            progress.epoch_done(readings["epoch_time_s"])
             epoch = int(readings["epoch"])
             due = config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs)
             if samples_uri and due:
@@ -246,16 +284,28 @@ def _train_trial(
 
 
 def make_trainable(
-    *, samples_uri: str | None, gpus_per_trial: float = 0.0, cpus_per_trial: float = 1.0
+    *,
+    samples_uri: str | None,
+    gpus_per_trial: float = 0.0,
+    cpus_per_trial: float = 1.0,
+    run_uri: str | None = None,
+    progress_every_s: float = 0.0,
 ) -> Callable[[dict[str, Any]], None]:
     """The Ray trainable (a function trainable with its resources) for `Tuner(...)` / `Tuner.restore`.
 
     Each trial asks Ray for `cpus_per_trial` CPUs and `gpus_per_trial` GPUs and trains data-parallel on
-    the devices it sees (set up by `trial_env`). Sample grids go under `samples_uri/<trial_id>/`."""
+    the devices it sees (set up by `trial_env`). Sample grids go under `samples_uri/<trial_id>/`, progress
+    reports (every `progress_every_s` seconds, 0: none) to `<run_uri>/progress/<trial_id>.json`."""
     from ray import tune
 
     def thermosweep_trial(tune_config: dict[str, Any]) -> None:
-        run_trial(tune_config, samples_uri=samples_uri, gpus_per_trial=gpus_per_trial)
+        run_trial(
+            tune_config,
+            samples_uri=samples_uri,
+            gpus_per_trial=gpus_per_trial,
+            run_uri=run_uri,
+            progress_every_s=progress_every_s,
+        )
 
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     return tune.with_resources(thermosweep_trial, resources)
