@@ -28,6 +28,7 @@ class Progress:
     elapsed_s: float  # seconds since the epoch began
     epoch_eta_s: float  # seconds left in this epoch's training steps
     trial_eta_s: float  # seconds left in the run: this epoch, then the epochs after it
+    epoch_s: float  # seconds an epoch takes: the finished epochs' mean, else this epoch's pace
 
     def to_dict(self) -> dict[str, float | int]:
         return dataclasses.asdict(self)
@@ -65,6 +66,7 @@ def progress_of(p: StepProgress, epochs: int, epoch_seconds: list[float], elapse
         elapsed_s=elapsed_s,
         epoch_eta_s=epoch_eta,
         trial_eta_s=epoch_eta + max(later, 0) * per_epoch,
+        epoch_s=per_epoch,
     )
 
 
