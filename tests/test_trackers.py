@@ -7,6 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,13 @@ from model.config import get_preset
 from sweep import grid, trackers
 from sweep.trackers import epoch_readings, is_epoch_result, parse_tracker
 from sweep.trainable import trial_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def need(module: str, extra: str) -> None:
+    """Skip, naming the extra, when an optional tracker package is missing (CI's .[dev] has them all)."""
+    pytest.importorskip(module, reason=f"needs {module}: pip install -e '.[{extra}]' (or '.[dev]')")
 
 
 def test_parse_tracker() -> None:
@@ -83,6 +95,7 @@ def _epoch_result(epoch: int, loss: float) -> dict:
 
 
 def test_mlflow_run_is_continued_by_a_new_driver(tmp_path: Path) -> None:
+    need("mlflow", "mlflow")
     from mlflow import MlflowClient
 
     from sweep.tracker_callbacks import TrialMLflowCallback
@@ -170,6 +183,8 @@ def _numeric(row: pd.Series) -> dict[str, float]:
 def test_sweep_trackers_hold_the_parquet_readings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    for module, extra in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "dev")):
+        need(module, extra)
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -236,3 +251,65 @@ def test_sweep_trackers_hold_the_parquet_readings(
                 assert w["history"][epoch][name] == value, (trial_id, name, epoch)
                 if epoch == 2:
                     assert w["summary"][name] == value, (trial_id, name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_resumed_trial_continues_its_tracker_runs(tmp_path: Path) -> None:
+    """SIGKILL the driver after a trial's first checkpoint, resume, and find one MLflow run per trial
+    holding every epoch, and W&B runs of both drivers under one run id."""
+    need("mlflow", "mlflow")
+    need("wandb", "wandb")
+    from _procs import descendants, kill_all
+    from mlflow import MlflowClient
+    from test_sweep import _checkpoint_in_experiment_state
+
+    base = {**TINY_BASE, "epochs": 4, "eval_every": 0, "num_train": 512, "prior_steps": 10}
+    grid_file = tmp_path / "resume.json"
+    cells = [{"name": "vanilla", "objective": "vanilla"}]
+    grid_file.write_text(json.dumps({"preset": "digits", "base": base, "repetitions": 1, "cells": cells}))
+    storage = tmp_path / "runs"
+    args = [sys.executable, "-m", "sweep.grid", "--grid", str(grid_file), "--storage", str(storage)]
+    args += ["--name", "resumed", "--tracker", "mlflow", "--tracker", "wandb=tiny"]
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "TUNE_GLOBAL_CHECKPOINT_S": "0",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+    run_dir = storage / "resumed"
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    started: list = []
+    try:
+        deadline = time.time() + 300
+        while not _checkpoint_in_experiment_state(run_dir):
+            assert driver.poll() is None, "the driver ended before the first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        started = descendants(driver.pid)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        kill_all(started + descendants(driver.pid))
+    resume = [*args, "--resume"]
+    done = subprocess.run(resume, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    assert done.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
+
+    epochs = pd.read_parquet(run_dir / "results" / "epochs.parquet").set_index("epoch")
+    assert sorted(epochs.index) == [1, 2, 3, 4]
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "resumed"]
+    (run,) = client.search_runs([experiment.experiment_id])  # one run, continued
+    assert run.info.status == "FINISHED"
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert logged == epochs["train_loss"].to_dict()
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = [read_run(p) for p in files]
+    assert len(runs) == 2 and len({r["id"] for r in runs}) == 1  # one W&B run, written by both drivers
+    steps = {s for r in runs for s in r["history"]}
+    assert steps == {1, 2, 3, 4}
+    assert runs[-1]["summary"]["train_loss"] == epochs.loc[4, "train_loss"]
