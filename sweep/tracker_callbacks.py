@@ -9,8 +9,9 @@
   grouped by the run name), resumed with `resume="allow"`, so a resumed trial continues its run.
 
 Each logs the epoch's readings (`sweep.trackers.epoch_readings`, what epochs.parquet gets) and nothing
-of other results (`sweep.trackers.is_epoch_result`). This module imports Ray: the launch imports it only
-when it starts Tune.
+of other results (`sweep.trackers.is_epoch_result`); after a restart, also the epochs before it that the
+tracker run lacks (a driver killed between an epoch and its upload may never have sent it). This module
+imports Ray: the launch imports it only when it starts Tune.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sweep.trackers import (
     epoch_readings,
     is_epoch_result,
     mlflow_uri,
+    restored_epochs,
     tracker_tags,
     trial_identity,
 )
@@ -75,8 +77,18 @@ class TrialMLflowCallback(MLflowLoggerCallback):
             return
         if trial not in self._trial_runs:
             self.log_trial_start(trial)
+        run_id = self._trial_runs[trial]
+        restored = restored_epochs(result)
+        if restored:  # after a restart: the epochs a killed driver may not have logged
+            history = self.mlflow_util._get_client().get_metric_history(run_id, "train_loss")
+            logged = {m.step for m in history}
+            for readings in restored:
+                if int(readings["epoch"]) not in logged:
+                    self.mlflow_util.log_metrics(
+                        run_id=run_id, metrics_to_log=readings, step=int(readings["epoch"])
+                    )
         self.mlflow_util.log_metrics(
-            run_id=self._trial_runs[trial], metrics_to_log=epoch_readings(result), step=int(result["epoch"])
+            run_id=run_id, metrics_to_log=epoch_readings(result), step=int(result["epoch"])
         )
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
@@ -105,9 +117,14 @@ class TrialWandbCallback(WandbLoggerCallback):
         super()._start_logging_actor(trial, exclude_results, **init)
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-        if is_epoch_result(result):
-            readings = {**epoch_readings(result), TRAINING_ITERATION: int(result["epoch"])}
-            super().log_trial_result(iteration, trial, readings)
+        if not is_epoch_result(result):
+            return
+        # After a restart, first the epochs before it (a killed driver may not have sent them; W&B drops
+        # steps its run already has), then this epoch.
+        for readings in [*restored_epochs(result), epoch_readings(result)]:
+            super().log_trial_result(
+                iteration, trial, {**readings, TRAINING_ITERATION: int(readings["epoch"])}
+            )
 
 
 def tracker_callbacks(args: argparse.Namespace, *, run: str, run_uri: str) -> list[Any]:

@@ -100,6 +100,18 @@ def epoch_readings(result: dict[str, Any]) -> dict[str, float]:
     """Every finite number among an epoch's readings (the same readings as its epochs.parquet row): the
     trial's `readings_json` when it is there, else the result's own numbers."""
     readings = json.loads(result["readings_json"]) if result.get("readings_json") else result
+    return _numbers(readings)
+
+
+def restored_epochs(result: dict[str, Any]) -> list[dict[str, float]]:
+    """The readings of the epochs a restarted trial had trained before its restart (the first result after
+    a restore carries them): a driver killed mid-run may never have sent them all to its trackers."""
+    if not result.get("restored_history_json"):
+        return []
+    return [_numbers(r) for r in json.loads(result["restored_history_json"]) if "epoch" in r]
+
+
+def _numbers(readings: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v)
         for k, v in readings.items()

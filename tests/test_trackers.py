@@ -110,12 +110,15 @@ def test_mlflow_run_is_continued_by_a_new_driver(tmp_path: Path) -> None:
     first.log_trial_start(trial)
     first.log_trial_result(1, trial, _epoch_result(1, 10.0))
     first.log_trial_result(2, trial, {"epoch": 1, "error": "not an epoch"})  # ignored
-    # the driver dies here; a new one (a resumed run) restores the trial as a new object
+    # the driver dies here, after the trial trained epoch 2 but before it heard of it; a new driver (a
+    # resumed run) restores the trial as a new object, whose first result carries epochs 1-2
     second = TrialMLflowCallback(uri, run="r")
     second.setup()
     again = FakeTrial("ray0001", spec, str(tmp_path))
     second.log_trial_start(again)
-    second.log_trial_result(2, again, _epoch_result(2, 8.0))
+    restored = [json.loads(_epoch_result(e, loss)["readings_json"]) for e, loss in ((1, 10.0), (2, 8.0))]
+    third = {**_epoch_result(3, 7.0), "restored_history_json": json.dumps(restored)}
+    second.log_trial_result(3, again, third)
     second.log_trial_end(again)
 
     client = MlflowClient(uri)
@@ -132,7 +135,7 @@ def test_mlflow_run_is_continued_by_a_new_driver(tmp_path: Path) -> None:
     )
     assert run.data.params["seed"] == "3" and run.data.params["batch_size"] == str(config.batch_size)
     history = client.get_metric_history(run.info.run_id, "train_loss")
-    assert sorted((m.step, m.value) for m in history) == [(1, 10.0), (2, 8.0)]
+    assert sorted((m.step, m.value) for m in history) == [(1, 10.0), (2, 8.0), (3, 7.0)]  # none twice
 
 
 # ------------------------------------------------------------------------------------- end to end (Ray)
