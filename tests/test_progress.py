@@ -4,6 +4,7 @@ per-trial progress files, the driver's block with the grid's ETA, and model.trai
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from model import loop
 from model.config import get_preset
 from model.loop import StepProgress
-from model.progress import Progress, ProgressMeter, duration, format_progress, progress_of
+from model.progress import Progress, ProgressMeter, TerminalBar, duration, format_progress, progress_of
 from model.train import main as train_main
 from sweep.progress import grid_eta_s, progress_block, progress_uri, read_progress, write_progress
 
@@ -145,3 +146,26 @@ def test_train_cli_prints_progress_lines(capsys: pytest.CaptureFixture[str], tmp
 def test_progress_is_a_plain_record() -> None:
     p = Progress(1, 2, 3, 4, 5.0, 6.0, 7.0, 8.0, 9.0)
     assert json.loads(json.dumps(p.to_dict())) == dataclasses.asdict(p)
+
+
+def test_progress_file_on_s3(s3_server) -> None:
+    uri = progress_uri(s3_server.uri("runs", "r"), "cell-r0")
+    write_progress(uri, {"step": 1})
+    write_progress(uri, {"step": 2})
+    assert read_progress(uri)["step"] == 2
+    files = [k for k in s3_server.keys("runs/r/progress/") if not k.endswith("/")]  # no directory markers
+    assert files == ["runs/r/progress/cell-r0.json"]
+
+
+def test_terminal_bar_is_one_updating_line() -> None:
+    stream = io.StringIO()
+    bar = TerminalBar(2, stream=stream)
+    bar.write("before any step")
+    for step in (1, 3):
+        bar(progress_of(StepProgress(2, step, 4, 1.0 * step, 16), 2, [5.0], elapsed_s=1.0 * step))
+    bar.write("epoch 2 done")
+    bar.close()
+    text = stream.getvalue()
+    assert text.startswith("before any step\n") and "epoch 2 done\n" in text
+    assert "epoch 2/2 step 3/4 (75%)" in text and "7/8" not in text  # our numbers, not tqdm's counter
+    assert bar._bar.n == 4 + 3  # epoch 1's 4 steps, then 3 of epoch 2
