@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
+from model.data import check_data_ready
 from model.device_memory import DeviceMemoryError, check_step_fits
 from model.loop import (
     DivergenceError,
@@ -91,7 +92,8 @@ def write_epochs_parquet(rows: list[dict[str, Any]], config: ExperimentConfig, p
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.train`."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="digits", help="celeba | cifar10 | svhn | digits")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
@@ -111,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         help="report the epoch's step, images/s and ETAs at most every S seconds: an updating line in a "
         f"terminal, plain lines otherwise (default {DEFAULT_PROGRESS_EVERY_S:g}; 0: off)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         overrides = parse_set_args(args.set)
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         check_step_fits(config, jax.local_devices())
         if args.progress_every_s < 0:
             raise ValueError(f"--progress-every-s {args.progress_every_s:g} must be >= 0 (0: no progress)")
+        check_data_ready(config)  # one line and the prepare command, before anything compiles
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; pass a directory (created if missing)")
     except ValueError as err:

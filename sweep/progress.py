@@ -10,8 +10,6 @@ reader sees the previous report or the next one, never half of one.
 from __future__ import annotations
 
 import heapq
-import json
-import os
 import time
 from typing import Any
 
@@ -28,16 +26,8 @@ def progress_uri(run_uri: str, trial_id: str) -> str:
 
 def write_progress(uri: str, report: dict[str, Any]) -> None:
     """Replace the progress file at `uri` with `report` (plus the wall-clock `time` it was written) in one
-    step: a temporary file renamed over it locally, a single PUT on an object store."""
-    report = {**report, "time": time.time()}
-    if "://" in uri:
-        write_json_uri(uri, report)
-        return
-    os.makedirs(os.path.dirname(uri), exist_ok=True)
-    tmp = f"{uri}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f)
-    os.replace(tmp, uri)
+    step (`sweep.storage.write_json_uri`: a rename locally, a single PUT on an object store)."""
+    write_json_uri(uri, {**report, "time": time.time()})
 
 
 def read_progress(uri: str) -> dict[str, Any] | None:
