@@ -5,8 +5,9 @@
 - `TrialMLflowCallback`: `MLflowLoggerCallback`, one MLflow run per trial named by its trial_id, the
   trial's ExperimentConfig as parameters, tags run/trial_id/cell/repetition/seed/grid. A trial resumed by
   a new driver (`--resume`) finds its run by those tags and goes on logging into it.
-- `TrialWandbCallback`: `WandbLoggerCallback`, one W&B run per trial (Tune's trial id as the run id,
-  grouped by the run name), resumed with `resume="allow"`, so a resumed trial continues its run.
+- `TrialWandbCallback`: `WandbLoggerCallback`, one W&B run per trial (its id made from the run name and
+  trial_id, `sweep.trackers.wandb_run_id`, grouped by the run name), resumed with `resume="allow"`, so a
+  resumed trial continues its run.
 
 Each logs the epoch's readings (`sweep.trackers.epoch_readings`, what epochs.parquet gets) and nothing
 of other results (`sweep.trackers.is_epoch_result`); after a restart, also the epochs before it that the
@@ -32,6 +33,7 @@ from sweep.trackers import (
     restored_epochs,
     tracker_tags,
     trial_identity,
+    wandb_run_id,
 )
 
 
@@ -110,6 +112,7 @@ class TrialWandbCallback(WandbLoggerCallback):
         identity = trial_identity(trial.config, trial.trial_id, self.run)
         tags = tracker_tags(identity)
         init.update(
+            id=wandb_run_id(self.run, identity["trial_id"]),
             name=identity["trial_id"],
             config={**identity["params"], **tags},
             tags=[f"{k}={v}" for k, v in tags.items() if k != "trial_id"],

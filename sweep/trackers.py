@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
+import re
 from typing import Any
 
 TRACKERS = ("mlflow", "wandb")
@@ -141,3 +143,14 @@ def tracker_tags(identity: dict[str, Any]) -> dict[str, str]:
     """The tags of a trial's tracker run (values as text; missing ones left out)."""
     keys = ("run", "trial_id", "cell", "repetition", "seed", "grid")
     return {k: str(identity[k]) for k in keys if identity.get(k) is not None}
+
+
+def wandb_run_id(run: str, trial_id: str) -> str:
+    """The W&B run id of a trial: `<run>-<trial_id>` in the characters W&B ids allow, with a short hash of
+    the exact pair when characters had to be replaced or the id shortened. A function of the names only,
+    so every resume of the trial (whatever Tune's own trial id then) continues the same W&B run."""
+    name = f"{run}-{trial_id}"
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if safe == name and len(name) <= 64:
+        return name
+    return f"{safe[:55]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"

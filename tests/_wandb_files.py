@@ -30,6 +30,8 @@ def records(path: Path) -> list[Any]:
         if kind == 0:  # zero padding at the end of a block
             pos += left
             continue
+        if pos + 7 + length > len(data):  # cut off (a killed writer): the records before it stand
+            break
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         pending = chunk if kind in (FULL, FIRST) else pending + chunk

@@ -21,7 +21,7 @@ from _wandb_files import read_run
 
 from model.config import get_preset
 from sweep import grid, trackers
-from sweep.trackers import epoch_readings, is_epoch_result, parse_tracker
+from sweep.trackers import epoch_readings, is_epoch_result, parse_tracker, wandb_run_id
 from sweep.trainable import trial_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,13 @@ def test_a_missing_extra_is_one_line(
     err = capsys.readouterr().err
     assert "--tracker wandb needs the wandb extra, which is not installed: " in err
     assert "pip install 'thermosweep[wandb]'" in err
+
+
+def test_wandb_run_ids_are_stable_and_safe() -> None:
+    assert wandb_run_id("digits-1", "thermo-r0") == "digits-1-thermo-r0"
+    odd = wandb_run_id("run", "thermo-p0.3-r0")  # '.' is replaced, so a hash keeps ids apart
+    assert odd == wandb_run_id("run", "thermo-p0.3-r0") != wandb_run_id("run", "thermo-p0_3-r0")
+    assert odd.startswith("run-thermo-p0_3-r0-") and len(wandb_run_id("r" * 300, "t")) == 64
 
 
 def test_only_epoch_results_are_tracked() -> None:
@@ -258,6 +265,11 @@ def test_sweep_trackers_hold_the_parquet_readings(
                     assert w["summary"][name] == value, (trial_id, name)
 
 
+def _wandb_run_started(run_dir: Path) -> bool:
+    """Whether a W&B run has begun: wandb.init makes its directory at once (the run file is buffered)."""
+    return any((run_dir / "wandb").glob("offline-run-*"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_resumed_trial_continues_its_tracker_runs(tmp_path: Path) -> None:
@@ -269,7 +281,9 @@ def test_a_resumed_trial_continues_its_tracker_runs(tmp_path: Path) -> None:
     from mlflow import MlflowClient
     from test_sweep import _checkpoint_in_experiment_state
 
-    base = {**TINY_BASE, "epochs": 4, "eval_every": 0, "num_train": 512, "prior_steps": 10}
+    # long enough (30 epochs of 64 steps) for the first driver's W&B run to begin before the kill
+    epochs = 30
+    base = {**TINY_BASE, "epochs": epochs, "eval_every": 0, "num_train": 1024, "posterior_steps": 10}
     grid_file = tmp_path / "resume.json"
     cells = [{"name": "vanilla", "objective": "vanilla"}]
     grid_file.write_text(json.dumps({"preset": "digits", "base": base, "repetitions": 1, "cells": cells}))
@@ -289,7 +303,8 @@ def test_a_resumed_trial_continues_its_tracker_runs(tmp_path: Path) -> None:
     started: list = []
     try:
         deadline = time.time() + 300
-        while not _checkpoint_in_experiment_state(run_dir):
+        # kill once a checkpoint can be resumed and the first driver's W&B run has begun
+        while not (_checkpoint_in_experiment_state(run_dir) and _wandb_run_started(run_dir)):
             assert driver.poll() is None, "the driver ended before the first checkpoint"
             assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
@@ -304,17 +319,21 @@ def test_a_resumed_trial_continues_its_tracker_runs(tmp_path: Path) -> None:
     done = subprocess.run(resume, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
     assert done.returncode == 0, (tmp_path / "driver.log").read_text()[-3000:]
 
-    epochs = pd.read_parquet(run_dir / "results" / "epochs.parquet").set_index("epoch")
-    assert sorted(epochs.index) == [1, 2, 3, 4]
+    table = pd.read_parquet(run_dir / "results" / "epochs.parquet").set_index("epoch")
+    assert sorted(table.index) == list(range(1, epochs + 1))
     client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
     (experiment,) = [e for e in client.search_experiments() if e.name == "resumed"]
     (run,) = client.search_runs([experiment.experiment_id])  # one run, continued
     assert run.info.status == "FINISHED"
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
-    assert logged == epochs["train_loss"].to_dict()
-    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    runs = [read_run(p) for p in files]
-    assert len(runs) == 2 and len({r["id"] for r in runs}) == 1  # one W&B run, written by both drivers
+    assert logged == table["train_loss"].to_dict()
+    # one W&B run, begun by each driver: `offline-run-<time>-<run id>`, the same id twice
+    run_id = wandb_run_id("resumed", "vanilla-r0")
+    sessions = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2 and all(d.name.endswith(f"-{run_id}") for d in sessions)
+    # the killed driver's file may be cut short (W&B buffers it); what it holds and the resumed one's
+    runs = [read_run(p) for p in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
+    assert {r["id"] for r in runs if "id" in r} == {run_id}
     steps = {s for r in runs for s in r["history"]}
-    assert steps == {1, 2, 3, 4}
-    assert runs[-1]["summary"]["train_loss"] == epochs.loc[4, "train_loss"]
+    assert steps == set(range(1, epochs + 1))
+    assert runs[-1]["summary"]["train_loss"] == table.loc[epochs, "train_loss"]
