@@ -131,8 +131,8 @@ class ProgressMeter:
 
 
 class TerminalBar:
-    """One updating tqdm line for a run in a terminal: the run's steps so far of all its steps, with the
-    report's images/s and ETAs beside it. `write` prints a line above the bar (the epoch lines)."""
+    """One updating tqdm line for a run in a terminal: the report (step, images/s, ETAs), then a bar of the
+    run's steps so far of all its steps. `write` prints a line above the bar (the epoch lines)."""
 
     def __init__(self, epochs: int, stream: object = None) -> None:
         self.epochs = epochs
@@ -146,11 +146,11 @@ class TerminalBar:
             self._bar = tqdm(
                 total=self.epochs * p.steps,
                 file=self.stream,
-                bar_format="{l_bar}{bar}| {postfix}",
+                bar_format="{desc}  {percentage:3.0f}%|{bar}|",
                 dynamic_ncols=True,
             )
         self._bar.n = (p.epoch - 1) * p.steps + p.step
-        self._bar.set_postfix_str(format_progress(p), refresh=True)
+        self._bar.set_description_str(format_progress(p), refresh=True)
 
     def write(self, line: str) -> None:
         if self._bar is None:
