@@ -308,11 +308,12 @@ def run_epoch(
     evaluator: Callable[..., dict] | None = None,
     on_partial: Callable[[PartialEpoch], None] | None = None,
     partial_every_s: float | None = None,
+    on_step: Callable[[StepProgress], None] | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """train_epoch, then every config.eval_every epochs val_ll and the gradient noise (model.readings) and,
-    if an evaluator is given, KID_inf and FID_inf of generated images. Those columns are NaN on epochs
-    without evaluation. A `PartialEpoch` state, `on_partial` and `partial_every_s` are train_epoch's
-    mid-epoch checkpoints.
+    """train_epoch (with its `on_step` hook), then every config.eval_every epochs val_ll and the gradient
+    noise (model.readings) and, if an evaluator is given, KID_inf and FID_inf of generated images. Those
+    columns are NaN on epochs without evaluation. A `PartialEpoch` state, `on_partial` and
+    `partial_every_s` are train_epoch's mid-epoch checkpoints.
     Raises DeviceMemoryError, before compiling, for a step that cannot fit the devices, and for XLA's
     out-of-memory error."""
     devices = list(devices or jax.local_devices())
@@ -326,6 +327,7 @@ def run_epoch(
             evaluator=evaluator,
             on_partial=on_partial,
             partial_every_s=partial_every_s,
+            on_step=on_step,
         )
 
 
@@ -338,9 +340,16 @@ def _run_epoch(
     evaluator: Callable[..., dict] | None,
     on_partial: Callable[[PartialEpoch], None] | None = None,
     partial_every_s: float | None = None,
+    on_step: Callable[[StepProgress], None] | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     state, readings = train_epoch(
-        config, state, dataset, devices=devices, on_partial=on_partial, partial_every_s=partial_every_s
+        config,
+        state,
+        dataset,
+        devices=devices,
+        on_partial=on_partial,
+        partial_every_s=partial_every_s,
+        on_step=on_step,
     )
     for name in (*METRIC_COLUMNS, *READING_NAMES):
         readings[name] = float("nan")
@@ -395,15 +404,18 @@ def fit(
     devices: Sequence[Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
+    on_step: Callable[[StepProgress], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train `config.epochs` epochs from scratch. Returns the final state and every epoch's readings;
-    `on_epoch(readings)` is called after each epoch (e.g. to write them)."""
+    `on_epoch(readings)` is called after each epoch (e.g. to write them), `on_step` after each step."""
     dataset = dataset or load_dataset(config)
     state = init_state(config)
     evaluator = make_evaluator_or_none(config, dataset, log)
     history = []
     for _ in range(config.epochs):
-        state, readings = run_epoch(config, state, dataset, devices=devices, evaluator=evaluator)
+        state, readings = run_epoch(
+            config, state, dataset, devices=devices, evaluator=evaluator, on_step=on_step
+        )
         history.append(readings)
         log(format_readings(readings))
         if on_epoch:

@@ -31,6 +31,7 @@ from model.loop import (
     train_epoch,
     validation_loss,
 )
+from model.progress import ProgressMeter, TerminalBar, format_progress
 from model.step import (
     StepSpec,
     compiled_eval_step,
@@ -71,6 +72,9 @@ __all__ = [
 ]
 
 
+DEFAULT_PROGRESS_EVERY_S = 30.0
+
+
 def write_epochs_parquet(rows: list[dict[str, Any]], config: ExperimentConfig, path: Path) -> None:
     """Write the readings as the run's epochs table atomically (a temporary file, then a rename): the
     schema's `RUN_EPOCH_COLUMNS` (the config beside every reading, thermo-only fields null for vanilla)
@@ -101,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config field, e.g. --set objective=thermo --set temp_power=6",
     )
     parser.add_argument("--out", type=Path, help="directory for epochs.parquet (and config.json)")
+    parser.add_argument(
+        "--progress-every-s",
+        type=float,
+        default=DEFAULT_PROGRESS_EVERY_S,
+        metavar="S",
+        help="report the epoch's step, images/s and ETAs at most every S seconds: an updating line in a "
+        f"terminal, plain lines otherwise (default {DEFAULT_PROGRESS_EVERY_S:g}; 0: off)",
+    )
     return parser
 
 
@@ -116,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
         check_devices(config.batch_size, jax.local_devices())
         check_step_fits(config, jax.local_devices())
+        if args.progress_every_s < 0:
+            raise ValueError(f"--progress-every-s {args.progress_every_s:g} must be >= 0 (0: no progress)")
         check_data_ready(config)  # one line and the prepare command, before anything compiles
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; pass a directory (created if missing)")
@@ -128,9 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows: list[dict[str, Any]] = []
+    bar = TerminalBar(config.epochs) if sys.stderr.isatty() else None
+    meter = ProgressMeter(
+        args.progress_every_s,
+        config.epochs,
+        bar or (lambda p: print(format_progress(p), flush=True)),
+    )
 
     def on_epoch(readings: dict[str, Any]) -> None:
         rows.append(readings)
+        meter.epoch_done(readings["epoch_time_s"])
         if args.out:
             write_epochs_parquet(rows, config, args.out / "epochs.parquet")
 
@@ -138,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     try:
-        fit(config, on_epoch=on_epoch, log=lambda s: print(s, flush=True))
+        log = bar.write if bar else lambda s: print(s, flush=True)
+        fit(config, on_epoch=on_epoch, log=log, on_step=meter)
     except DivergenceError as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 3
     except DeviceMemoryError as err:  # XLA ran out of memory although the estimate let the step through
         parser.error(str(err))
+    finally:
+        if bar is not None:
+            bar.close()
     if args.out:
         print(f"readings: {args.out / 'epochs.parquet'}")
     return 0

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from model.config import ExperimentConfig
 from model.cost import TARGETS, CellPlan, Target, format_plan, plan_cell, refusal, target_from
+from sweep.bill import BillError, add_price_arguments, check_price_arguments
 
 __all__ = ["PlanError", "add_target_arguments", "format_plan", "plan", "target_of"]
 
@@ -22,7 +23,7 @@ class PlanError(ValueError):
 
 
 def add_target_arguments(p: argparse.ArgumentParser) -> None:
-    """--target, --target-flops, --target-memory-gib."""
+    """--target, --target-flops, --target-memory-gib, and the price flags of `sweep.bill`."""
     p.add_argument(
         "--target",
         choices=sorted(TARGETS),
@@ -43,6 +44,7 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="device memory in GiB (overrides --target's, e.g. 79 for an 80 GB A100)",
     )
+    add_price_arguments(p)  # the bill: sweep.bill
 
 
 def target_of(args: argparse.Namespace) -> Target | None:
@@ -65,6 +67,10 @@ def plan(
     """Plans of `cells` on the flags' target (None when none is named: memory and FLOPs only); raises
     PlanError naming every cell that does not fit a named target."""
     target = target_of(args)
+    try:
+        check_price_arguments(args, target is not None)
+    except BillError as err:
+        raise PlanError(str(err)) from None
     gpus = args.gpus_per_trial if args.gpus_per_trial > 0 else 1.0
     shown = target or TARGETS["cpu" if args.gpus_per_trial <= 0 else "h100"]
     plans = [plan_cell(name, config, shown, gpus) for name, config in cells]

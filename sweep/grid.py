@@ -14,7 +14,7 @@ from typing import Any
 
 from model.config import ExperimentConfig, parse_set_args
 from model.schema import EPOCHS_FILE, TRIALS_FILE
-from sweep import cost, launch, lease, preflight, rebuild
+from sweep import bill, cost, launch, lease, preflight, rebuild
 from sweep.grid_file import (
     GridError,
     TrialPlan,
@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(trial_table(plans, launch.resources_of(args)))
         print(cost.format_plan(cell_plans, len(plans) // max(len(cells), 1), target))
+        if args.price_per_gpu_hour is not None or args.spot_price_per_gpu_hour is not None:
+            counts = [sum(p.cell == name for p in plans) for name in cells]
+            bills = bill.run_bill(list(zip(cell_plans, cells.values(), counts, strict=True)), args)
+            print(bill.format_bill(bills, args))
         return 0
     run = args.name or launch.default_run_name(grid_name)
     try:
@@ -274,6 +278,8 @@ def _run_sweep(
             gpus_per_trial=args.gpus_per_trial,
             cpus_per_trial=args.cpus_per_trial,
             checkpoint_every_s=args.checkpoint_every_s,
+            run_uri=run_uri,
+            progress_every_s=args.progress_every_s,
         )
         broken = rebuild.unreadable_tune_state(run_uri) if args.resume else None
         if broken:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sweep.storage import read_json_uri, storage_join
+from sweep.trackers import add_watch_arguments, check_watch_arguments
 
 DEFAULT_STORAGE = "runs"
 STORAGE_ENV = "THERMOSWEEP_STORAGE"
@@ -77,6 +78,7 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_COMPILE_CACHE,
         help="JAX persistent compilation cache shared by trials ('none' disables)",
     )
+    add_watch_arguments(p)  # --progress-every-s, --tracker
 
 
 def check_ray_arguments(args: argparse.Namespace) -> None:
@@ -91,6 +93,10 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
             f"--checkpoint-every-s {every:g} must be a number of seconds > 0, e.g. 600 (or leave it out "
             "to checkpoint at every epoch's end only)"
         )
+    try:
+        check_watch_arguments(args, storage_of(args))
+    except ValueError as err:
+        raise LaunchError(str(err)) from None
 
 
 def storage_of(args: argparse.Namespace) -> str:
@@ -318,18 +324,22 @@ def run_config(
     metric_columns: dict[str, str],
     parameter_columns: dict[str, str],
 ) -> Any:
-    """The Tune RunConfig of a launch: the run's storage, its progress table, checkpoint retention and
+    """The Tune RunConfig of a launch: the run's storage, its progress table (with the trials' progress
+    inside epochs, `sweep.progress`), the trackers (`sweep.tracker_callbacks`), checkpoint retention and
     retries of crashed trials (none for an error a retry cannot cure: `sweep.failures`)."""
     from ray import tune
 
     from sweep.diskfull import StorageGuard
     from sweep.failures import TrialFailures, count_node_losses_apart
-    from sweep.partial import epoch_reporter
+    from sweep.progress import progress_reporter
+    from sweep.tracker_callbacks import tracker_callbacks
 
     count_node_losses_apart()
-    callbacks = [StorageGuard(), *callbacks, TrialFailures(args.max_failures)]
-    reporter = epoch_reporter(
-        metric_columns=metric_columns, parameter_columns=parameter_columns, max_report_frequency=30
+    run_uri = storage_join(storage, run)
+    trackers = tracker_callbacks(args, run=run, run_uri=run_uri)
+    callbacks = [StorageGuard(), *callbacks, *trackers, TrialFailures(args.max_failures)]
+    reporter = progress_reporter(
+        run_uri, metric_columns=metric_columns, parameter_columns=parameter_columns, max_report_frequency=30
     )
     return tune.RunConfig(
         name=run,

@@ -61,10 +61,15 @@ class _EpochTrial:
 def epoch_reporter(**kwargs: Any) -> Any:
     """Ray Tune's `CLIReporter(**kwargs)` whose table shows every trial's last epoch, also while its last
     result is a mid-epoch checkpoint's."""
+    return epoch_reporter_class()(**kwargs)
+
+
+def epoch_reporter_class() -> type:
+    """The CLIReporter subclass behind `epoch_reporter` (for reporters that add to its table)."""
     from ray import tune
 
     class EpochReporter(tune.CLIReporter):
         def _progress_str(self, trials: list, done: bool, *sys_info: str, **kw: Any) -> str:
             return super()._progress_str([_EpochTrial(t) for t in trials], done, *sys_info, **kw)
 
-    return EpochReporter(**kwargs)
+    return EpochReporter

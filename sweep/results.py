@@ -152,7 +152,9 @@ def error_message(text: str | None) -> str | None:
 
 def summarize(trials: Any, epochs: Any) -> Any:
     """Per cell (in trial order): repetitions done, errors, and mean +- std (ddof=1) over repetitions of
-    the final grad_var, KID_inf (kid_rbf_inf, latest evaluated) and train_loss. Returns a DataFrame."""
+    the final grad_var, KID_inf (kid_rbf_inf, latest evaluated) and train_loss, and the mean seconds per
+    epoch over every epoch row of the cell (`epoch_s`; the first epochs include compiling). Returns a
+    DataFrame."""
     import pandas as pd
 
     rows = []
@@ -168,6 +170,11 @@ def summarize(trials: Any, epochs: Any) -> Any:
             values = pd.to_numeric(done[col], errors="coerce").dropna() if col in done else pd.Series([])
             row[f"{name}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        times = pd.Series([], dtype=float)
+        if "epoch_time_s" in epochs:
+            mine = epochs[epochs["trial_id"].isin(group["trial_id"])]
+            times = pd.to_numeric(mine["epoch_time_s"], errors="coerce").dropna()
+        row["epoch_s"] = float(times.mean()) if len(times) else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -181,7 +188,7 @@ def format_summary(summary: Any) -> str:
             return "-"
         return f"{mean:{fmt}} +- {std:{fmt}}" if not math.isnan(std) else f"{mean:{fmt}}"
 
-    header = ["cell", "done", "err", "final grad_var", "final KID_inf (rbf)", "final train_loss"]
+    header = ["cell", "done", "err", "final grad_var", "final KID_inf (rbf)", "final train_loss", "s/epoch"]
     body = [
         [
             str(r["cell"]),
@@ -190,6 +197,7 @@ def format_summary(summary: Any) -> str:
             pm(r, "grad_var", ".3e"),
             pm(r, "kid_rbf_inf", ".4f"),
             pm(r, "train_loss", ".4g"),
+            "-" if math.isnan(r.get("epoch_s", float("nan"))) else f"{r['epoch_s']:.3g}",
         ]
         for _, r in summary.iterrows()
     ]

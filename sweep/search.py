@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from model.config import ExperimentConfig
-from sweep import cost, launch, lease, preflight
+from sweep import bill, cost, launch, lease, preflight
 from sweep.optuna_search import base_config
 from sweep.results import ResultsTables
 from sweep.storage import storage_join, write_json_uri
@@ -181,6 +181,8 @@ def _main(args: argparse.Namespace) -> int:
         raise SearchError(str(err)) from None
     if args.dry_run:
         print(cost.format_plan(plans, args.trials, target))
+        if args.price_per_gpu_hour is not None or args.spot_price_per_gpu_hour is not None:
+            print(bill.format_bill(bill.run_bill([(plans[0], config, args.trials)], args), args))
         return 0
     try:
         preflight.check_data([(f"{args.base}-thermo", config)], local=args.address is None)
@@ -452,6 +454,8 @@ def _fit(
                 gpus_per_trial=args.gpus_per_trial,
                 cpus_per_trial=args.cpus_per_trial,
                 checkpoint_every_s=args.checkpoint_every_s,
+                run_uri=run_uri,
+                progress_every_s=args.progress_every_s,
             ),
             param_space={},
             tune_config=tune.TuneConfig(

@@ -128,16 +128,21 @@ def run_trial(
     samples_uri: str | None,
     gpus_per_trial: float = 0.0,
     checkpoint_every_s: float | None = None,
+    run_uri: str | None = None,
+    progress_every_s: float = 0.0,
 ) -> None:
     """Train one trial to its last epoch, reporting readings and an Orbax checkpoint every epoch, and with
     `checkpoint_every_s` also a mid-epoch checkpoint after that many seconds of training inside an epoch
-    (reported as a result without readings: `sweep.partial`).
+    (reported as a result without readings: `sweep.partial`). Progress goes to the log and, every
+    `progress_every_s` seconds, to `<run_uri>/progress/<trial_id>.json`.
 
     Resumes from `tune.get_checkpoint()` when Tune restarts the trial, falling back to an older checkpoint
     if that one cannot be read. An error that a retry cannot cure (`sweep.failures.is_fatal`: divergence,
     invalid config, no readable checkpoint) is reported, as one line with `FATAL_KEY`, before it is
     raised, so the driver ends the trial in ERROR without retrying it; a divergence is reported with a
-    checkpoint that records it, so a later restart stops at once instead of training the epoch again."""
+    checkpoint that records it, so a later restart stops at once instead of training the epoch again.
+    With `run_uri` and `progress_every_s` > 0, where the epoch stands is printed and written to
+    `sweep.progress.progress_uri(run_uri, trial_id)` at most every `progress_every_s` seconds."""
     from ray import tune
 
     from sweep.failures import FATAL_KEY, is_fatal, one_line
@@ -152,6 +157,7 @@ def run_trial(
             samples_uri=samples_uri,
             gpus_per_trial=gpus_per_trial,
             checkpoint_every_s=checkpoint_every_s,
+            progress=_progress_meter(trial_id, run_uri, progress_every_s),
         )
     except Exception as err:
         if not is_fatal(err):
@@ -161,6 +167,19 @@ def run_trial(
         raise
 
 
+def _progress_meter(trial_id: str, run_uri: str | None, every_s: float) -> Any:
+    """The trial's `on_step` hook: a plain progress line and the progress file the driver reads."""
+    from model.progress import ProgressMeter, format_progress
+    from sweep.progress import progress_uri, write_progress
+
+    def emit(p: Any) -> None:
+        print(f"[{trial_id}] {format_progress(p)}", flush=True)
+        if run_uri is not None:
+            write_progress(progress_uri(run_uri, trial_id), {"trial_id": trial_id, **p.to_dict()})
+
+    return ProgressMeter(every_s, 0, emit)
+
+
 def _train_trial(
     tune_config: dict[str, Any],
     trial_id: str,
@@ -168,6 +187,7 @@ def _train_trial(
     samples_uri: str | None,
     gpus_per_trial: float,
     checkpoint_every_s: float | None = None,
+    progress: Any,
 ) -> None:
     from ray import tune
 
@@ -244,6 +264,8 @@ def _train_trial(
                     checkpoint=tune.Checkpoint.from_directory(directory),
                 )
 
+        progress.epochs = config.epochs
+        progress.epoch_seconds = [float(r["epoch_time_s"]) for r in history if "epoch_time_s" in r]
         evaluator = None
         if completed_epochs(state) < config.epochs:
             evaluator = mt.make_evaluator_or_none(config, dataset, log=lambda s: print(f"[{trial_id}] {s}"))
@@ -257,6 +279,7 @@ def _train_trial(
                     evaluator=evaluator,
                     on_partial=save_partial if checkpoint_every_s else None,
                     partial_every_s=checkpoint_every_s,
+                    on_step=progress,
                 )
             except mt.DivergenceError as err:
                 message = f"DivergenceError: {err}"
@@ -270,6 +293,7 @@ def _train_trial(
                 raise
             readings = {k: _plain(v) for k, v in readings.items()}
             history.append(readings)
+            progress.epoch_done(readings["epoch_time_s"])
             epoch = int(readings["epoch"])
             due = config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs)
             if samples_uri and due:
@@ -298,11 +322,14 @@ def make_trainable(
     gpus_per_trial: float = 0.0,
     cpus_per_trial: float = 1.0,
     checkpoint_every_s: float | None = None,
+    run_uri: str | None = None,
+    progress_every_s: float = 0.0,
 ) -> Callable[[dict[str, Any]], None]:
     """The Ray trainable (a function trainable with its resources) for `Tuner(...)` / `Tuner.restore`.
 
     Each trial asks Ray for `cpus_per_trial` CPUs and `gpus_per_trial` GPUs and trains data-parallel on
-    the devices it sees (set up by `trial_env`). Sample grids go under `samples_uri/<trial_id>/`.
+    the devices it sees (set up by `trial_env`). Sample grids go under `samples_uri/<trial_id>/`, progress
+    reports (every `progress_every_s` seconds, 0: none) to `<run_uri>/progress/<trial_id>.json`.
     `checkpoint_every_s` adds mid-epoch checkpoints (a launch setting, not part of any trial's config)."""
     from ray import tune
 
@@ -312,6 +339,8 @@ def make_trainable(
             samples_uri=samples_uri,
             gpus_per_trial=gpus_per_trial,
             checkpoint_every_s=checkpoint_every_s,
+            run_uri=run_uri,
+            progress_every_s=progress_every_s,
         )
 
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
