@@ -238,6 +238,9 @@ def reevaluate(
         if trial_id in done:
             log(f"{where}: already in {readings_file(tag)}, skipped")
             continue
+        if trial.get("status") in ("PENDING", "RUNNING"):
+            log(f"{where}: {trial['status']}, not finished: skipped (run the command again once it is)")
+            continue
         config = apply_overrides(ExperimentConfig(**json.loads(trial["config_json"])), overrides)
         start = time.perf_counter()
         try:

@@ -120,6 +120,23 @@ def test_own_settings_reproduce_the_runs_readings_exactly(tiny_run):
     assert rv.reevaluate(str(run), {}, "own", log=lambda s: None)[1] == 0  # done trials are skipped
 
 
+def test_unfinished_trials_are_skipped(tiny_run, tmp_path):
+    import shutil
+
+    from sweep.results import ResultsTables
+
+    run, _ = tiny_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(run, copy)
+    tables = ResultsTables(str(copy / "results"))
+    tables.upsert_trial("vanilla-r1", status="RUNNING")
+    tables.flush()
+    lines = []
+    out, n = rv.reevaluate(str(copy), {"val_ll_temps": 9}, "t9", readings=("val_ll",), log=lines.append)
+    assert n == 1 and pd.read_parquet(out)["trial_id"].tolist() == ["vanilla-r0"]
+    assert any("vanilla-r1: RUNNING, not finished" in line for line in lines)
+
+
 def test_another_setting_changes_only_the_readings(tiny_run):
     run, written = tiny_run
     before = _digest(run)
