@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.remote import RemotePath, as_path, read_parquet
 from model.schema import EPOCHS_FILE, TRIALS_FILE, readings_file
 
 _SAMPLE_RE = re.compile(r"epoch_(\d+)\.png$")
@@ -34,7 +35,7 @@ class Results:
     samples: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=["run", "trial_id", "epoch", "path"])
     )
-    sources: tuple[Path, ...] = ()
+    sources: tuple[Path | RemotePath, ...] = ()
     readings: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=["source", "tag", "settings", "columns", "trials"])
     )
@@ -137,9 +138,9 @@ def use_readings(epochs: pd.DataFrame, taken: pd.DataFrame) -> tuple[pd.DataFram
 
 
 def _read_one(
-    results_dir: Path, readings: str | None = None
+    results_dir: Path | RemotePath, readings: str | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict | None]:
-    trials = pd.read_parquet(results_dir / TRIALS_FILE)
+    trials = read_parquet(results_dir / TRIALS_FILE)
     if "trial_id" not in trials.columns:
         raise ValueError(
             f"{results_dir / TRIALS_FILE} has no trial_id column; it is not a sweep trials table"
@@ -152,7 +153,7 @@ def _read_one(
     trials = estimator_columns(trials)
     epochs_path = results_dir / EPOCHS_FILE
     epochs = (
-        pd.read_parquet(epochs_path) if epochs_path.exists() else pd.DataFrame(columns=["trial_id", "epoch"])
+        read_parquet(epochs_path) if epochs_path.exists() else pd.DataFrame(columns=["trial_id", "epoch"])
     )
     epochs["trial_id"] = epochs["trial_id"].astype(str)
     if "run" not in epochs.columns or epochs["run"].isna().any():
@@ -168,7 +169,7 @@ def _read_one(
                 f"{path} does not exist; write it with python -m sweep.reevaluate {results_dir.parent} "
                 f"--tag {readings} --set ..., or leave out --readings"
             )
-        taken = pd.read_parquet(path)
+        taken = read_parquet(path)
         epochs, cols = use_readings(epochs, taken)
         settings = str(taken["settings_json"].iloc[0]) if len(taken) else ""
         used = {"source": str(path), "tag": readings, "settings": settings, "columns": ", ".join(cols)}
@@ -183,14 +184,15 @@ def load(*paths: str | Path, readings: str | None = None) -> Results:
     """Load one or several runs' Parquet tables into a `Results` (each row keeps its run name).
 
     Each path may be a run directory (holding results/), a results directory, a trials/epochs Parquet
-    file, or a storage directory holding several runs. Returns the trials (one per cell x repetition),
+    file, or a storage directory holding several runs; local, or a URI such as s3://bucket/runs/run
+    (S3-compatible stores through AWS_ENDPOINT_URL). Returns the trials (one per cell x repetition),
     their per-epoch readings, and the latest sample grid of each trial. `readings=TAG` takes the
     readings of each run's `results/readings-TAG.parquet` (`python -m sweep.reevaluate`) in place of its
     own (`use_readings`).
     """
     if not paths:
         raise ValueError("load() needs at least one path; pass a run directory such as runs/my-sweep")
-    dirs = list(dict.fromkeys(d.resolve() for p in paths for d in _results_dirs(Path(p))))
+    dirs = list(dict.fromkeys(d.resolve() for p in paths for d in _results_dirs(as_path(p))))
     parts = [_read_one(d, readings) for d in dirs]
     trials = pd.concat([p[0] for p in parts], ignore_index=True)
     epochs = (
