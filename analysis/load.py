@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.remote import RemotePath, as_path, read_parquet
-from model.schema import EPOCHS_FILE, TRIALS_FILE
+from model.schema import EPOCHS_FILE, TRIALS_FILE, readings_file
 
 _SAMPLE_RE = re.compile(r"epoch_(\d+)\.png$")
 
@@ -26,6 +26,8 @@ class Results:
     epochs: one row per trial and epoch, with the run name of its trial.
     samples: the latest saved sample-image grid per trial (run, trial_id, epoch, path); may be empty.
     sources: the results directories read, in order.
+    readings: the re-evaluated readings in use (`load(..., readings=TAG)`): one row per source with the
+        tag, the settings they were taken with, the columns they replace and the trials they cover.
     """
 
     trials: pd.DataFrame
@@ -34,6 +36,9 @@ class Results:
         default_factory=lambda: pd.DataFrame(columns=["run", "trial_id", "epoch", "path"])
     )
     sources: tuple[Path | RemotePath, ...] = ()
+    readings: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["source", "tag", "settings", "columns", "trials"])
+    )
 
     @property
     def runs(self) -> list[str]:
@@ -112,7 +117,29 @@ def estimator_columns(trials: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-def _read_one(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+# Columns of a readings-<tag>.parquet that describe the re-evaluation rather than hold a reading.
+_REEVALUATION_META = {
+    "run", "trial_id", "cell", "repetition", "epoch", "tag", "settings_json", "draw", "reevaluate_time_s",
+    "reevaluated_at", "val_ll_examples", "val_ll_temps", "val_ll_chains", "val_ll_prior_chains",
+    "grad_noise_draws", "eval_num_min", "eval_num_max", "eval_num_points", "eval_with_replacement",
+}  # fmt: skip
+
+
+def use_readings(epochs: pd.DataFrame, taken: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """`epochs` with the reading columns of `taken` (a readings-<tag>.parquet written by
+    `python -m sweep.reevaluate`) in place of the run's own: each such column is emptied on every row and
+    filled from `taken` at its (trial_id, epoch), so no trial keeps a reading taken with other settings
+    (a trial that was not re-evaluated has none). Returns (epochs, the columns replaced)."""
+    cols = [c for c in taken.columns if c not in _REEVALUATION_META]
+    mine = taken[["trial_id", "epoch", *cols]].astype({"trial_id": str, "epoch": "int64"})
+    out = epochs.drop(columns=[c for c in cols if c in epochs.columns])
+    out = out.astype({"epoch": "int64"}).merge(mine, on=["trial_id", "epoch"], how="left")
+    return out, cols
+
+
+def _read_one(
+    results_dir: Path | RemotePath, readings: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict | None]:
     trials = read_parquet(results_dir / TRIALS_FILE)
     if "trial_id" not in trials.columns:
         raise ValueError(
@@ -134,24 +161,39 @@ def _read_one(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
         filled = epochs["trial_id"].map(run_of).fillna(name)
         epochs["run"] = epochs["run"].fillna(filled) if "run" in epochs.columns else filled
     epochs["run"] = epochs["run"].astype(str)
+    used = None
+    if readings is not None:
+        path = results_dir / readings_file(readings)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist; write it with python -m sweep.reevaluate {results_dir.parent} "
+                f"--tag {readings} --set ..., or leave out --readings"
+            )
+        taken = read_parquet(path)
+        epochs, cols = use_readings(epochs, taken)
+        settings = str(taken["settings_json"].iloc[0]) if len(taken) else ""
+        used = {"source": str(path), "tag": readings, "settings": settings, "columns": ", ".join(cols)}
+        used["trials"] = f"{taken['trial_id'].nunique()} of {len(trials)}"
     run_dir = results_dir.parent if results_dir.name == "results" else results_dir
     samples = pd.concat([latest_samples(run_dir, r) for r in dict.fromkeys(trials["run"])], ignore_index=True)
     samples = samples[samples["trial_id"].isin(set(trials["trial_id"]))]
-    return trials, epochs, samples
+    return trials, epochs, samples, used
 
 
-def load(*paths: str | Path) -> Results:
+def load(*paths: str | Path, readings: str | None = None) -> Results:
     """Load one or several runs' Parquet tables into a `Results` (each row keeps its run name).
 
     Each path may be a run directory (holding results/), a results directory, a trials/epochs Parquet
     file, or a storage directory holding several runs; local, or a URI such as s3://bucket/runs/run
     (S3-compatible stores through AWS_ENDPOINT_URL). Returns the trials (one per cell x repetition),
-    their per-epoch readings, and the latest sample grid of each trial.
+    their per-epoch readings, and the latest sample grid of each trial. `readings=TAG` takes the
+    readings of each run's `results/readings-TAG.parquet` (`python -m sweep.reevaluate`) in place of its
+    own (`use_readings`).
     """
     if not paths:
         raise ValueError("load() needs at least one path; pass a run directory such as runs/my-sweep")
     dirs = list(dict.fromkeys(d.resolve() for p in paths for d in _results_dirs(as_path(p))))
-    parts = [_read_one(d) for d in dirs]
+    parts = [_read_one(d, readings) for d in dirs]
     trials = pd.concat([p[0] for p in parts], ignore_index=True)
     epochs = (
         pd.concat([p[1] for p in parts if len(p[1])], ignore_index=True)
@@ -170,4 +212,13 @@ def load(*paths: str | Path) -> Results:
     if len(epochs) and "epoch" in epochs.columns:
         epochs = epochs.drop_duplicates(["run", "trial_id", "epoch"], keep="last")
         epochs = epochs.sort_values(["run", "trial_id", "epoch"], kind="stable").reset_index(drop=True)
-    return Results(trials=trials, epochs=epochs, samples=samples.reset_index(drop=True), sources=tuple(dirs))
+    used = pd.DataFrame(
+        [p[3] for p in parts if p[3] is not None], columns=["source", "tag", "settings", "columns", "trials"]
+    )
+    return Results(
+        trials=trials,
+        epochs=epochs,
+        samples=samples.reset_index(drop=True),
+        sources=tuple(dirs),
+        readings=used,
+    )

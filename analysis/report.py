@@ -286,6 +286,11 @@ def build_report(
         "Error bars and ± are one standard deviation over repetitions (ddof=1)."
     )
     rep.items([f"`{d}`" for d in results.sources])
+    for r in results.readings.itertuples(index=False):
+        rep.p(
+            f"Readings `{r.columns}` are re-evaluated ones (`{r.source}`, tag `{r.tag}`, settings "
+            f"`{r.settings}`; {r.trials} trials), in place of the run's own: a trial without them has none."
+        )
     if "epochs" in final.columns and "final_epoch" in final.columns:
         short = final[pd.to_numeric(final["epochs"], errors="coerce") > final["final_epoch"]]
         if len(short):
@@ -430,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, required=True, help="output directory for the report")
     ap.add_argument("--title", default=None, help="report title (default: thermosweep report: <runs>)")
     ap.add_argument(
+        "--readings",
+        default=None,
+        metavar="TAG",
+        help="use each run's results/readings-TAG.parquet (python -m sweep.reevaluate) in place of its "
+        "own readings",
+    )
+    ap.add_argument(
         "--log-x",
         choices=("auto", "yes", "no"),
         default="auto",
@@ -444,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out} is a file; pass a directory (created if missing)")
     try:
-        results = load(*args.runs)
+        results = load(*args.runs, readings=args.readings)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

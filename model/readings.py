@@ -106,12 +106,19 @@ def compiled_gradient(spec: StepSpec) -> Callable[..., Any]:
 
 
 def evaluation_readings(
-    config: ExperimentConfig, params: dict[str, Any], train: np.ndarray, val: np.ndarray, epoch: int
+    config: ExperimentConfig,
+    params: dict[str, Any],
+    train: np.ndarray,
+    val: np.ndarray,
+    epoch: int,
+    key: jax.Array | None = None,
 ) -> dict[str, float]:
     """val_ll (+ stderr) and the gradient noise per network at `params`, with their wall times; the
-    readings a config turns off (size 0) are NaN."""
+    readings a config turns off (size 0) are NaN. `key` defaults to the epoch's own (seed, epoch) key,
+    the one training uses; `sweep.reevaluate` passes others for independent Monte Carlo draws."""
     out = dict.fromkeys(READING_NAMES, float("nan"))
-    key = jax.random.fold_in(jax.random.key(config.seed), 3_000_000 + epoch)
+    if key is None:
+        key = jax.random.fold_in(jax.random.key(config.seed), 3_000_000 + epoch)
     if config.val_ll_examples and len(val) >= 2:
         start = time.perf_counter()
         out.update(validation_log_likelihood(config, params, val, jax.random.fold_in(key, 0)))

@@ -23,6 +23,15 @@ import pyarrow as pa
 RESULTS_DIR = "results"
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
+READINGS_PREFIX = (
+    "readings-"  # results/readings-<tag>.parquet: a run's readings taken again (sweep.reevaluate)
+)
+
+
+def readings_file(tag: str) -> str:
+    """The file name of the readings `python -m sweep.reevaluate --tag TAG` writes beside the run's tables."""
+    return f"{READINGS_PREFIX}{tag}.parquet"
+
 
 Columns = dict[str, tuple[pa.DataType, str]]  # name: (arrow type, meaning)
 

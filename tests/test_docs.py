@@ -34,6 +34,7 @@ CLI_PAGES = {
     "model.metrics.inception": "docs/inception.md",
     "sweep.grid": "docs/sweeps.md",
     "sweep.search": "docs/search.md",
+    "sweep.reevaluate": "docs/analysis.md",
     "analysis.report": "docs/analysis.md",
     "analysis.legacy": "docs/analysis.md",
 }
