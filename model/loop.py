@@ -19,8 +19,8 @@ import numpy as np
 
 from model.config import ExperimentConfig, check_devices
 from model.data import Dataset, load_dataset
-from model.device_memory import check_step_fits, out_of_memory_as_advice
 from model.objectives import Hyper
+from model.plan.device_memory import check_step_fits, out_of_memory_as_advice
 from model.readings import READING_NAMES, evaluation_readings
 from model.step import (
     StepSpec,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
-from model.device_memory import DeviceMemoryError, check_step_fits
 from model.loop import (
     DivergenceError,
     TrainState,
@@ -30,6 +29,7 @@ from model.loop import (
     train_epoch,
     validation_loss,
 )
+from model.plan.device_memory import DeviceMemoryError, check_step_fits
 from model.step import (
     StepSpec,
     compiled_eval_step,

@@ -1,4 +1,4 @@
-"""Cost of the evaluation readings against one training epoch: `python -m model.bench_readings`.
+"""Cost of the evaluation readings against one training epoch: `python -m model.bench.readings`.
 
 Trains one epoch of the cell (compiling), then times further epochs and the readings of `model.readings`
 (val_ll and gradient noise at the config's sizes) at the parameters it reached, interleaved and warm
@@ -66,7 +66,7 @@ def measure(config: ExperimentConfig, repeats: int = 3) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m model.bench_readings", description=__doc__.split("\n")[0]
+        prog="python -m model.bench.readings", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--preset", default="digits")
     parser.add_argument(
