@@ -190,6 +190,12 @@ def fig_grad_var_vs_p(final: pd.DataFrame, dataset: str) -> Figure | None:
 
 
 def _fit_curve(ax, fit: pd.Series, color: str, ls: str, label: str) -> None:
+    """The regime's quadratic over its cells' x range, R^2 in the legend; none where the quadratic passes
+    through every cell (dof 0), and the legend says so."""
+    if fit.get("dof", 1) == 0:
+        note = f"{label}: no fit, {int(fit['n_cells'])} cells leave a quadratic no degrees of freedom"
+        ax.plot([], [], color=color, ls="none", label=note)
+        return
     lo, hi = float(fit["x_min"]), float(fit["x_max"])
     if str(fit["x"]).startswith("log10"):
         xs = np.logspace(np.log10(lo), np.log10(hi), 100)

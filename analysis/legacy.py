@@ -230,7 +230,8 @@ def write_results(trials: pd.DataFrame, epochs: pd.DataFrame, out: str | Path) -
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m analysis.legacy`."""
     ap = argparse.ArgumentParser(
         prog="python -m analysis.legacy",
         description="Convert the paper's per-epoch CSVs (logs/, extra_logs/) into trials/epochs Parquet.",
@@ -242,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--run", default=None, help="run name stored in every row (default: the --out folder name)"
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     run = args.run or args.out.resolve().name
     try:

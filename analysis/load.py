@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.remote import RemotePath, as_path, read_parquet
 from model.schema import EPOCHS_FILE, TRIALS_FILE
 
 _SAMPLE_RE = re.compile(r"epoch_(\d+)\.png$")
@@ -32,7 +33,7 @@ class Results:
     samples: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=["run", "trial_id", "epoch", "path"])
     )
-    sources: tuple[Path, ...] = ()
+    sources: tuple[Path | RemotePath, ...] = ()
 
     @property
     def runs(self) -> list[str]:
@@ -112,7 +113,7 @@ def estimator_columns(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_one(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    trials = pd.read_parquet(results_dir / TRIALS_FILE)
+    trials = read_parquet(results_dir / TRIALS_FILE)
     if "trial_id" not in trials.columns:
         raise ValueError(
             f"{results_dir / TRIALS_FILE} has no trial_id column; it is not a sweep trials table"
@@ -125,7 +126,7 @@ def _read_one(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
     trials = estimator_columns(trials)
     epochs_path = results_dir / EPOCHS_FILE
     epochs = (
-        pd.read_parquet(epochs_path) if epochs_path.exists() else pd.DataFrame(columns=["trial_id", "epoch"])
+        read_parquet(epochs_path) if epochs_path.exists() else pd.DataFrame(columns=["trial_id", "epoch"])
     )
     epochs["trial_id"] = epochs["trial_id"].astype(str)
     if "run" not in epochs.columns or epochs["run"].isna().any():
@@ -143,12 +144,13 @@ def load(*paths: str | Path) -> Results:
     """Load one or several runs' Parquet tables into a `Results` (each row keeps its run name).
 
     Each path may be a run directory (holding results/), a results directory, a trials/epochs Parquet
-    file, or a storage directory holding several runs. Returns the trials (one per cell x repetition),
+    file, or a storage directory holding several runs; local, or a URI such as s3://bucket/runs/run
+    (S3-compatible stores through AWS_ENDPOINT_URL). Returns the trials (one per cell x repetition),
     their per-epoch readings, and the latest sample grid of each trial.
     """
     if not paths:
         raise ValueError("load() needs at least one path; pass a run directory such as runs/my-sweep")
-    dirs = list(dict.fromkeys(d.resolve() for p in paths for d in _results_dirs(Path(p))))
+    dirs = list(dict.fromkeys(d.resolve() for p in paths for d in _results_dirs(as_path(p))))
     parts = [_read_one(d) for d in dirs]
     trials = pd.concat([p[0] for p in parts], ignore_index=True)
     epochs = (

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pandas as pd
 from analysis import figures as F
 from analysis import readings as R
 from analysis.load import Results, load
+from analysis.remote import read_bytes
 from analysis.render import Report, fmt, render_html, render_markdown
 from analysis.summary import (
     cell_label,
@@ -73,6 +73,13 @@ def _save(rep: Report, fig, out: Path, name: str, caption: str, skip_reason: str
     rep.image(path, caption)
 
 
+def _say_why_empty(rep: Report, reasons: list[str] | None) -> None:
+    """Under a section that drew nothing, one line saying why (the reasons also go under Skipped)."""
+    if reasons is not None:
+        said = "; ".join(r for r in reasons if r)
+        rep.p(f"Nothing to show: {said}." if said else "Nothing to show.")
+
+
 def _missing(df: pd.DataFrame, cols: list[str]) -> list[str]:
     return [c for c in cols if c not in df.columns or df[c].isna().all()]
 
@@ -90,7 +97,7 @@ def _copy_samples(results: Results, final: pd.DataFrame, out: Path, rep: Report)
         safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", r.trial_id)
         dst = out / "samples" / re.sub(r"[^A-Za-z0-9._=-]+", "_", r.run) / f"{safe}_epoch_{r.epoch:04d}.png"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(r.path, dst)
+        dst.write_bytes(read_bytes(r.path))  # a local path or an s3:// URI
         where = (
             f"{F.dataset_title(r.dataset)} {r.cell}, repetition {r.repetition}" if meta is not None else ""
         )
@@ -153,6 +160,16 @@ def _why_no(objective: str, fig: str, what: str, readings: str) -> Callable[[Dat
     )
 
 
+def _why_no_extras(c: DatasetContext) -> str:
+    s = c.summary
+    has_extras = bool((s["dataset"].eq(c.dataset) & s["extra"].astype(bool)).any())
+    return f"{c.name} Fig. 6 (extra cells): " + (
+        "no kid_rbf_inf readings of the extra cells"
+        if has_extras
+        else "no thermo cell varies N_t, K or eta off the main setting"
+    )
+
+
 _FIDELITY = "quadratic fit per regime"
 DATASET_FIGURES: list[FigureSpec] = [
     FigureSpec(
@@ -202,7 +219,7 @@ DATASET_FIGURES: list[FigureSpec] = [
     FigureSpec(
         "fig06_extras_{tag}.png",
         "{name}: cells varying N_t, K or eta overlaid on the 0 < p <= 1 regime; baseline circled (Fig. 6)",
-        "{name} Fig. 6 (extra cells): no thermo cells off the main setting, or no kid_rbf_inf",
+        _why_no_extras,
         lambda c: F.fig_extras(c.summary, c.fits_of("kid_rbf_inf"), c.dataset),
         section="4. Extra thermo cells on the 0 < p <= 1 regime (Fig. 6)",
     ),
@@ -314,14 +331,20 @@ def build_report(
         tag = re.sub(r"[^A-Za-z0-9]+", "_", ds)
         rep.h(2, f"{name} (`{ds}`)")
         ctx = DatasetContext(ds, name, final, summary, fits, results.epochs)
+        empty_section: list[str] | None = None  # the current section's skip reasons while nothing is drawn
         for spec in DATASET_FIGURES:
             if spec.section:
+                _say_why_empty(rep, empty_section)
                 rep.h(3, spec.section)
+                empty_section = []
             fig = spec.draw(ctx) if spec.needs is None or spec.needs(ctx) else None
             ctx.drawn[spec.file] = fig is not None
             why = spec.why_skipped(ctx) if callable(spec.why_skipped) else spec.why_skipped.format(name=name)
             caption = spec.caption.format(name=name, time_col=ctx.time_col)
             _save(rep, fig, out, spec.file.format(tag=tag), caption, why)
+            if empty_section is not None:
+                empty_section = None if fig is not None else [*empty_section, why]
+        _say_why_empty(rep, empty_section)
     rep.skipped = [s for s in rep.skipped if s]
 
     rep.h(2, "Temperature schedules (Figs. 1-2)")
@@ -365,7 +388,9 @@ def build_report(
     rep.p(
         "y = a X^2 + b X + c fitted by least squares to the cell means of main-grid cells; X is the column "
         "`x` (grad_var, or log10(grad_var) when a data set's cell means span two decades or more); "
-        "R^2 = 1 - SS_res/SS_tot. With three cells a quadratic interpolates exactly (R^2 = 1)."
+        "R^2 = 1 - SS_res/SS_tot; `dof` = n_cells - 3. Through three cells a quadratic passes exactly "
+        "(dof 0): no degrees of freedom are left to judge it, so R^2 is left empty and the figures draw "
+        "no curve."
     )
     rep.table(fits[fits["n_cells"] > 0])
     rep.h(3, "Table 1 (and 2) restated as measured signs")
@@ -391,13 +416,16 @@ def _finish(rep: Report, out: Path, title: str) -> Path:
     return md
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m analysis.report`."""
     ap = argparse.ArgumentParser(
         prog="python -m analysis.report",
         description="Figures and tables of the paper (Figs. 1-6, 9-12, 14; Table 1) from sweep results.",
     )
     ap.add_argument(
-        "runs", nargs="+", type=Path, help="run directories (holding results/), results dirs or files"
+        "runs",
+        nargs="+",
+        help="run directories (holding results/), results dirs or files; local or s3://bucket/prefix/run",
     )
     ap.add_argument("--out", type=Path, required=True, help="output directory for the report")
     ap.add_argument("--title", default=None, help="report title (default: thermosweep report: <runs>)")
@@ -407,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="fit against log10(grad_var): auto = when cell means span two decades (default)",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out} is a file; pass a directory (created if missing)")

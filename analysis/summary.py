@@ -244,15 +244,15 @@ def cell_summary(final: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=[*keys, "regime", "label", "n_trials"])
     first = [c for c in [*CELL_PARAMS, "regime", "extra", "varied"] if c in final.columns and c not in keys]
     g = final.groupby(keys, sort=False, dropna=False)
-    out = g[first].first()
-    out["n_trials"] = g.size()
+    stats: dict[str, pd.Series] = {"n_trials": g.size()}
     for col in reading_columns(final):
         vals = pd.to_numeric(final[col], errors="coerce").astype("float64")
         gg = vals.groupby([final[k] for k in keys], sort=False, dropna=False)
-        out[f"{col}_mean"] = gg.mean()
-        out[f"{col}_std"] = gg.std(ddof=1)
-        out[f"{col}_count"] = gg.count()
-    out = out.reset_index()
+        stats[f"{col}_mean"] = gg.mean()
+        stats[f"{col}_std"] = gg.std(ddof=1)
+        stats[f"{col}_count"] = gg.count()
+    # built at once, not column by column: inserting ~100 columns one by one fragments the frame
+    out = pd.concat([g[first].first(), pd.DataFrame(stats)], axis=1).reset_index()
     out["label"] = [cell_label(r) for _, r in out.iterrows()]
     order = {r: i for i, r in enumerate(REGIMES)}
     out["_o"] = out["regime"].map(order).fillna(len(order))
@@ -292,19 +292,24 @@ def controllability_by_regime(ctrl: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Quadratic:
-    """y = a x^2 + b x + c fitted by least squares, with its coefficient of determination r2."""
+    """y = a x^2 + b x + c fitted by least squares, with its coefficient of determination r2 and its
+    residual degrees of freedom dof = points - 3 (with dof 0 the curve passes through every point and r2,
+    NaN then, would say nothing)."""
 
     a: float
     b: float
     c: float
     r2: float
+    dof: int = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.a * x**2 + self.b * x + self.c
 
 
 def fit_quadratic(x: np.ndarray, y: np.ndarray) -> Quadratic:
-    """Least-squares quadratic y(x) and its R^2 = 1 - SS_res / SS_tot (needs 3 distinct x)."""
+    """Least-squares quadratic y(x), its R^2 = 1 - SS_res / SS_tot and dof = len(x) - 3 (needs 3 distinct
+    x). Through exactly three points the quadratic interpolates them: no degrees of freedom are left to
+    judge it by, and R^2 is NaN rather than a vacuous 1."""
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     if len(np.unique(x)) < 3:
@@ -314,7 +319,9 @@ def fit_quadratic(x: np.ndarray, y: np.ndarray) -> Quadratic:
     a, b, c = np.polyfit(x, y, 2)
     res = float(np.sum((y - (a * x**2 + b * x + c)) ** 2))
     tot = float(np.sum((y - y.mean()) ** 2))
-    return Quadratic(float(a), float(b), float(c), 1.0 - res / tot if tot > 0 else float("nan"))
+    dof = len(x) - 3
+    r2 = 1.0 - res / tot if tot > 0 and dof > 0 else float("nan")
+    return Quadratic(float(a), float(b), float(c), r2, dof)
 
 
 def spans_decades(values: pd.Series | np.ndarray, decades: float = 2.0) -> bool:
@@ -332,6 +339,7 @@ def quadratic_fits(
 
     The regressor is grad_var itself, or log10(grad_var) when `log_x` is True; `log_x=None` picks log10 for
     a data set whose cell means span two decades or more. Returns a, b, c of y = a X^2 + b X + c, r2, the
+    residual degrees of freedom `dof` (n_cells - 3; with 0 the curve interpolates and r2 is NaN), the
     regressor used (column `x`), n_cells, the x range, and `note` when a regime has too few cells to fit.
     """
     cols = [
@@ -346,6 +354,7 @@ def quadratic_fits(
         "b",
         "c",
         "r2",
+        "dof",
         "x_min",
         "x_max",
         "note",
@@ -379,11 +388,12 @@ def quadratic_fits(
                 "b": np.nan,
                 "c": np.nan,
                 "r2": np.nan,
+                "dof": np.nan,
                 "note": "",
             }
             try:
                 q = fit_quadratic(xv, ok[my].to_numpy(float))
-                row.update(a=q.a, b=q.b, c=q.c, r2=q.r2)
+                row.update(a=q.a, b=q.b, c=q.c, r2=q.r2, dof=q.dof)
             except ValueError as e:
                 row["note"] = f"not fitted: {e}"
             rows.append(row)

@@ -7,6 +7,7 @@ files with `tfds.data_source`, which needs no TensorFlow.
 
 from __future__ import annotations
 
+import argparse
 from typing import NamedTuple
 
 import numpy as np
@@ -60,6 +61,23 @@ def load_digits_dataset(config: ExperimentConfig) -> Dataset:
     return Dataset("digits", np.ascontiguousarray(train), np.ascontiguousarray(val))
 
 
+class DataNotReadyError(ValueError):
+    """A config's data set cannot be read where it points: the message is one line with the fix."""
+
+
+def check_data_ready(config: ExperimentConfig) -> None:
+    """Raise DataNotReadyError (one line naming the directory and the prepare command) when
+    `config.dataset` is not prepared where training would read it; digits (embedded) always is."""
+    if config.dataset == "digits":
+        return
+    from model import tfds_data
+
+    name = tfds_data.resolve_tfds_name(config.dataset)
+    problem = tfds_data.not_prepared(name, tfds_data.resolve_data_dir(config.data_dir))
+    if problem:
+        raise DataNotReadyError(problem)
+
+
 def load_dataset(config: ExperimentConfig) -> Dataset:
     """The data set named by `config.dataset`, as `Dataset(train, val)` in [-1, 1]."""
     if config.dataset == "digits":
@@ -69,13 +87,8 @@ def load_dataset(config: ExperimentConfig) -> Dataset:
     return tfds_data.load_tfds_dataset(config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m model.data prepare NAME [--data-dir DIR] [--manual-dir M]`: download and prepare a TFDS
-    data set as ArrayRecord files (needs the `prepare` extra). Returns the exit status (0 ok, 1 failed,
-    2 bad arguments)."""
-    import argparse
-    import sys
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.data`."""
     parser = argparse.ArgumentParser(prog="python -m model.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser(
@@ -94,7 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="directory holding files downloaded by hand (celeb_a: when Google Drive refuses the download)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.data prepare NAME [--data-dir DIR] [--manual-dir M]`: download and prepare a TFDS
+    data set as ArrayRecord files (needs the `prepare` extra). Returns the exit status (0 ok, 1 failed,
+    2 bad arguments)."""
+    import sys
+
+    args = build_parser().parse_args(argv)
 
     from model import tfds_data
 

@@ -11,6 +11,7 @@ documented columns (an evaluator's extra readings, a search's columns) become ex
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -181,6 +182,11 @@ READING_COLUMNS: Columns = {
         )
         for k in ("rbf", "poly")
     },
+    "feature_extractor": (
+        pa.string(),
+        "the network whose features FID and KID compare (`digits-mlp-v1`, `inception-v3-fid`; "
+        "docs/metrics.md); null when not evaluated",
+    ),
     "val_ll_time_s": (pa.float64(), "wall time of the val_ll reading, seconds"),
     "grad_noise_time_s": (pa.float64(), "wall time of the gradient-noise reading, seconds"),
     "epoch_time_s": (pa.float64(), "wall time of the epoch's training and validation, seconds"),
@@ -317,15 +323,20 @@ def render_docs(text: str) -> str:
     return text
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.schema`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m model.schema", description="Rewrite a page's generated column tables in place."
+    )
+    parser.add_argument("page", help="the page holding the schema markers, e.g. docs/results.md")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m model.schema PAGE.md`: rewrite the page's generated column tables in place."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m model.schema docs/results.md", file=sys.stderr)
-        return 2
     from pathlib import Path
 
-    page = Path(args[0])
+    page = Path(build_parser().parse_args(argv).page)
     try:
         page.write_text(render_docs(page.read_text(encoding="utf-8")), encoding="utf-8")
     except (OSError, ValueError) as err:

@@ -110,6 +110,27 @@ def how_to_get(name: str, data_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def not_prepared(name: str, data_dir: Path) -> str | None:
+    """Why data set `name` cannot be read from `data_dir` (not prepared, or not as ArrayRecord), as one
+    line with the prepare command; None when it is ready. Reads only TFDS's metadata, never the data."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=str(data_dir))
+    fix = (
+        f"prepare it with: python -m model.data prepare {name} --data-dir {data_dir} (or point "
+        "--set data_dir / $TFDS_DATA_DIR at a prepared copy)"
+    )
+    if not builder.is_prepared():
+        return f"TFDS data set {name!r} is not prepared in {data_dir} (looked for {builder.data_dir}); {fix}"
+    file_format = getattr(builder.info, "file_format", None)
+    if file_format is not None and "array_record" not in str(file_format).lower():
+        return (
+            f"TFDS data set {name!r} in {builder.data_dir} was prepared as {file_format}, not ArrayRecord; "
+            f"{fix.replace(str(data_dir), 'NEW_DIR')}"
+        )
+    return None
+
+
 def _tensorflow_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 

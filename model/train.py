@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
+from model.data import check_data_ready
 from model.loop import (
     DivergenceError,
     TrainState,
@@ -87,7 +88,8 @@ def write_epochs_parquet(rows: list[dict[str, Any]], config: ExperimentConfig, p
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m model.train`."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="digits", help="celeba | cifar10 | svhn | digits")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
@@ -99,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override any config field, e.g. --set objective=thermo --set temp_power=6",
     )
     parser.add_argument("--out", type=Path, help="directory for epochs.parquet (and config.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         overrides = parse_set_args(args.set)
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_devices(config.batch_size, jax.local_devices())
         check_step_fits(config, jax.local_devices())
+        check_data_ready(config)  # one line and the prepare command, before anything compiles
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; pass a directory (created if missing)")
     except ValueError as err:

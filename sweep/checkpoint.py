@@ -53,7 +53,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
-    Path(path).write_text(json.dumps(_jsonable(value), indent=1, sort_keys=True))
+    """Write `value` as JSON, atomically (`sweep.storage.atomic_write`): never a file cut off."""
+    from sweep.storage import atomic_write
+
+    atomic_write(path, json.dumps(_jsonable(value), indent=1, sort_keys=True).encode())
 
 
 def read_json(path: str | os.PathLike) -> Any:

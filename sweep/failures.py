@@ -22,11 +22,14 @@ FATAL_KEY = "fatal"  # in a trial's result: the error it reports cannot be cured
 
 def is_fatal(err: BaseException) -> bool:
     """True for errors that a retry from the last checkpoint would meet again: a divergence, an unreadable
-    set of checkpoints, and the ValueError/TypeError of an invalid config or shape."""
+    set of checkpoints, a data set not prepared where the trial reads it, and the ValueError/TypeError of
+    an invalid config or shape."""
     from model.loop import DivergenceError
+    from model.tfds_data import DatasetNotPreparedError
     from sweep.checkpoint import CheckpointError
 
-    return isinstance(err, DivergenceError | CheckpointError | ValueError | TypeError)
+    incurable = DivergenceError | CheckpointError | DatasetNotPreparedError | ValueError | TypeError
+    return isinstance(err, incurable)
 
 
 def one_line(err: BaseException) -> str:

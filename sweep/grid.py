@@ -14,7 +14,7 @@ from typing import Any
 
 from model.config import ExperimentConfig, parse_set_args
 from model.schema import EPOCHS_FILE, TRIALS_FILE
-from sweep import cost, launch
+from sweep import cost, launch, lease, preflight, rebuild
 from sweep.grid_file import (
     GridError,
     TrialPlan,
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (one whose error cannot go away ends again at once)",
     )
     launch.add_ray_arguments(p)
+    lease.add_lease_arguments(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -118,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             launch.run_location(storage, args.name)
         # A dry run may name an existing run: it only prints the plan.
         checked_name = args.name if args.resume or not args.dry_run else None
-        manifest = launch.existing_manifest(
-            storage, checked_name, MANIFEST_FILE, resume=args.resume, what="run"
+        manifest = lease.unless_held(  # a second driver is refused, naming the first, before any planning
+            lambda: launch.existing_manifest(
+                storage, checked_name, MANIFEST_FILE, resume=args.resume, what="run"
+            ),
+            None if args.dry_run or not checked_name else launch.run_location(storage, checked_name),
+            what=f"run {checked_name!r}",
+            take_over=args.take_over,
         )
         if manifest is not None:
             ignored = [f for f in ("repetitions", "epochs") if getattr(args, f) is not None] + (
@@ -168,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         launch.run_location(storage, run)
     except launch.LaunchError as err:  # a default name made from the grid's name
         parser.error(f"{err}; pass --name")
+    try:
+        preflight.check_data(cells.items(), local=args.address is None)
+    except launch.LaunchError as err:
+        parser.error(str(err))
     return run_sweep(
         args,
         run=run,
@@ -180,7 +190,28 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def run_sweep(
+def run_sweep(args: argparse.Namespace, *, run: str, storage: str, **plan: Any) -> int:
+    """`_run_sweep` holding the run's driver lease (`sweep.lease`): exit 2, naming the holder, if another
+    driver holds it; exit 1 with one line (`sweep.diskfull`) if the storage fills up."""
+    try:
+        with lease.hold(
+            storage_join(storage, run), what=f"run {run!r}", resume=args.resume, take_over=args.take_over
+        ):
+            return _run_sweep(args, run=run, storage=storage, **plan)
+    except lease.LeaseHeld as err:
+        print(f"python -m sweep.grid: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from sweep.diskfull import is_storage_full, storage_full_message
+
+        if not is_storage_full(err):
+            raise
+        resume = f"python -m sweep.grid --name {run} --resume --storage {storage}"
+        print(storage_full_message(storage_join(storage), run, resume), file=sys.stderr, flush=True)
+        return 1
+
+
+def _run_sweep(
     args: argparse.Namespace,
     *,
     run: str,
@@ -243,7 +274,18 @@ def run_sweep(
             gpus_per_trial=args.gpus_per_trial,
             cpus_per_trial=args.cpus_per_trial,
         )
-        if args.resume and tune.Tuner.can_restore(run_uri):
+        broken = rebuild.unreadable_tune_state(run_uri) if args.resume else None
+        if broken:
+            specs = rebuild.pending_specs(run_uri, specs, tables, retry_errored=args.retry_errored)
+            print(
+                f"note: Ray Tune's state of run {run} cannot be read ({broken}); rebuilt from "
+                f"{MANIFEST_FILE}, the Parquet tables and the trials' checkpoints: {len(specs)} trial(s) "
+                "to run, each from its newest complete checkpoint",
+                flush=True,
+            )
+        if broken and not specs:
+            tuner = None
+        elif args.resume and not broken and tune.Tuner.can_restore(run_uri):
             tuner = tune.Tuner.restore(
                 run_uri,
                 trainable=trainable,
@@ -272,7 +314,8 @@ def run_sweep(
                     parameter_columns={"trial/cell": "cell", "trial/repetition": "rep"},
                 ),
             )
-        tuner.fit()
+        if tuner is not None:
+            tuner.fit()
     finally:
         ray.shutdown()
 

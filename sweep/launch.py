@@ -95,6 +95,9 @@ def storage_of(args: argparse.Namespace) -> str:
 
 
 _NAME = re.compile(r"[A-Za-z0-9._=+-]+")
+NAME_MAX_BYTES = 255  # one path component on ext4, XFS, APFS, NTFS
+KEY_MAX_BYTES = 1024  # an S3 object key
+KEY_RESERVED_BYTES = 256  # below a run's prefix: <trial_id>/checkpoint_NNNNNN/state/<Orbax file>, Ray's files
 
 
 def check_name(name: str, flag: str) -> str:
@@ -106,7 +109,28 @@ def check_name(name: str, flag: str) -> str:
             f"{flag} {name!r}: a name may hold only letters, digits and . _ = + -, and may not "
             "be '.' or '..' or start with '-' (it names a directory inside --storage)"
         )
+    if len(name.encode()) > NAME_MAX_BYTES:
+        raise LaunchError(
+            f"{flag} {name[:40]}... is {len(name.encode())} bytes; a name is one directory and "
+            f"filesystems allow at most {NAME_MAX_BYTES} bytes per path component: pick a shorter name"
+        )
     return name
+
+
+def check_key_length(run_uri: str, flag: str, name: str) -> None:
+    """On an object store, refuse a run whose keys could pass S3's 1024-byte limit: the run's own prefix
+    must leave `KEY_RESERVED_BYTES` for what lies below it (trial directories, Ray's and Orbax's file
+    names). Raises LaunchError."""
+    if "://" not in run_uri:
+        return
+    key = run_uri.split("://", 1)[1].partition("/")[2]
+    room = KEY_MAX_BYTES - KEY_RESERVED_BYTES
+    if len(key.encode()) > room:
+        raise LaunchError(
+            f"{flag} {name[:40]}{'...' if len(name) > 40 else ''}: the run's key prefix {key[:40]}... is "
+            f"{len(key.encode())} bytes; S3 keys hold at most {KEY_MAX_BYTES} bytes and the run needs "
+            f"{KEY_RESERVED_BYTES} below its prefix: use a shorter --name or --storage prefix"
+        )
 
 
 def run_location(storage: str, run: str, flag: str = "--name") -> str:
@@ -114,6 +138,7 @@ def run_location(storage: str, run: str, flag: str = "--name") -> str:
     resolves inside the storage root (a symbolic link could lead elsewhere). Raises LaunchError."""
     check_name(run, flag)
     run_uri = storage_join(storage, run)
+    check_key_length(run_uri, flag, run)
     if "://" not in run_uri:
         root = os.path.realpath(storage_join(storage))
         if os.path.commonpath([root, os.path.realpath(run_uri)]) != root:
@@ -282,9 +307,10 @@ def run_config(
     retries of crashed trials (none for an error a retry cannot cure: `sweep.failures`)."""
     from ray import tune
 
+    from sweep.diskfull import StorageGuard
     from sweep.failures import TrialFailures
 
-    callbacks = [*callbacks, TrialFailures(args.max_failures)]
+    callbacks = [StorageGuard(), *callbacks, TrialFailures(args.max_failures)]
     reporter = tune.CLIReporter(
         metric_columns=metric_columns, parameter_columns=parameter_columns, max_report_frequency=30
     )

@@ -97,7 +97,11 @@ class ResultsTables:
         self.fs.create_dir(self.path, recursive=True)
         if isinstance(self.fs, pafs.LocalFileSystem):
             tmp = f"{final}.tmp-{socket.gethostname()}"
-            pq.write_table(table, tmp, filesystem=self.fs)
+            try:
+                pq.write_table(table, tmp, filesystem=self.fs)
+            except BaseException:  # e.g. a full disk: the old file stays whole, the partial one goes
+                self.fs.delete_file(tmp) if self.fs.get_file_info(tmp).is_file else None
+                raise
             self.fs.move(tmp, final)  # a rename: readers see the old or the new file, never half of one
         else:  # object stores: a single PUT is atomic already
             pq.write_table(table, final, filesystem=self.fs)

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from model.config import ExperimentConfig
-from sweep import cost, launch
+from sweep import cost, launch, lease, preflight
 from sweep.optuna_search import base_config
 from sweep.results import ResultsTables
 from sweep.storage import storage_join, write_json_uri
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field of the base preset (repeatable)",
     )
     launch.add_ray_arguments(p)
+    lease.add_lease_arguments(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(args)
-    except SearchError as err:
+    except (SearchError, launch.LaunchError) as err:
         parser.error(str(err))
     return 2  # not reached: parser.error exits
 
@@ -181,14 +182,23 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(cost.format_plan(plans, args.trials, target))
         return 0
+    try:
+        preflight.check_data([(f"{args.base}-thermo", config)], local=args.address is None)
+    except launch.LaunchError as err:
+        raise SearchError(str(err)) from None
     if "://" in storage and args.optuna_storage is None:  # before anything reads the remote storage
         raise SearchError(
             f"--storage {storage} is remote; SQLite cannot live there: pass "
             "--optuna-storage URL (e.g. postgresql://user@host/db)"
         )
     try:
-        manifest = launch.existing_manifest(
-            storage, args.name, MANIFEST_FILE, resume=args.resume, what="search"
+        manifest = lease.unless_held(  # a second driver is refused, naming the first
+            lambda: launch.existing_manifest(
+                storage, args.name, MANIFEST_FILE, resume=args.resume, what="search"
+            ),
+            None if args.name is None else launch.run_location(storage, args.name),
+            what=f"search {args.name!r}",
+            take_over=args.take_over,
         )
     except launch.LaunchError as err:
         raise SearchError(str(err)) from None
@@ -220,6 +230,49 @@ def _main(args: argparse.Namespace) -> int:
             )
 
     optuna_storage = open_storage(url)
+    held = lease.hold(
+        run_uri,
+        what=f"search {run!r}",
+        resume=args.resume,
+        take_over=args.take_over,
+        study=(optuna_storage, study_name, masked(url)),
+    )
+    try:
+        with held:
+            return _checked_search(
+                args,
+                run=run,
+                storage=storage,
+                study_name=study_name,
+                url=url,
+                optuna_storage=optuna_storage,
+                space=space,
+                config=config,
+                n_dev=n_dev,
+            )
+    except Exception as err:
+        from sweep.diskfull import is_storage_full, storage_full_message
+
+        if not is_storage_full(err):
+            raise
+        resume = f"python -m sweep.search --name {run} --resume (plus the flags it was started with)"
+        print(storage_full_message(storage_join(storage), run, resume), file=sys.stderr, flush=True)
+        return 1
+
+
+def _checked_search(
+    args: argparse.Namespace,
+    *,
+    run: str,
+    storage: str,
+    study_name: str,
+    url: str,
+    optuna_storage: Any,
+    space: dict[str, Any],
+    config: ExperimentConfig,
+    n_dev: int,
+) -> int:
+    """The study checks of a search whose leases are held, then `run_search`."""
     study = load_study_or_none(optuna_storage, study_name)
     if study is not None:
         check_study(study, space, args.metric, masked(url), maximise=METRICS[args.metric] == "max")

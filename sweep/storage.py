@@ -5,8 +5,10 @@ Every read and write of the sweep goes through these helpers, so one code path s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -42,11 +44,31 @@ def read_json_at(fs: pafs.FileSystem, path: str) -> Any:
 
 
 def write_bytes_uri(uri: str, data: bytes) -> None:
-    """Write `data` to a local path or URI, creating its directory."""
+    """Write `data` to a local path or URI, creating its directory. Atomic: readers see the old file or
+    the whole new one, never part of it (locally a temporary name, then a rename; on an object store a
+    single PUT), so a full disk or a crash cannot leave a file cut off."""
     fs, path = filesystem_for(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(data)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    atomic_write(path, data)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to the local file `path` under a temporary name in its directory, then rename it
+    into place (removing the temporary file if the write fails, e.g. on a full disk)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_json_uri(uri: str, value: Any) -> None:

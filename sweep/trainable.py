@@ -164,10 +164,14 @@ def _train_trial(
         restore_newest_readable,
     )
     from sweep.failures import FATAL_KEY, one_line
+    from sweep.rebuild import CHECKPOINTS_KEY, own_checkpoint
 
     config, meta = resolve_trial(tune_config)
     meta = {**meta, "trial_id": trial_id}
     checkpoint = tune.get_checkpoint()
+    spec = tune_config.get(SPEC_KEY, tune_config)
+    if checkpoint is None and isinstance(spec, dict) and spec.get(CHECKPOINTS_KEY):
+        checkpoint = own_checkpoint(spec[CHECKPOINTS_KEY])  # a rebuilt run (sweep.rebuild)
     if checkpoint is not None and (diverged := recorded_divergence(checkpoint)):
         raise mt.DivergenceError(diverged.removeprefix("DivergenceError: "))  # no data or state needed
     devices = trial_devices(gpus_per_trial)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 import analysis
@@ -540,3 +541,62 @@ def test_labels_name_the_estimator_where_a_run_compares_estimators():
         [dict(base, cell="a", ebm_gradient="none"), dict(base, cell="c", ebm_gradient="none", temp_power=3.0)]
     )
     assert [cell_label(r) for r in _mark_extras(same).to_dict("records")] == ["p=1", "p=3"]
+
+
+def test_three_cells_leave_a_quadratic_no_degrees_of_freedom_and_no_r2():
+    x, y = np.array([0.1, 0.2, 0.4]), np.array([0.3, 0.1, 0.25])
+    q = fit_quadratic(x, y)
+    assert q.dof == 0 and np.isnan(q.r2)
+    assert q(x) == pytest.approx(y)  # it interpolates: R^2 would be 1 whatever the cells
+    four = fit_quadratic(np.append(x, 0.3), np.append(y, 0.2))
+    assert four.dof == 1 and np.isfinite(four.r2)
+
+
+def test_a_regime_of_three_cells_gets_no_curve_and_the_figure_says_why(tmp_path):
+    from analysis import figures as F
+
+    run = write_run(tmp_path, *synthetic_tables(thermo=False, vanilla_var={16: 0.9, 32: 0.6, 64: 0.45}))
+    summary = analysis.cell_summary(analysis.final_readings(analysis.load(run)))
+    fits = quadratic_fits(summary)
+    assert fits["dof"].tolist() == [0] and fits["r2"].isna().all() and fits["a"].notna().all()
+    fig = F.fig_metric_vs_grad_var(summary, fits, "digits")
+    ax = fig.axes[0]
+    assert not [line for line in ax.lines if len(line.get_xdata()) > 3]  # no fitted curve drawn
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("no fit" in t and "no degrees of freedom" in t for t in legend), legend
+    assert not any("R$^2$" in t for t in legend)
+
+
+def test_a_report_section_with_nothing_to_show_says_why_in_one_line(tmp_path):
+    run = write_run(tmp_path, *synthetic_tables(thermo=False))
+    md = R.build_report(analysis.load(run), tmp_path / "r").read_text()
+    section = md.split("### 4. Extra thermo cells", 1)[1].split("###", 1)[0].strip().splitlines()
+    assert section[1:] == [
+        "",
+        "Nothing to show: digits Fig. 6 (extra cells): no thermo cell varies N_t, K or eta off the main "
+        "setting.",
+    ]
+
+
+def test_the_report_on_a_run_with_every_schema_column_warns_nothing(tmp_path):
+    """A real run carries every column of the schema; the report on it must print no warning a user
+    cannot act on (pandas warned ~50 times about a frame built column by column)."""
+    import warnings
+
+    from model import schema
+
+    trials, epochs = synthetic_tables()
+    evaluator_extras = [f"{m}_{s}" for m in ("fid", "kid_rbf", "kid_poly") for s in ("slope", "inf_stderr")]
+    for name, (typ, _) in schema.EPOCH_COLUMNS.items():
+        if name not in epochs and pa.types.is_floating(typ):
+            epochs[name] = 1.0
+    for name in [*evaluator_extras, "eval_time_s"]:
+        epochs[name] = 1.0
+    for name, (typ, _) in schema.TRIAL_COLUMNS.items():
+        if name not in trials and (pa.types.is_floating(typ) or pa.types.is_integer(typ)):
+            trials[name] = 1
+    run = write_run(tmp_path, trials, epochs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert R.main([str(run), "--out", str(tmp_path / "r")]) == 0
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []

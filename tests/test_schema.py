@@ -56,3 +56,17 @@ def test_to_table_types_documented_columns_even_when_all_null() -> None:
     assert table.schema.field("kid_rbf_inf").type == pa.float64()
     assert table.schema.field("extra").type == pa.float64()
     assert table.num_rows == 2
+
+
+def test_every_reading_of_an_evaluated_epoch_is_a_documented_column() -> None:
+    """What the evaluator returns lands in epochs.parquet: each key is a column of the schema, or one of the
+    extra columns docs/results.md names."""
+    import numpy as np
+
+    from model.metrics import extrapolated_metrics
+
+    rng = np.random.default_rng(0)
+    real, gen = rng.normal(size=(64, 4)), rng.normal(size=(64, 4))
+    readings = extrapolated_metrics(real, gen, [32, 48, 64], seed=0, feature_extractor="test")
+    page = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    assert [k for k in readings if k not in schema.EPOCH_COLUMNS and f"`{k}`" not in page] == []

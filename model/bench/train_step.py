@@ -404,6 +404,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thermo step cost N_t=20 / N_t=10: {ratio:.2f}x (target <= 2.1x)")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

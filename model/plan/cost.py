@@ -17,6 +17,8 @@ docs/gpu.md for why) until a GPU benchmark replaces the assumption with a measur
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from model.config import ExperimentConfig
@@ -161,22 +163,47 @@ def _fits(config: ExperimentConfig, target: Target, devices: int, backend: str) 
     return estimate_step_memory(config, devices, backend) <= target.usable_bytes
 
 
+def _largest_fitting(low: int, high: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest n in [low, high] with `fits(n)`, for a `fits` that holds up to some n and fails above
+    it (memory grows with the batch and the temperature count): a bisection, so a value of 10^8 costs
+    about 27 probes, not 10^8. None when `fits(low)` fails."""
+    if high < low or not fits(low):
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
 def suggest_fix(config: ExperimentConfig, target: Target, devices: int, backend: str) -> str:
-    """What makes the step fit `target`: more devices per trial, a smaller batch, fewer temperatures."""
-    options = []
-    for n in range(2, 9):
-        if n > devices and config.batch_size % n == 0 and _fits(config, target, n, backend):
-            options.append(f"--gpus-per-trial {n}")
-            break
-    for b in range(config.batch_size - 1, 0, -1):
-        if _fits(replace(config, batch_size=b, num_train=max(config.num_train, b)), target, devices, backend):
-            options.append(f"--set batch_size={b} (or smaller)")
-            break
-    if config.is_thermo:
-        for nt in range(config.num_temps - 1, 1, -1):
-            if _fits(replace(config, num_temps=nt), target, devices, backend):
-                options.append(f"--set num_temps={nt} (or fewer)")
+    """What makes the step fit `target`: more devices per trial, a smaller batch, fewer temperatures.
+
+    The probes build configs nobody asked for (e.g. a batch too small for kl_batch's Gaussians): their
+    validation warnings are not the user's and are not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        options = []
+        for n in range(2, 9):
+            if n > devices and config.batch_size % n == 0 and _fits(config, target, n, backend):
+                options.append(f"--gpus-per-trial {n}")
                 break
+        b = _largest_fitting(
+            1,
+            config.batch_size - 1,
+            lambda b: _fits(
+                replace(config, batch_size=b, num_train=max(config.num_train, b)), target, devices, backend
+            ),
+        )
+        if b is not None:
+            options.append(f"--set batch_size={b} (or smaller)")
+        if config.is_thermo:
+            nt = _largest_fitting(
+                2,
+                config.num_temps - 1,
+                lambda nt: _fits(replace(config, num_temps=nt), target, devices, backend),
+            )
+            if nt is not None:
+                options.append(f"--set num_temps={nt} (or fewer)")
     if config.conv_impl != "lax":
         options.append("--set conv_impl=lax (no phase patches: about 1/14 of the activations)")
     return "; or ".join(options) if options else "no single change fits; use a device with more memory"

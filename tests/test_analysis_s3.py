@@ -1,0 +1,53 @@
+"""analysis reads runs in S3 (any S3-compatible store through AWS_ENDPOINT_URL) as it reads local ones:
+the report of `s3://BUCKET/runs/RUN` equals that of the same files on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from test_analysis import _png, synthetic_tables, write_run
+
+from analysis import load
+from analysis import report as R
+
+
+def _upload(s3, local_run: Path, prefix: str) -> None:
+    client = s3.client()
+    for path in sorted(local_run.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(local_run).as_posix()}"
+            client.put_object(Bucket=s3.bucket, Key=key, Body=path.read_bytes())
+
+
+def test_load_and_report_read_an_s3_run(tmp_path, s3_server, capsys):
+    run_dir = write_run(tmp_path / "storage", *synthetic_tables(run="s3run"))
+    for tid in ("vanilla-b16_r0", "thermo-p2_r1"):
+        _png(run_dir / "samples" / tid / "epoch_0002.png", 0.2)
+        _png(run_dir / "samples" / tid / "epoch_0004.png", 0.8)
+    _upload(s3_server, run_dir, "runs/s3run")
+
+    local = load(run_dir)
+    for uri in (s3_server.uri("runs", "s3run"), s3_server.uri("runs"), s3_server.uri("runs/s3run/results")):
+        remote = load(uri)
+        pd.testing.assert_frame_equal(remote.trials, local.trials)
+        pd.testing.assert_frame_equal(remote.epochs, local.epochs)
+        assert remote.runs == ["s3run"]
+    remote = load(s3_server.uri("runs", "s3run"))
+    assert sorted(remote.samples["epoch"]) == [4, 4]
+    assert all(p.startswith(f"s3://{s3_server.bucket}/runs/s3run/samples/") for p in remote.samples["path"])
+
+    out = tmp_path / "report"
+    assert R.main([s3_server.uri("runs", "s3run"), "--out", str(out)]) == 0
+    copied = sorted(p.name for p in (out / "samples").rglob("*.png"))
+    assert copied == ["thermo-p2_r1_epoch_0004.png", "vanilla-b16_r0_epoch_0004.png"]
+    assert (out / "samples" / "s3run" / "thermo-p2_r1_epoch_0004.png").read_bytes() == (
+        run_dir / "samples" / "thermo-p2_r1" / "epoch_0004.png"
+    ).read_bytes()
+
+
+def test_a_missing_s3_run_is_named_whole(tmp_path, s3_server, capsys):
+    missing = s3_server.uri("runs", "nothing")
+    assert R.main([missing, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err
