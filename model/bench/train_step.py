@@ -403,4 +403,3 @@ def main(argv: list[str] | None = None) -> int:
         ratio = by["digits-thermo-nt20"]["step_s"] / by["digits-thermo-nt10"]["step_s"]
         print(f"thermo step cost N_t=20 / N_t=10: {ratio:.2f}x (target <= 2.1x)")
     return 0
-
