@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import streams
 from model.config import ExperimentConfig, check_devices
 from model.data import Dataset, load_dataset
-from model.device_memory import check_step_fits, out_of_memory_as_advice
 from model.objectives import Hyper
+from model.plan.device_memory import check_step_fits, out_of_memory_as_advice
 from model.readings import READING_NAMES, evaluation_readings
 from model.step import (
     StepSpec,
@@ -109,7 +110,7 @@ def validation_loss(
     n_dev = len(devices)
     step = compiled_eval_step(StepSpec.from_config(config), tuple(devices))
     hp = Hyper.from_config(config)
-    key = jax.random.fold_in(jax.random.key(config.seed), 1_000_000 + epoch)
+    key = streams.epoch_key(config.seed, streams.VALIDATION_LOSS, epoch)
     rep = replicate(params, devices)
     losses = []
     for i, x in enumerate(_batches(images, np.arange(len(images)), config.batch_size, n_dev)):
@@ -363,7 +364,7 @@ def _run_epoch(
         )
     if evaluator is not None and due:
         start = time.perf_counter()
-        eval_key = jax.random.fold_in(jax.random.key(config.seed), 2_000_000 + epoch)
+        eval_key = streams.epoch_key(config.seed, streams.EVALUATION, epoch)
         readings.update(evaluator(lambda k, n: generate_images(config, state, k, n), eval_key))
         readings["eval_time_s"] = time.perf_counter() - start
     return state, readings

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import streams
 from model.ais import log_z_data, log_z_prior, val_ll_and_stderr
 from model.config import ExperimentConfig
 from model.gradnoise import NETWORKS, gradient_noise
@@ -118,7 +119,7 @@ def evaluation_readings(
     the one training uses; `sweep.reevaluate` passes others for independent Monte Carlo draws."""
     out = dict.fromkeys(READING_NAMES, float("nan"))
     if key is None:
-        key = jax.random.fold_in(jax.random.key(config.seed), 3_000_000 + epoch)
+        key = streams.epoch_key(config.seed, streams.READINGS, epoch)
     if config.val_ll_examples and len(val) >= 2:
         start = time.perf_counter()
         out.update(validation_log_likelihood(config, params, val, jax.random.fold_in(key, 0)))

@@ -197,7 +197,7 @@ def _local_example_ids(local_batch: int, axis_name: str) -> jax.Array:
 
 def device_train_step(spec: StepSpec) -> Callable[..., Any]:
     """The train step one device runs, its collectives over the mapped axis "batch": what
-    compiled_train_step maps with pmap and what model.export lowers for other platforms.
+    compiled_train_step maps with pmap and what model.plan.export lowers for other platforms.
 
     step((params, opt_states), x (B/n_dev, H, W, C), key, hyper, (ebm_lr, gen_lr))
       -> (new (params, opt_states), stats dict) with stats identical on every device."""

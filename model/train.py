@@ -16,7 +16,6 @@ from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
 from model.data import check_data_ready
-from model.device_memory import DeviceMemoryError, check_step_fits
 from model.loop import (
     DivergenceError,
     TrainState,
@@ -31,6 +30,7 @@ from model.loop import (
     train_epoch,
     validation_loss,
 )
+from model.plan.device_memory import DeviceMemoryError, check_step_fits
 from model.progress import ProgressMeter, TerminalBar, format_progress
 from model.step import (
     StepSpec,

@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 
 from model.config import ExperimentConfig
-from model.cost import CellPlan
+from model.plan.cost import CellPlan
 from sweep.text import text_table
 
 DEFAULT_RECLAIMS_PER_HOUR = 0.05  # one reclaim per 20 hours a trial runs: an assumption, not a measurement

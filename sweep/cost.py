@@ -1,8 +1,8 @@
 """The plan a launch prints and checks before it schedules anything: `--target` and its flags.
 
-`sweep.grid --dry-run` and `sweep.search --dry-run` print, per cell, the numbers of `model.cost` (FLOPs per
-train step and per evaluation, steps per epoch, peak device memory from `model.memory`) and, for a target
-device, hours per trial, device-hours of the whole run and the `--gpus-per-trial` fraction that fits.
+`sweep.grid --dry-run` and `sweep.search --dry-run` print, per cell, the numbers of `model.plan.cost` (FLOPs
+per train step and per evaluation, steps per epoch, peak device memory from `model.plan.memory`) and, for a
+target device, hours per trial, device-hours of the whole run and the `--gpus-per-trial` fraction that fits.
 With a target, a cell whose step cannot fit the device's memory refuses the launch, dry or not.
 """
 
@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Sequence
 
 from model.config import ExperimentConfig
-from model.cost import TARGETS, CellPlan, Target, format_plan, plan_cell, refusal, target_from
+from model.plan.cost import TARGETS, CellPlan, Target, format_plan, plan_cell, refusal, target_from
 from sweep.bill import BillError, add_price_arguments, check_price_arguments
 
 __all__ = ["PlanError", "add_target_arguments", "format_plan", "plan", "target_of"]

@@ -27,7 +27,6 @@ from model.config import ExperimentConfig, apply_overrides, config_fields
 
 SPEC_KEY = "trial"
 SAMPLE_GRID = 64  # images per sample grid (8 x 8)
-_SAMPLE_KEY_OFFSET = 3_000_000  # sample-grid latents: a fixed key per trial, apart from training keys
 
 
 def trial_spec(
@@ -192,6 +191,7 @@ def _train_trial(
     from ray import tune
 
     from model import loop as mt
+    from model import streams
     from model.data import load_dataset
     from model.nets import resolve_conv_impl
     from sweep.checkpoint import (
@@ -297,9 +297,7 @@ def _train_trial(
             epoch = int(readings["epoch"])
             due = config.sample_every and (epoch % config.sample_every == 0 or epoch == config.epochs)
             if samples_uri and due:
-                import jax
-
-                key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_KEY_OFFSET)
+                key = streams.fixed_key(config.seed, streams.SAMPLE_GRID)
                 images = mt.generate_images(config, state, key, SAMPLE_GRID)
                 save_image_grid(images, sample_path(samples_uri, trial_id, epoch))
             metrics = {

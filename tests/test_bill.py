@@ -10,7 +10,7 @@ import re
 import pytest
 
 from model.config import get_preset
-from model.cost import TARGETS, plan_cell
+from model.plan.cost import TARGETS, plan_cell
 from sweep import grid, search
 from sweep.bill import DEFAULT_RECLAIMS_PER_HOUR, cell_bill, run_bill, spot_hours
 

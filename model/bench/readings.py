@@ -1,4 +1,4 @@
-"""Cost of the evaluation readings against one training epoch: `python -m model.bench_readings`.
+"""Cost of the evaluation readings against one training epoch: `python -m model.bench.readings`.
 
 Trains one epoch of the cell (compiling), then times further epochs and the readings of `model.readings`
 (val_ll and gradient noise at the config's sizes) at the parameters it reached, interleaved and warm
@@ -65,9 +65,9 @@ def measure(config: ExperimentConfig, repeats: int = 3) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m model.bench_readings`."""
+    """The command line of `python -m model.bench.readings`."""
     parser = argparse.ArgumentParser(
-        prog="python -m model.bench_readings", description=__doc__.split("\n")[0]
+        prog="python -m model.bench.readings", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--preset", default="digits")
     parser.add_argument(

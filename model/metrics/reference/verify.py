@@ -145,8 +145,9 @@ def verify(
     pickle.UnpicklingError for an archive that is not the expected network."""
     import torch
 
-    from model.metrics import inception, torchscript
+    from model.metrics import inception
     from model.metrics.evaluator import FeatureExtractor
+    from model.metrics.reference import torchscript
 
     log = log or (lambda msg: None)
     path = Path(path)

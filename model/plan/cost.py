@@ -1,9 +1,9 @@
 """What a run will cost before it runs: FLOPs, steps, device memory and hours per trial, from shapes only.
 
-FLOPs are counted like `model.bench.step_flops` (XLA's cost analysis with every Langevin step counted)
-but from a closed form, so an 85-cell grid plans in milliseconds. Per latent, let G be the generator's
-forward FLOPs (its matmuls, 2 per multiply-add) and E the EBM's. Fitted to XLA's counts at the digits
-and reference shapes (`tests/test_cost.py` holds them to 25%):
+FLOPs are counted like `model.bench.train_step.step_flops` (XLA's cost analysis with every Langevin step
+counted) but from a closed form, so an 85-cell grid plans in milliseconds. Per latent, let G be the
+generator's forward FLOPs (its matmuls, 2 per multiply-add) and E the EBM's. Fitted to XLA's counts at the
+digits and reference shapes (`tests/test_cost.py` holds them to 25%):
 
 - a Langevin step on the posterior costs 2.2 G + 3 E per chain (forward, then the gradient with respect
   to z only); through a chain whose gradient the objective keeps (thermo, ebm_gradient=chains) 8.4 G + 9 E
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from model.config import ExperimentConfig
-from model.memory import estimate_eval_memory, estimate_step_memory, generator_layers
 from model.nets import JOINT_PHASES_MAX_FEATURES
+from model.plan.memory import estimate_eval_memory, estimate_step_memory, generator_layers
 
 GIB = 2**30
 # InceptionV3-FID feature pass per image (resize to 299x299 included): XLA's cost analysis of

@@ -1,4 +1,4 @@
-"""Side by side with the paper's public code: `python -m model.bench_paper --paper-code DIR [--rounds 2]`.
+"""Side by side with the paper's public code: `python -m model.bench.paper --paper-code DIR [--rounds 2]`.
 
 DIR is a checkout of the paper's public JAX implementation (github.com/PritRaj1/JAX-ThermoEBM), kept
 outside this repository. For each mode (vanilla, stop-gradient thermo, thermo with chain gradients) at the
@@ -101,7 +101,7 @@ _PAPER_TIMER = textwrap.dedent("""
 
 def paper_step_seconds(paper_dir: Path, mode: str, steps: int) -> float:
     """Median step time of the paper's code in `mode` at the ref shapes (a fresh process in paper_dir)."""
-    from model.bench import workloads
+    from model.bench.train_step import workloads
 
     c = workloads("small")[MODES[mode]]
     ini = _INI.format(
@@ -130,8 +130,8 @@ def paper_step_seconds(paper_dir: Path, mode: str, steps: int) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m model.bench_paper`."""
-    parser = argparse.ArgumentParser(prog="python -m model.bench_paper", description=__doc__.split("\n\n")[0])
+    """The command line of `python -m model.bench.paper`."""
+    parser = argparse.ArgumentParser(prog="python -m model.bench.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--paper-code", type=Path, required=True, help="checkout of the paper's code")
     parser.add_argument("--mode", action="append", choices=list(MODES), help="default: all three")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two codes per mode")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     import jax
 
-    from model.bench import run_workload, workloads
+    from model.bench.train_step import run_workload, workloads
 
     devices = jax.local_devices()[:1]
     for mode in args.mode or list(MODES):

