@@ -137,8 +137,8 @@ def _dollars(device_hours: float, price: float | None) -> float:
 def run_bill(
     cells: Sequence[tuple[CellPlan, ExperimentConfig, int]], args: argparse.Namespace
 ) -> list[CellBill]:
-    """Every cell's bill (its plan, config and number of trials) from the launch's price flags (the
-    checkpoint interval: `--checkpoint-every-s` when the launch has it)."""
+    """Every cell's bill (its plan, config and number of trials) from the launch's price flags and its
+    checkpoint interval `--checkpoint-every-s` (one epoch when not set)."""
     reclaims = args.reclaims_per_hour if args.reclaims_per_hour is not None else DEFAULT_RECLAIMS_PER_HOUR
     return [
         cell_bill(

@@ -246,7 +246,9 @@ def trial_env(
         if cpu_devices > 1:
             flags.append(f"--xla_force_host_platform_device_count={cpu_devices}")
         if cpu_devices >= int(cpus_per_trial):
-            flags += ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
+            flags.append("--xla_cpu_multi_thread_eigen=false")
+    # XLA stops reading XLA_FLAGS at the first word that is not a `--flag`, so only flags go in, each once.
+    flags = list(dict.fromkeys(f for f in flags if f.startswith("--")))
     if flags:
         env["XLA_FLAGS"] = " ".join(flags)
     if compilation_cache:

@@ -3,7 +3,6 @@ the repeated work per reclaim, and price flags that cannot make a bill exit with
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 
@@ -44,10 +43,10 @@ def test_cell_bill_is_device_hours_times_price() -> None:
 def test_run_bill_reads_the_flags() -> None:
     config = get_preset("digits", epochs=4)
     plan = plan_cell("d", config, TARGETS["cpu"], 1.0)
-    args = argparse.Namespace(price_per_gpu_hour=2.0, spot_price_per_gpu_hour=1.0, reclaims_per_hour=None)
+    args = grid.build_parser().parse_args(["--price-per-gpu-hour", "2", "--spot-price-per-gpu-hour", "1"])
     (b,) = run_bill([(plan, config, 3)], args)
     assert b.reclaims_per_trial == pytest.approx(DEFAULT_RECLAIMS_PER_HOUR * b.spot_device_hours / 3)
-    args.checkpoint_every_s = 0.01  # the checkpoint flag, once the launch has it: less than an epoch
+    args.checkpoint_every_s = 0.01  # --checkpoint-every-s: less than an epoch is repeated per reclaim
     (c,) = run_bill([(plan, config, 3)], args)
     assert c.spot_device_hours < b.spot_device_hours
 

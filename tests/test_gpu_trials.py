@@ -37,6 +37,33 @@ def test_a_half_gpu_trial_gets_a_shared_gpu_environment():
     assert cpu["JAX_PLATFORMS"] == "cpu" and "device_count=2" in cpu["XLA_FLAGS"]
 
 
+def test_a_cpu_trial_gets_its_devices_whatever_flags_the_driver_had():
+    """XLA stops reading XLA_FLAGS at the first word without `--`: every word the trial gets is a flag,
+    each once, so the device count set last is read (a driver whose XLA_FLAGS already holds the
+    single-thread flags, as after `sweep.reevaluate` in one process, once got trials of one device)."""
+    import subprocess
+    import sys
+
+    single = launch.trial_env(gpus_per_trial=0, cpus_per_trial=1, cpu_devices=1)["XLA_FLAGS"]
+    env = launch.trial_env(
+        gpus_per_trial=0,
+        cpus_per_trial=2,
+        cpu_devices=2,
+        base_xla_flags=f"--xla_force_host_platform_device_count=2 {single}",
+    )
+    words = env["XLA_FLAGS"].split()
+    assert all(w.startswith("--") for w in words) and len(words) == len(set(words))
+    child = {**os.environ, **env}
+    out = subprocess.run(
+        [sys.executable, "-c", "import jax; print(jax.device_count())"],
+        env=child,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "2"
+
+
 def test_trial_devices_take_the_assigned_gpus(monkeypatch):
     fake = [f"gpu{i}" for i in range(2)]
     monkeypatch.setattr("jax.local_devices", lambda backend=None: fake if backend == "gpu" else ["cpu0"])
