@@ -415,9 +415,22 @@ def test_a_lost_node_resumes_on_another_from_its_s3_checkpoint(
             assert time.time() < deadline, f"{what} within 400 s"
             time.sleep(0.1)
 
-        while not s3_server.keys("runs/nodes/results/epochs.parquet") or read_s3(s3_server, "nodes")[1].empty:
+        def first_node() -> str | None:
+            """The node named by the trial's row once its first epoch is in both tables, else None
+            (epochs.parquet is put before trials.parquet, so one can exist without the other)."""
+            if not (
+                s3_server.keys("runs/nodes/results/epochs.parquet")
+                and s3_server.keys("runs/nodes/results/trials.parquet")
+            ):
+                return None
+            trials, epochs = read_s3(s3_server, "nodes")
+            if epochs.empty or trials.empty or trials["node_id"].isna().any():
+                return None
+            (node,) = trials["node_id"].tolist()
+            return node
+
+        while (before := first_node()) is None:
             wait("no epoch row")  # the first epoch is done: its row names the trial's node
-        (before,) = read_s3(s3_server, "nodes")[0]["node_id"].tolist()
         lost = nodes.running_trial()
         assert lost in ("w1", "w2"), "the trial runs on a worker node"
         steps = LONG["num_train"] // LONG["batch_size"]
