@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from model.rules import MIN_CHAINS_DIAGONAL
+
 
 def temperature_schedule(num_temps: int, power: float | Array) -> Array:
     """t_i = (i / (N_t - 1))^p for i = 0..N_t-1: N_t temperatures from t_0 = 0 (the prior) to 1.
@@ -139,9 +141,6 @@ def adjacent_gaussian_kls(means: Array, covs: Array) -> tuple[Array, Array]:
     forward = gaussian_kl(means[:-1], covs[:-1], means[1:], covs[1:])
     backward = gaussian_kl(means[1:], covs[1:], means[:-1], covs[:-1])
     return forward, backward
-
-
-MIN_CHAINS_DIAGONAL = 6  # M - 1 = 5 > 4 degrees of freedom: 1/s^2 has a finite mean and variance
 
 
 def full_covariance_chains(z_dim: int) -> int:
