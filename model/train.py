@@ -2,8 +2,8 @@
 
 `python -m model.train --preset digits --epochs 3 --out DIR` prints one line per epoch and writes
 DIR/epochs.parquet (the readings of `model.schema.RUN_EPOCH_COLUMNS`, rewritten atomically after every
-epoch) and DIR/config.json. The step lives in `model.step`, the loop in `model.loop`; their public names
-are re-exported here.
+epoch) and DIR/config.json. The step lives in `model.step`, the loop in `model.loop`: import their names
+from there.
 """
 
 from __future__ import annotations
@@ -16,61 +16,9 @@ from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
 from model.data import check_data_ready
-from model.loop import (
-    DivergenceError,
-    TrainState,
-    epoch_order,
-    fit,
-    format_readings,
-    generate_images,
-    init_state,
-    make_evaluator_or_none,
-    run_epoch,
-    step_inputs,
-    train_epoch,
-    validation_loss,
-)
+from model.loop import DivergenceError, fit
 from model.plan.device_memory import DeviceMemoryError, check_step_fits
 from model.progress import ProgressMeter, TerminalBar, format_progress
-from model.step import (
-    StepSpec,
-    compiled_eval_step,
-    compiled_train_step,
-    gradient_statistics,
-    learning_rate_schedules,
-    learning_rates,
-    loss_fn,
-    networks,
-    optimizers,
-)
-
-__all__ = [
-    "DivergenceError",
-    "StepSpec",
-    "TrainState",
-    "check_devices",
-    "compiled_eval_step",
-    "compiled_train_step",
-    "epoch_order",
-    "fit",
-    "format_readings",
-    "generate_images",
-    "gradient_statistics",
-    "init_state",
-    "learning_rate_schedules",
-    "learning_rates",
-    "loss_fn",
-    "main",
-    "make_evaluator_or_none",
-    "networks",
-    "optimizers",
-    "run_epoch",
-    "step_inputs",
-    "train_epoch",
-    "validation_loss",
-    "write_epochs_parquet",
-]
-
 
 DEFAULT_PROGRESS_EVERY_S = 30.0
 
