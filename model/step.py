@@ -50,7 +50,9 @@ class StepSpec:
 
     @classmethod
     def from_config(cls, c: ExperimentConfig) -> StepSpec:
-        """The spec of `c`, with conv_impl "auto" resolved for the default backend. The estimator fields
+        """The spec of `c`. Its conv_impl is concrete on a run's path (model.train and a trial resolve "auto"
+        once, `model.nets.resolve_config`); a direct caller's "auto" is resolved here for the default
+        backend. The estimator fields
         change only the thermodynamic step: vanilla specs leave them at defaults so vanilla cells share one
         compilation whatever they say."""
         ti = (
@@ -85,6 +87,8 @@ def networks(spec: StepSpec | ExperimentConfig) -> Networks:
 
 def network_modules(spec: StepSpec | ExperimentConfig) -> tuple[Any, Any]:
     """The Flax modules of the EBM prior and the generator sized by a spec or config."""
+    if isinstance(spec, ExperimentConfig):
+        spec = StepSpec.from_config(spec)  # conv_impl concrete
     return make_networks(
         ebm_width=spec.ebm_width,
         ebm_leak=spec.ebm_leak,

@@ -17,6 +17,7 @@ from typing import Any
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
 from model.data import check_data_ready
 from model.loop import DivergenceError, fit
+from model.nets import resolve_config
 from model.plan.device_memory import DeviceMemoryError, check_step_fits
 from model.progress import ProgressMeter, TerminalBar, format_progress
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         check_devices(config.batch_size, jax.local_devices())
+        requested = config
+        config = resolve_config(config, jax.local_devices()[0].platform)  # once: state, step, memory
         check_step_fits(config, jax.local_devices())
         if args.progress_every_s < 0:
             raise ValueError(f"--progress-every-s {args.progress_every_s:g} must be >= 0 (0: no progress)")
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (args.out / "config.json").write_text(json.dumps(requested.to_dict(), indent=2))  # as given
     try:
         log = bar.write if bar else lambda s: print(s, flush=True)
         fit(config, on_epoch=on_epoch, log=log, on_step=meter)
