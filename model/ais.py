@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from model.nets import log_likelihood
-from model.objectives import Networks
+from model.objectives import NetworkFns
 
 Potential = Callable[[Array], Array]  # z (..., d) -> per-chain value, shape z.shape[:-1]
 _TARGET_ACCEPT = 0.6  # MALA's efficient acceptance rate is ~0.57 (Roberts & Rosenthal 1998)
@@ -195,7 +195,7 @@ def val_ll_and_stderr(log_z_x: Array, log_z_prior: Array, log_z_prior_var: Array
 
 
 def log_z_prior(
-    nets: Networks,
+    nets: NetworkFns,
     ebm_params: Any,
     key: Array,
     *,
@@ -225,7 +225,7 @@ def log_z_prior(
 
 
 def _turn_on_energy(
-    nets: Networks,
+    nets: NetworkFns,
     ebm_params: Any,
     key: Array,
     lead: tuple[int, ...],
@@ -258,7 +258,7 @@ def _turn_on_energy(
 
 
 def log_z_data(
-    nets: Networks,
+    nets: NetworkFns,
     params: Any,
     x: Array,
     key: Array,
@@ -305,7 +305,7 @@ def log_z_data(
 
 
 def validation_log_likelihood(
-    nets: Networks,
+    nets: NetworkFns,
     params: Any,
     x: Array,
     key: Array,

@@ -183,25 +183,19 @@ class Generator(nn.Module):
         return x.reshape(lead + x.shape[1:])
 
 
-def make_networks(
-    *,
-    ebm_width: int,
-    ebm_leak: float,
-    image_size: int,
-    channels: int,
-    gen_width: int,
-    gen_leak: float,
-    conv_impl: str,
-) -> tuple[EnergyPrior, Generator]:
-    """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5); conv_impl is concrete
-    ("phases" or "lax": resolve "auto" first, `resolve_config` or `model.step.StepSpec.from_config`)."""
-    ebm = EnergyPrior(width=ebm_width, leak=ebm_leak)
+def network_modules(sizes: Any) -> tuple[EnergyPrior, Generator]:
+    """The Flax modules of the EBM prior f_alpha and the generator g_beta (Table 5), sized by `sizes`: a
+    `model.step.StepSpec` or a config (its ebm_width, ebm_leak, image_size, channels, gen_width, gen_leak
+    and a concrete conv_impl, "phases" or "lax": resolve "auto" first, `resolve_config`)."""
+    if sizes.conv_impl not in ("phases", "lax"):
+        raise ValueError(f"conv_impl={sizes.conv_impl!r} is not concrete; resolve it first (resolve_config)")
+    ebm = EnergyPrior(width=sizes.ebm_width, leak=sizes.ebm_leak)
     gen = Generator(
-        image_size=image_size,
-        channels=channels,
-        width=gen_width,
-        leak=gen_leak,
-        conv_impl=conv_impl,
+        image_size=sizes.image_size,
+        channels=sizes.channels,
+        width=sizes.gen_width,
+        leak=sizes.gen_leak,
+        conv_impl=sizes.conv_impl,
     )
     return ebm, gen
 

@@ -42,7 +42,7 @@ from model.thermo import (
 Params = dict[str, Any]  # {"ebm": ..., "gen": ...}
 
 
-class Networks(NamedTuple):
+class NetworkFns(NamedTuple):
     """How to apply the two networks: energy(ebm_params, z) -> f_alpha(z); generate(gen_params, z) -> g(z)."""
 
     energy: Callable[[Any, Array], Array]
@@ -82,7 +82,7 @@ def _chain_inputs(
 
 
 def sample_prior(
-    nets: Networks,
+    nets: NetworkFns,
     ebm_params: Any,
     key: Array,
     example_ids: Array,
@@ -98,7 +98,7 @@ def sample_prior(
 
 
 def sample_power_posteriors(
-    nets: Networks,
+    nets: NetworkFns,
     params: Params,
     x: Array,
     temps: Array,
@@ -131,14 +131,15 @@ def vanilla_loss(
     example_ids: Array,
     hp: Hyper,
     *,
-    nets: Networks,
+    nets: NetworkFns,
     prior_steps: int,
     posterior_steps: int,
     z_dim: int,
-    axis_name: str | None = None,
     unroll: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """The vanilla LEBM loss (Eq. 7-9) on the local batch; its gradient is -(delta_alpha, delta_beta).
+    It has no statistic across the batch, so data parallelism needs no axis name: the caller averages
+    the per-device gradients (pmean).
 
     Returns (loss, aux) with aux = {ebm_loss, gen_loss}. The loss value is a surrogate whose gradient is
     the learning gradient; it is not log p(x)."""
@@ -269,7 +270,7 @@ def thermo_loss(
     example_ids: Array,
     hp: Hyper,
     *,
-    nets: Networks,
+    nets: NetworkFns,
     num_temps: int,
     posterior_steps: int,
     z_dim: int,

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid",
         default=DEFAULT_GRID,
-        help=f"built-in grid name or a .json/.toml grid file (default: {DEFAULT_GRID})",
+        help=f"built-in grid name or a .json/.toml grid file (default: {DEFAULT_GRID}, the default study: a "
+        "smaller model than the digits preset's, set by the grid's base)",
     )
     p.add_argument("--repetitions", type=int, help="repetitions per cell (default: the grid's)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the grid's)")
