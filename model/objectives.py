@@ -66,8 +66,17 @@ class Hyper(NamedTuple):
 
 
 def example_noise(key: Array, example_ids: Array, shape: tuple[int, ...]) -> Array:
-    """Standard normal draws of `shape` for each example, from fold_in(key, global example id):
-    (len(example_ids),) + shape. Independent of how the batch is split across devices."""
+    """Standard normal draws of `shape` for each example, from fold_in(key, global example id).
+    Independent of how the batch is split across devices.
+
+    Args:
+      key: the step's key.
+      example_ids: each example's index in the whole batch, shape (B,).
+      shape: the draws' shape per example.
+
+    Returns:
+      The draws, shape (B,) + shape.
+    """
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(example_ids)
 
 
@@ -91,7 +100,21 @@ def sample_prior(
     hp: Hyper,
     unroll: bool = False,
 ) -> Array:
-    """z ~ p_alpha(z) by K prior Langevin steps from N(0, sigma_0^2 I) (Eq. 11): (B, d)."""
+    """z ~ p_alpha(z) by K prior Langevin steps from N(0, sigma_0^2 I) (Eq. 11), one chain per example.
+
+    Args:
+      nets: how to apply the networks (only `energy`, f_alpha, is used).
+      ebm_params: alpha.
+      key: the chains' key; each example's noise is folded from it by its id (`example_noise`).
+      example_ids: each example's index in the whole batch, shape (B,).
+      steps: K, the Langevin steps (static).
+      z_dim: d (static).
+      hp: the traced hyper-parameters (prior_sigma sigma_0, prior_step_size s).
+      unroll: unroll the chain's loop (same numbers).
+
+    Returns:
+      The prior samples z_K, shape (B, d).
+    """
     z0, noise = _chain_inputs(key, example_ids, (), steps, z_dim, hp.prior_sigma)
     density = prior_log_density(lambda z: nets.energy(ebm_params, z), hp.prior_sigma)
     return langevin_chain(density, z0, noise, hp.prior_step_size, unroll)
@@ -110,8 +133,25 @@ def sample_power_posteriors(
     unroll: bool = False,
     chains: int = 1,
 ) -> Array:
-    """z ~ p(z|x, t_i) by K Langevin steps (Eq. 17), `chains` = M chains per example and temperature:
-    (N_t, B, d), or (N_t, M, B, d) when chains > 1."""
+    """z ~ p(z|x, t_i) by K Langevin steps (Eq. 17) from N(0, sigma_0^2 I), M chains per example and
+    temperature.
+
+    Args:
+      nets: how to apply the networks.
+      params: {"ebm": alpha, "gen": beta}; gradients flow into whichever is not stop-gradient.
+      x: the local batch of images, shape (B, H, W, C).
+      temps: the temperatures t_i, shape (N_t,).
+      key: the chains' key; each example's noise is folded from it by its id (`example_noise`).
+      example_ids: each example's index in the whole batch, shape (B,).
+      steps: K, the Langevin steps (static).
+      z_dim: d (static).
+      hp: the traced hyper-parameters (prior_sigma, lkhood_sigma sigma_l, posterior_step_size s).
+      unroll: unroll the chain's loop (same numbers).
+      chains: M, chains per example and temperature (static).
+
+    Returns:
+      The samples z_K, shape (N_t, B, d), or (N_t, M, B, d) when chains > 1.
+    """
     lead = (temps.shape[0], chains)
     z0, noise = _chain_inputs(key, example_ids, lead, steps, z_dim, hp.prior_sigma)
     density = power_posterior_log_density(
@@ -141,8 +181,22 @@ def vanilla_loss(
     It has no statistic across the batch, so data parallelism needs no axis name: the caller averages
     the per-device gradients (pmean).
 
-    Returns (loss, aux) with aux = {ebm_loss, gen_loss}. The loss value is a surrogate whose gradient is
-    the learning gradient; it is not log p(x)."""
+    Args:
+      params: {"ebm": alpha, "gen": beta}, the parameters differentiated.
+      x: the local batch of images, shape (B, H, W, C).
+      key: the step's key (split into the prior and the posterior chains' keys).
+      example_ids: each example's index in the whole batch, shape (B,).
+      hp: the traced hyper-parameters.
+      nets: how to apply the networks (static, as are the rest).
+      prior_steps: K of the prior chain (Eq. 11).
+      posterior_steps: K of the posterior chain (Eq. 12).
+      z_dim: d.
+      unroll: unroll the chains' loops (same numbers).
+
+    Returns:
+      (loss, aux) with aux = {ebm_loss, gen_loss}. The loss value is a surrogate whose gradient is the
+      learning gradient; it is not log p(x).
+    """
     k_prior, k_post = jax.random.split(key)
     z_prior = jax.lax.stop_gradient(
         sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll)
@@ -161,8 +215,15 @@ def vanilla_loss(
 def fitted_gaussians(z: Array, ridge: Array, axis_name: str | None = None) -> tuple[Array, Array]:
     """Mean and covariance (+ ridge I) of the batch of chain samples at each temperature.
 
-    z: (N_t, B, d). Under `axis_name` the sufficient statistics are summed over devices, so the fit uses
-    the whole batch. Returns means (N_t, d) and covariances (N_t, d, d) (unbiased, divisor n - 1)."""
+    Args:
+      z: the chains at each temperature, shape (N_t, B, d) (the rows of every example and chain).
+      ridge: kl_ridge, added to each covariance's diagonal (a batch of n <= d rows is rank-deficient).
+      axis_name: under pmap, the device axis: the sufficient statistics are summed over devices, so the
+        fit uses the whole batch.
+
+    Returns:
+      (means (N_t, d), covariances (N_t, d, d)), the covariances unbiased (divisor n - 1) plus ridge I.
+    """
     n = jnp.asarray(z.shape[1], z.dtype)
     s1 = jnp.sum(z, axis=1)
     s2 = jnp.einsum("tbi,tbj->tij", z, z)
@@ -239,6 +300,18 @@ def ti_estimate(
     kl_weight (eta) scales the KL correction of both KL rules. Each rule needs its registry's minimum M
     (variance and stepping_stone 2: with M = 1 the variance is NaN and stepping-stone is the left Riemann
     sum), as the config does; M is static.
+
+    Args:
+      rule: the evidence rule, a name of model.rules.EVIDENCE_RULES (static).
+      temps: the temperatures t_i, shape (N_t,).
+      loglik: log p(x_b|z) of each chain, shape (N_t, M, B).
+      z: the chains, shape (N_t, M, B, d).
+      hp: the traced hyper-parameters (kl_weight eta, kl_ridge).
+      axis_name: under pmap, the device axis (kl_batch fits its Gaussians over the whole batch).
+
+    Returns:
+      (estimate, readings): log p(x) in nats per image, averaged over the local batch, and the readings
+      above.
     """
     if rule not in RULE_ESTIMATES:
         raise ValueError(rules.unknown("ti_rule", rule, rules.EVIDENCE_RULES))
@@ -288,8 +361,29 @@ def thermo_loss(
     Static: num_temps, posterior_steps, prior_steps (the prior chain of ebm_gradient=ml), z_dim, ti_rule,
     chains_per_example (M), ebm_gradient, gen_gradient. Traced: everything in `hp`. The loss value is the
     estimate whatever the gradients; the ml gradients enter as zero-valued surrogates.
-    Returns (loss, aux) with aux = {log_evidence, temps, weights (N_t,), and ti_estimate's readings}.
-    Under `axis_name`, means are over the local batch and kl_batch's Gaussians over the whole batch."""
+    Under `axis_name`, means are over the local batch and kl_batch's Gaussians over the whole batch.
+
+    Args:
+      params: {"ebm": alpha, "gen": beta}, the parameters differentiated.
+      x: the local batch of images, shape (B, H, W, C).
+      key: the step's key (the posterior chains; split for ebm_gradient=ml's prior chain).
+      example_ids: each example's index in the whole batch, shape (B,).
+      hp: the traced hyper-parameters (temp_power p, kl_weight eta, step sizes, sigmas, kl_ridge).
+      nets: how to apply the networks (static, as are the rest).
+      num_temps: N_t (Eq. 18).
+      posterior_steps: K of every tempered chain (Eq. 17).
+      z_dim: d.
+      ti_rule: the evidence rule (model.rules.EVIDENCE_RULES).
+      chains_per_example: M.
+      ebm_gradient: alpha's gradient, chains, none or ml (model.rules.EBM_GRADIENTS).
+      gen_gradient: beta's gradient, ti or ml (model.rules.GEN_GRADIENTS).
+      prior_steps: K of ebm_gradient=ml's prior chain (Eq. 11).
+      axis_name: under pmap, the device axis.
+      unroll: unroll the chains' loops (same numbers).
+
+    Returns:
+      (loss, aux) with aux = {log_evidence, temps, weights (N_t,), and ti_estimate's readings}.
+    """
     if ebm_gradient not in rules.EBM_GRADIENTS:
         raise ValueError(rules.unknown("ebm_gradient", ebm_gradient, rules.EBM_GRADIENTS))
     if gen_gradient not in rules.GEN_GRADIENTS:
