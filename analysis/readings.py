@@ -2,6 +2,9 @@
 log-likelihood per cell, gradient noise against the paper's `grad_var`, and paired comparisons between
 cells. Repetition r of every cell of a grid shares its seed, so cells are compared through the
 within-repetition differences (one per repetition present in both cells), not through independent means.
+
+This module *analyses* the readings after a run, from the Parquet tables (pandas, no JAX). Taking them
+during training is `model.readings`; the columns they land in are `model.schema`'s.
 """
 
 from __future__ import annotations

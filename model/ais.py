@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from model.nets import log_likelihood
-from model.objectives import Networks
+from model.objectives import NetworkFns
 
 Potential = Callable[[Array], Array]  # z (..., d) -> per-chain value, shape z.shape[:-1]
 _TARGET_ACCEPT = 0.6  # MALA's efficient acceptance rate is ~0.57 (Roberts & Rosenthal 1998)
@@ -79,7 +79,15 @@ def _check_pilots(num_pilots: int) -> None:
 
 
 def power_schedule(num_temps: int, power: Array | float) -> Array:
-    """b_k = (k / K)^p for k = 0..K (K = num_temps): num_temps + 1 inverse temperatures from 0 to 1."""
+    """b_k = (k / K)^p for k = 0..K (K = num_temps): num_temps + 1 inverse temperatures from 0 to 1.
+
+    Args:
+      num_temps: K, the number of annealing steps.
+      power: p (> 0); 1 spaces them linearly.
+
+    Returns:
+      b_0 = 0 < ... < b_K = 1, float32 of shape (K + 1,).
+    """
     frac = jnp.arange(num_temps + 1, dtype=jnp.float32) / num_temps
     return jnp.where(frac > 0, jnp.power(jnp.where(frac > 0, frac, 1.0), power), 0.0)
 
@@ -103,8 +111,20 @@ def anneal(
 
     At each k the log-weight gains (betas[k] - betas[k-1]) annealed(z), then one MALA step targets
     gamma_k. The step size of each target (the leading axes) moves toward a 0.6 acceptance rate of its
-    pilot chains (the last `num_pilots` along the chain axis). Returns the new state and the mean
-    acceptance rate of the estimating chains."""
+    pilot chains (the last `num_pilots` along the chain axis).
+
+    Args:
+      fixed: the part of log gamma_k present at every k, z (..., C + P, d) -> (..., C + P).
+      annealed: the part turned on, weighted by betas[k], same signature.
+      betas: the inverse temperatures b_0 = 0 .. b_K = 1 (`power_schedule`), shape (K + 1,).
+      state: the chains, log-weights and step sizes at b_0 (`initial_state`, or a previous stage's end).
+      key: the MALA proposals' and acceptances' key.
+      prior_sigma: sigma_0 of the Gaussian reference.
+      num_pilots: P >= 1, the chains that adapt the step size and are left out of the estimate.
+
+    Returns:
+      (state at b_K, the mean MALA acceptance rate of the estimating chains).
+    """
     _check_pilots(num_pilots)
 
     def evaluate(z: Array) -> tuple[Array, Array, Array, Array]:
@@ -163,14 +183,35 @@ def initial_state(
     prior_sigma: Array,
     step_size: Array | float,
 ) -> AisState:
-    """z ~ N(0, sigma_0^2 I) exactly, shaped lead + (chains + pilots, d); zero log-weights."""
+    """z ~ N(0, sigma_0^2 I) exactly, shaped lead + (chains + pilots, d); zero log-weights.
+
+    Args:
+      key: the draws' key.
+      lead: the targets' leading axes, e.g. () for log Z_alpha or (n,) for n examples' log Z(x).
+      chains: C, the estimating chains per target.
+      num_pilots: P >= 1, the step-size pilots per target.
+      z_dim: d.
+      prior_sigma: sigma_0.
+      step_size: the initial MALA step size in units of sigma_0^2.
+
+    Returns:
+      The AisState: z (lead + (C + P, d)), log_w zeros (lead + (C + P,)), step (lead).
+    """
     _check_pilots(num_pilots)
     z = prior_sigma * jax.random.normal(key, lead + (chains + num_pilots, z_dim))
     return AisState(z, jnp.zeros(z.shape[:-1]), jnp.full(lead, step_size, jnp.float32) * prior_sigma**2)
 
 
 def log_normaliser(state: AisState, num_pilots: int) -> Array:
-    """log Z_hat = log mean_c exp(log w_c) over the estimating chains (pilots left out): shape lead."""
+    """log Z_hat = log mean_c exp(log w_c) over the estimating chains (pilots left out).
+
+    Args:
+      state: the chains at the end of annealing.
+      num_pilots: P, the pilot chains (the last P) left out.
+
+    Returns:
+      log Z_hat per target, shape lead (a stochastic lower bound of log Z by Jensen).
+    """
     _check_pilots(num_pilots)
     log_w = state.log_w[..., :-num_pilots]
     return jax.nn.logsumexp(log_w, axis=-1) - jnp.log(log_w.shape[-1])
@@ -178,7 +219,15 @@ def log_normaliser(state: AisState, num_pilots: int) -> Array:
 
 def log_normaliser_variance(state: AisState, num_pilots: int) -> Array:
     """The delta-method variance of log Z_hat from its own weights: Var(w) / (C mean(w)^2) =
-    sum w^2 / (sum w)^2 - 1/C over the C estimating chains (shape lead)."""
+    sum w^2 / (sum w)^2 - 1/C over the C estimating chains.
+
+    Args:
+      state: the chains at the end of annealing.
+      num_pilots: P, the pilot chains (the last P) left out.
+
+    Returns:
+      The variance of log Z_hat per target, shape lead, >= 0.
+    """
     _check_pilots(num_pilots)
     log_w = state.log_w[..., :-num_pilots]
     ratio = jnp.exp(jax.nn.logsumexp(2.0 * log_w, axis=-1) - 2.0 * jax.nn.logsumexp(log_w, axis=-1))
@@ -188,14 +237,23 @@ def log_normaliser_variance(state: AisState, num_pilots: int) -> Array:
 def val_ll_and_stderr(log_z_x: Array, log_z_prior: Array, log_z_prior_var: Array) -> tuple[Array, Array]:
     """val_ll = mean_x log Z_hat(x) - log Z_hat_alpha, and its standard error: the spread of log Z_hat(x)
     over the n >= 2 examples, plus the Monte Carlo variance of the one log Z_hat_alpha every x shares
-    (which the spread over examples cannot show)."""
+    (which the spread over examples cannot show).
+
+    Args:
+      log_z_x: log Z_hat(x) of each validation example, shape (n,), n >= 2.
+      log_z_prior: log Z_hat_alpha, a scalar.
+      log_z_prior_var: its variance (`log_normaliser_variance`), a scalar.
+
+    Returns:
+      (val_ll, its standard error), in nats per image.
+    """
     n = log_z_x.shape[0]
     stderr = jnp.sqrt(jnp.var(log_z_x, ddof=1) / n + log_z_prior_var)
     return jnp.mean(log_z_x) - log_z_prior, stderr
 
 
 def log_z_prior(
-    nets: Networks,
+    nets: NetworkFns,
     ebm_params: Any,
     key: Array,
     *,
@@ -207,8 +265,22 @@ def log_z_prior(
     step_size: float = 0.5,
 ) -> tuple[Array, Array, Array]:
     """AIS estimate of log Z_alpha (the EBM prior's normaliser over N(0, sigma_0^2 I)) with `chains` chains
-    and `num_temps` linearly spaced temperatures. Returns (log Z_hat_alpha, acceptance rate, the
-    delta-method variance of log Z_hat_alpha)."""
+    and `num_temps` linearly spaced temperatures.
+
+    Args:
+      nets: how to apply the networks (only `energy`, f_alpha, is used).
+      ebm_params: alpha.
+      key: the chains' key.
+      prior_sigma: sigma_0.
+      z_dim: d (static, as are the rest).
+      num_temps: K, the annealing steps turning f_alpha on.
+      chains: C, the estimating chains.
+      num_pilots: P, the step-size pilots.
+      step_size: the initial MALA step size in units of sigma_0^2.
+
+    Returns:
+      (log Z_hat_alpha, the mean acceptance rate, the delta-method variance of log Z_hat_alpha).
+    """
     state, rate = _turn_on_energy(
         nets,
         ebm_params,
@@ -225,7 +297,7 @@ def log_z_prior(
 
 
 def _turn_on_energy(
-    nets: Networks,
+    nets: NetworkFns,
     ebm_params: Any,
     key: Array,
     lead: tuple[int, ...],
@@ -258,7 +330,7 @@ def _turn_on_energy(
 
 
 def log_z_data(
-    nets: Networks,
+    nets: NetworkFns,
     params: Any,
     x: Array,
     key: Array,
@@ -274,7 +346,26 @@ def log_z_data(
 ) -> tuple[Array, Array]:
     """AIS estimates of log Z(x) for each x (n, H, W, C): `num_temps` linear temperatures turning on f,
     then `num_temps` temperatures b_l = (k/K)^lkhood_power turning on log p(x|z), `chains` chains per x.
-    Returns (log Z_hat(x) (n,), acceptance rate of the likelihood stage)."""
+    Z(x) is the unnormalised evidence of x under f_alpha's unnormalised prior: log p(x) = log Z(x) -
+    log Z_alpha.
+
+    Args:
+      nets: how to apply the networks.
+      params: {"ebm": alpha, "gen": beta}.
+      x: the validation images, shape (n, H, W, C).
+      key: the chains' key.
+      prior_sigma: sigma_0.
+      lkhood_sigma: sigma_l of p_beta(x|z).
+      z_dim: d (static, as are the rest).
+      num_temps: K of each of the two stages.
+      chains: C, the estimating chains per x.
+      lkhood_power: the power of the likelihood stage's schedule (> 1 crowds it near 0).
+      num_pilots: P, the step-size pilots per x.
+      step_size: the initial MALA step size in units of sigma_0^2.
+
+    Returns:
+      (log Z_hat(x), shape (n,), the mean acceptance rate of the likelihood stage).
+    """
     state, _ = _turn_on_energy(
         nets,
         params["ebm"],
@@ -305,7 +396,7 @@ def log_z_data(
 
 
 def validation_log_likelihood(
-    nets: Networks,
+    nets: NetworkFns,
     params: Any,
     x: Array,
     key: Array,
@@ -321,7 +412,25 @@ def validation_log_likelihood(
     """val_ll = mean_x [log Z_hat(x)] - log Z_hat_alpha in nats per image, with its standard error over
     the examples of x (n >= 2) and the Monte Carlo error of the shared log Z_hat_alpha. Each of the two AIS
     estimates is a stochastic lower bound of its log-normaliser; val_ll is consistent but not a bound (see
-    the module docstring). Pure and jittable with nets, z_dim, num_temps, chains and prior_chains static."""
+    the module docstring). Pure and jittable with nets, z_dim, num_temps, chains and prior_chains static.
+
+    Args:
+      nets: how to apply the networks.
+      params: {"ebm": alpha, "gen": beta}.
+      x: the validation subset, shape (n, H, W, C), n >= 2.
+      key: the reading's key (split between the two paths).
+      prior_sigma: sigma_0.
+      lkhood_sigma: sigma_l.
+      z_dim: d.
+      num_temps: K of each AIS stage (`val_ll_temps`).
+      chains: C per validation example (`val_ll_chains`).
+      prior_chains: C of the shared log Z_alpha path (`val_ll_prior_chains`).
+      lkhood_power: the power of the likelihood stage's schedule.
+
+    Returns:
+      ValLL: val_ll and val_ll_stderr in nats per image, both log-normaliser estimates and both
+      acceptance rates.
+    """
     k_prior, k_data = jax.random.split(key)
     lz_prior, acc_prior, lz_prior_var = log_z_prior(
         nets,

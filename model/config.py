@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from model import rules
+
 OBJECTIVES = ("vanilla", "thermo")
 DATASETS = ("digits", "cifar10", "celeb_a", "svhn_cropped")
-# How log p(x) is estimated from the chains, and which gradient each network gets (docs/estimators.md).
-TI_RULES = ("kl_batch", "kl_example", "variance", "stepping_stone", "trapezoid")
-EBM_GRADIENTS = ("chains", "none", "ml")
-GEN_GRADIENTS = ("ti", "ml")
-KL_EXAMPLE_MIN_CHAINS = 6  # diagonal per-x fits: 1/s^2 with M - 1 >= 5 degrees of freedom has finite variance
+# How log p(x) is estimated from the chains, and which gradient each network gets: the names of the
+# registries in model/rules.py (docs/estimators.md).
+TI_RULES = tuple(rules.EVIDENCE_RULES)
+EBM_GRADIENTS = tuple(rules.EBM_GRADIENTS)
+GEN_GRADIENTS = tuple(rules.GEN_GRADIENTS)
 # Fields that no longer exist, and what to set instead.
 REPLACED_FIELDS = {
     "chain_gradient": "it is replaced by ebm_gradient and gen_gradient: chain_gradient=true is "
@@ -120,32 +122,20 @@ def _fail(name: str, value: Any, why: str) -> None:
 
 
 def _validate_estimators(cfg: ExperimentConfig) -> None:
-    """The TI rule, the gradient choices and the chains per example they need."""
-    for name, allowed in (
-        ("ti_rule", TI_RULES),
-        ("ebm_gradient", EBM_GRADIENTS),
-        ("gen_gradient", GEN_GRADIENTS),
+    """The TI rule, the gradient choices and the chains per example they need (model/rules.py)."""
+    for name, registry in (
+        ("ti_rule", rules.EVIDENCE_RULES),
+        ("ebm_gradient", rules.EBM_GRADIENTS),
+        ("gen_gradient", rules.GEN_GRADIENTS),
     ):
-        if getattr(cfg, name) not in allowed:
-            _fail(name, getattr(cfg, name), f"is unknown; use one of {', '.join(allowed)}")
+        if getattr(cfg, name) not in registry:
+            raise ValueError(rules.unknown(name, getattr(cfg, name), registry))
     m = cfg.chains_per_example
-    if cfg.ti_rule in ("variance", "stepping_stone") and m < 2:
-        _fail(
-            "chains_per_example",
-            m,
-            f"is too few for ti_rule={cfg.ti_rule}, which works from the spread "
-            "of each example's chains; set chains_per_example=2 or more",
-        )
-    if cfg.ti_rule == "kl_example" and m < KL_EXAMPLE_MIN_CHAINS:
-        _fail(
-            "chains_per_example",
-            m,
-            "is too few for ti_rule=kl_example: the per-example KL's trace term "
-            f"has no finite variance below {KL_EXAMPLE_MIN_CHAINS} chains; set chains_per_example="
-            f"{KL_EXAMPLE_MIN_CHAINS} or more",
-        )
+    rule = rules.EVIDENCE_RULES[cfg.ti_rule]
+    if (why := rules.too_few_chains(rule.name, m)) is not None:
+        _fail("chains_per_example", m, why)
     rows = cfg.batch_size * m  # kl_batch fits each temperature's Gaussian on every chain of the batch
-    if cfg.is_thermo and cfg.ti_rule == "kl_batch" and rows <= cfg.z_dim:
+    if cfg.is_thermo and rule.batch_fit and rows <= cfg.z_dim:
         warnings.warn(
             f"ti_rule=kl_batch with batch_size * chains_per_example = {cfg.batch_size} * {m} = "
             f"{rows} <= z_dim={cfg.z_dim}: the "
@@ -216,7 +206,8 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("kl_ridge", cfg.kl_ridge, "must be a finite number >= 0 (added to each fitted covariance)")
     # Only the kl_batch evidence rule fits a covariance to the batch's chains (the others use no kl_ridge).
     rows = cfg.batch_size * cfg.chains_per_example
-    if cfg.is_thermo and cfg.ti_rule == "kl_batch" and cfg.kl_ridge == 0 and rows <= cfg.z_dim:
+    rule = rules.EVIDENCE_RULES.get(cfg.ti_rule)  # an unknown rule is refused by _validate_estimators
+    if cfg.is_thermo and rule is not None and rule.batch_fit and cfg.kl_ridge == 0 and rows <= cfg.z_dim:
         _fail(
             "kl_ridge",
             cfg.kl_ridge,
@@ -266,29 +257,27 @@ def inert_fields(cfg: ExperimentConfig) -> dict[str, str]:
             )
         }
     inert: dict[str, str] = {}
-    if cfg.ebm_gradient != "ml":
+    ebm, gen = rules.EBM_GRADIENTS[cfg.ebm_gradient], rules.GEN_GRADIENTS[cfg.gen_gradient]
+    rule = rules.EVIDENCE_RULES[cfg.ti_rule]
+    if not ebm.prior_chain:
         why = f"with ebm_gradient={cfg.ebm_gradient} the prior chain runs only to make evaluation images"
         inert |= {"prior_steps": why, "prior_step_size": why}
-    if cfg.ebm_gradient != "chains":
+    if not ebm.through_chains:
         why = (
             f"with ebm_gradient={cfg.ebm_gradient} the chains are stop-gradient, so the KL term is a constant"
         )
         inert |= {"kl_weight": why, "kl_ridge": why}
-        if cfg.gen_gradient == "ml":
+        if not gen.from_estimate:
             why = (
                 f"with ebm_gradient={cfg.ebm_gradient} and gen_gradient=ml no gradient depends on the TI "
                 "estimate"
             )
             inert |= {f: why for f in ("temp_power", "ti_rule", "kl_weight", "kl_ridge")}
-    if cfg.ti_rule not in ("kl_batch", "kl_example"):
+    if not rule.has_kl:
         inert.setdefault("kl_weight", f"ti_rule={cfg.ti_rule} has no KL term")
-    if cfg.ti_rule != "kl_batch":
+    if not rule.batch_fit:
         inert.setdefault("kl_ridge", f"only ti_rule=kl_batch uses it, not {cfg.ti_rule}")
     return inert
-
-
-# ti_rule values that train alike when the chains are stop-gradient: their KL terms are then constants.
-_STOP_GRADIENT_TRAPEZOID_RULES = ("trapezoid", "kl_batch", "kl_example")
 
 
 def equivalent_values(cfg: ExperimentConfig) -> dict[str, tuple[str, str]]:
@@ -297,13 +286,14 @@ def equivalent_values(cfg: ExperimentConfig) -> dict[str, tuple[str, str]]:
     pairwise notion that `inert_fields` cannot express: ti_rule matters, but only up to its class)."""
     if (
         cfg.is_thermo
-        and cfg.ebm_gradient != "chains"
-        and cfg.gen_gradient == "ti"
-        and cfg.ti_rule in _STOP_GRADIENT_TRAPEZOID_RULES
+        and not rules.EBM_GRADIENTS[cfg.ebm_gradient].through_chains
+        and rules.GEN_GRADIENTS[cfg.gen_gradient].from_estimate
+        and rules.EVIDENCE_RULES[cfg.ti_rule].trapezium_plus_kl
     ):
+        kl_rules = " and ".join(r.name for r in rules.EVIDENCE_RULES.values() if r.has_kl)
         why = (
             f"with ebm_gradient={cfg.ebm_gradient} and gen_gradient=ti the chains are stop-gradient, so "
-            "the KL terms of kl_batch and kl_example are constants and those rules train like trapezoid"
+            f"the KL terms of {kl_rules} are constants and those rules train like trapezoid"
         )
         return {"ti_rule": ("trapezoid", why)}
     return {}
@@ -357,7 +347,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "celeba": dict(_PAPER_COMMON, dataset="celeb_a", image_size=64, z_dim=80, posterior_steps=20),
     "cifar10": dict(_PAPER_COMMON, dataset="cifar10", image_size=32, z_dim=100, posterior_steps=40),
     "svhn": dict(_PAPER_COMMON, dataset="svhn_cropped", image_size=32, z_dim=100, posterior_steps=40),
-    # The embedded default: sklearn's 1797 digits at 16x16x1, small enough for a 2-core laptop.
+    # The embedded default: sklearn's 1797 digits at 16x16x1, small enough for a 2-core laptop. The `digits`
+    # grid (sweep/grids/digits.json) trains a smaller model still: its base overrides z, widths, N_t, batch.
     # Larger learning rates than the paper's because the run is 10 short epochs, not 50 long ones.
     "digits": dict(
         dataset="digits",

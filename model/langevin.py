@@ -25,7 +25,17 @@ def langevin_chain(
     the summed log-density gives every chain's own gradient. Differentiable in everything log_density
     closes over (that is how the thermodynamic objective's EBM gradient flows, paper §4).
     `unroll=True` unrolls the loop (for FLOP counting: XLA's cost analysis counts a loop body once).
-    Returns z_K with z0's shape.
+
+    Args:
+      log_density: log q(z) up to a constant, per chain: z (..., d) -> (...); e.g. `prior_log_density`
+        (Eq. 11) or `power_posterior_log_density` (Eq. 17).
+      z0: the chains' starting points, shape (..., d).
+      noise: the standard normal eps of every step, shape (K, ..., d); K = noise.shape[0] steps.
+      step_size: s of Eq. 10.
+      unroll: unroll the K steps instead of a loop (same numbers).
+
+    Returns:
+      z_K, the chains after K steps, with z0's shape.
     """
     grad_log_q = jax.grad(lambda z: jnp.sum(log_density(z)))
     scale = jnp.sqrt(2.0 * step_size)
@@ -40,7 +50,15 @@ def langevin_chain(
 
 
 def prior_log_density(energy: Callable[[Array], Array], prior_sigma: Array | float) -> LogDensity:
-    """log p_alpha(z) + const = f_alpha(z) - ||z||^2 / (2 sigma_0^2) (Eq. 1, 11)."""
+    """log p_alpha(z) + const = f_alpha(z) - ||z||^2 / (2 sigma_0^2) (Eq. 1, 11).
+
+    Args:
+      energy: f_alpha, z (..., d) -> (...).
+      prior_sigma: sigma_0 of the Gaussian reference p_0(z) = N(0, sigma_0^2 I).
+
+    Returns:
+      The log-density z (..., d) -> (...), up to a constant.
+    """
     return lambda z: energy(z) - jnp.sum(z**2, axis=-1) / (2.0 * prior_sigma**2)
 
 
@@ -52,7 +70,16 @@ def power_posterior_log_density(
 ) -> LogDensity:
     """log p(z|x,t) + const = t log p_beta(x|z) + f_alpha(z) - ||z||^2 / (2 sigma_0^2) (Eq. 16-17).
 
-    temps broadcasts against log_lik(z)'s shape, e.g. (N_t, 1) for chains shaped (N_t, B, d)."""
+    Args:
+      energy: f_alpha, z (..., d) -> (...).
+      log_lik: log p_beta(x|z) of each chain's own x, z (..., d) -> (...).
+      temps: t, broadcasting against log_lik(z)'s shape, e.g. (N_t, 1) for chains shaped (N_t, B, d);
+        t = 0 is the prior, t = 1 the posterior p(z|x).
+      prior_sigma: sigma_0.
+
+    Returns:
+      The log-density z (..., d) -> (...), up to a constant that depends on t and x.
+    """
     prior = prior_log_density(energy, prior_sigma)
     return lambda z: temps * log_lik(z) + prior(z)
 
@@ -64,6 +91,17 @@ def power_posterior_grad(
     prior_sigma: Array | float,
     z: Array,
 ) -> Array:
-    """grad_z log p(z|x,t) = t grad log p_beta(x|z) + grad f_alpha(z) - z / sigma_0^2 (Eq. 17)."""
+    """grad_z log p(z|x,t) = t grad log p_beta(x|z) + grad f_alpha(z) - z / sigma_0^2 (Eq. 17).
+
+    Args:
+      energy: f_alpha, z (..., d) -> (...).
+      log_lik: log p_beta(x|z), z (..., d) -> (...).
+      temps: t, broadcasting against log_lik(z)'s shape.
+      prior_sigma: sigma_0.
+      z: the points, shape (..., d).
+
+    Returns:
+      The gradient at each point, z's shape.
+    """
     density = power_posterior_log_density(energy, log_lik, temps, prior_sigma)
     return jax.grad(lambda zz: jnp.sum(density(zz)))(z)

@@ -20,6 +20,7 @@ import numpy as np
 from model import streams
 from model.config import ExperimentConfig, check_devices
 from model.data import Dataset, load_dataset
+from model.nets import network_modules
 from model.objectives import Hyper
 from model.plan.device_memory import check_step_fits, out_of_memory_as_advice
 from model.readings import READING_NAMES, evaluation_readings
@@ -29,7 +30,6 @@ from model.step import (
     compiled_generate,
     compiled_train_step,
     learning_rates,
-    network_modules,
     optimizers,
     replicate,
     unreplicate,
@@ -62,11 +62,12 @@ def init_state(config: ExperimentConfig) -> TrainState:
     """Fresh parameters and optimiser states, seeded by config.seed."""
     key = jax.random.key(config.seed)
     key, k_ebm, k_gen = jax.random.split(key, 3)
-    ebm, gen = network_modules(config)
+    spec = StepSpec.from_config(config)
+    ebm, gen = network_modules(spec)
     z = jnp.zeros((1, config.z_dim), jnp.float32)
     ebm_params = ebm.init(k_ebm, z)
     gen_params = gen.init(k_gen, z)
-    ebm_tx, gen_tx = optimizers(StepSpec.from_config(config))
+    ebm_tx, gen_tx = optimizers(spec)
     return TrainState(
         ebm_params,
         gen_params,

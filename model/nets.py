@@ -9,7 +9,10 @@ public code at ng = 8: 128, 64, 32); 64x64 adds 2ng; 16x16 (digits) uses 16ng, 8
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 from jax import Array
 
 _KERNEL_INIT = nn.initializers.lecun_normal()
+C = TypeVar("C", bound=Any)
 
 # conv_impl="auto": the implementation `python -m model.bench --compare-conv` measured fastest per JAX
 # backend (docs/gpu.md has the runs). A backend without a measurement gets "lax" (the library's own
@@ -31,6 +35,24 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
     if conv_impl != "auto":
         return conv_impl
     return MEASURED_FASTEST_CONV.get(backend or jax.default_backend(), UNMEASURED_CONV)
+
+
+def resolve_config(config: C, backend: str | None = None) -> C:
+    """`config` (an ExperimentConfig) with conv_impl "auto" resolved for `backend` (default: JAX's
+    default backend); `config` itself when it is concrete already.
+
+    A run resolves once, where its step runs: `python -m model.train` for its local devices, a sweep's
+    trial at its start for the devices it was given (sweep.trainable; the driver, possibly a CPU-only
+    head, resolves nothing for its workers). The concrete config is then what the state, the step and the
+    memory check take, and what the trial records in `trials.parquet`'s `conv_impl` column."""
+    from model.config import RankDeficientKLWarning
+
+    concrete = resolve_conv_impl(config.conv_impl, backend)
+    if concrete == config.conv_impl:
+        return config
+    with warnings.catch_warnings():  # validated already, when `config` was made: warned then if at all
+        warnings.simplefilter("ignore", RankDeficientKLWarning)
+        return dataclasses.replace(config, conv_impl=concrete)
 
 
 class UpConv(nn.Module):
@@ -161,25 +183,19 @@ class Generator(nn.Module):
         return x.reshape(lead + x.shape[1:])
 
 
-def make_networks(
-    *,
-    ebm_width: int,
-    ebm_leak: float,
-    image_size: int,
-    channels: int,
-    gen_width: int,
-    gen_leak: float,
-    conv_impl: str = "auto",
-) -> tuple[EnergyPrior, Generator]:
-    """The EBM prior f_alpha and the generator g_beta with these sizes (Table 5); conv_impl "auto" is
-    resolved for the default backend (resolve_conv_impl)."""
-    ebm = EnergyPrior(width=ebm_width, leak=ebm_leak)
+def network_modules(sizes: Any) -> tuple[EnergyPrior, Generator]:
+    """The Flax modules of the EBM prior f_alpha and the generator g_beta (Table 5), sized by `sizes`: a
+    `model.step.StepSpec` or a config (its ebm_width, ebm_leak, image_size, channels, gen_width, gen_leak
+    and a concrete conv_impl, "phases" or "lax": resolve "auto" first, `resolve_config`)."""
+    if sizes.conv_impl not in ("phases", "lax"):
+        raise ValueError(f"conv_impl={sizes.conv_impl!r} is not concrete; resolve it first (resolve_config)")
+    ebm = EnergyPrior(width=sizes.ebm_width, leak=sizes.ebm_leak)
     gen = Generator(
-        image_size=image_size,
-        channels=channels,
-        width=gen_width,
-        leak=gen_leak,
-        conv_impl=resolve_conv_impl(conv_impl),
+        image_size=sizes.image_size,
+        channels=sizes.channels,
+        width=sizes.gen_width,
+        leak=sizes.gen_leak,
+        conv_impl=sizes.conv_impl,
     )
     return ebm, gen
 

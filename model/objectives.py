@@ -3,7 +3,7 @@
 vanilla (Eq. 7-9): prior and posterior chains are stop-gradient samples;
     loss = [mean f(z_prior) - mean f(z_post)] + mean ||x - g(z_post)||^2 / (2 sigma_l^2).
 thermo (Eq. 15-22): M posterior chains per example at every temperature t_i; the loss value is minus a
-    TI estimate of log p(x) by one of TI_RULES, e.g. (kl_batch, the paper's)
+    TI estimate of log p(x) by one of the evidence rules (model/rules.py), e.g. (kl_batch, the paper's)
     -[ sum_i dt_i (E_{i-1}+E_i)/2 + eta/2 sum_i (KL(p_{i-1}||p_i) - KL(p_i||p_{i-1})) ].
     Its gradient is chosen per network. EBM (`ebm_gradient`): `chains` differentiates the estimate
     through the Langevin chains (the paper's text; both networks' gradients then flow through them),
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from model.config import EBM_GRADIENTS, GEN_GRADIENTS, TI_RULES
+from model import rules
 from model.langevin import langevin_chain, power_posterior_log_density, prior_log_density
 from model.nets import log_likelihood
 from model.thermo import (
@@ -42,7 +42,7 @@ from model.thermo import (
 Params = dict[str, Any]  # {"ebm": ..., "gen": ...}
 
 
-class Networks(NamedTuple):
+class NetworkFns(NamedTuple):
     """How to apply the two networks: energy(ebm_params, z) -> f_alpha(z); generate(gen_params, z) -> g(z)."""
 
     energy: Callable[[Any, Array], Array]
@@ -66,8 +66,17 @@ class Hyper(NamedTuple):
 
 
 def example_noise(key: Array, example_ids: Array, shape: tuple[int, ...]) -> Array:
-    """Standard normal draws of `shape` for each example, from fold_in(key, global example id):
-    (len(example_ids),) + shape. Independent of how the batch is split across devices."""
+    """Standard normal draws of `shape` for each example, from fold_in(key, global example id).
+    Independent of how the batch is split across devices.
+
+    Args:
+      key: the step's key.
+      example_ids: each example's index in the whole batch, shape (B,).
+      shape: the draws' shape per example.
+
+    Returns:
+      The draws, shape (B,) + shape.
+    """
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(example_ids)
 
 
@@ -82,7 +91,7 @@ def _chain_inputs(
 
 
 def sample_prior(
-    nets: Networks,
+    nets: NetworkFns,
     ebm_params: Any,
     key: Array,
     example_ids: Array,
@@ -91,14 +100,28 @@ def sample_prior(
     hp: Hyper,
     unroll: bool = False,
 ) -> Array:
-    """z ~ p_alpha(z) by K prior Langevin steps from N(0, sigma_0^2 I) (Eq. 11): (B, d)."""
+    """z ~ p_alpha(z) by K prior Langevin steps from N(0, sigma_0^2 I) (Eq. 11), one chain per example.
+
+    Args:
+      nets: how to apply the networks (only `energy`, f_alpha, is used).
+      ebm_params: alpha.
+      key: the chains' key; each example's noise is folded from it by its id (`example_noise`).
+      example_ids: each example's index in the whole batch, shape (B,).
+      steps: K, the Langevin steps (static).
+      z_dim: d (static).
+      hp: the traced hyper-parameters (prior_sigma sigma_0, prior_step_size s).
+      unroll: unroll the chain's loop (same numbers).
+
+    Returns:
+      The prior samples z_K, shape (B, d).
+    """
     z0, noise = _chain_inputs(key, example_ids, (), steps, z_dim, hp.prior_sigma)
     density = prior_log_density(lambda z: nets.energy(ebm_params, z), hp.prior_sigma)
     return langevin_chain(density, z0, noise, hp.prior_step_size, unroll)
 
 
 def sample_power_posteriors(
-    nets: Networks,
+    nets: NetworkFns,
     params: Params,
     x: Array,
     temps: Array,
@@ -110,8 +133,25 @@ def sample_power_posteriors(
     unroll: bool = False,
     chains: int = 1,
 ) -> Array:
-    """z ~ p(z|x, t_i) by K Langevin steps (Eq. 17), `chains` = M chains per example and temperature:
-    (N_t, B, d), or (N_t, M, B, d) when chains > 1."""
+    """z ~ p(z|x, t_i) by K Langevin steps (Eq. 17) from N(0, sigma_0^2 I), M chains per example and
+    temperature.
+
+    Args:
+      nets: how to apply the networks.
+      params: {"ebm": alpha, "gen": beta}; gradients flow into whichever is not stop-gradient.
+      x: the local batch of images, shape (B, H, W, C).
+      temps: the temperatures t_i, shape (N_t,).
+      key: the chains' key; each example's noise is folded from it by its id (`example_noise`).
+      example_ids: each example's index in the whole batch, shape (B,).
+      steps: K, the Langevin steps (static).
+      z_dim: d (static).
+      hp: the traced hyper-parameters (prior_sigma, lkhood_sigma sigma_l, posterior_step_size s).
+      unroll: unroll the chain's loop (same numbers).
+      chains: M, chains per example and temperature (static).
+
+    Returns:
+      The samples z_K, shape (N_t, B, d), or (N_t, M, B, d) when chains > 1.
+    """
     lead = (temps.shape[0], chains)
     z0, noise = _chain_inputs(key, example_ids, lead, steps, z_dim, hp.prior_sigma)
     density = power_posterior_log_density(
@@ -131,17 +171,32 @@ def vanilla_loss(
     example_ids: Array,
     hp: Hyper,
     *,
-    nets: Networks,
+    nets: NetworkFns,
     prior_steps: int,
     posterior_steps: int,
     z_dim: int,
-    axis_name: str | None = None,
     unroll: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """The vanilla LEBM loss (Eq. 7-9) on the local batch; its gradient is -(delta_alpha, delta_beta).
+    It has no statistic across the batch, so data parallelism needs no axis name: the caller averages
+    the per-device gradients (pmean).
 
-    Returns (loss, aux) with aux = {ebm_loss, gen_loss}. The loss value is a surrogate whose gradient is
-    the learning gradient; it is not log p(x)."""
+    Args:
+      params: {"ebm": alpha, "gen": beta}, the parameters differentiated.
+      x: the local batch of images, shape (B, H, W, C).
+      key: the step's key (split into the prior and the posterior chains' keys).
+      example_ids: each example's index in the whole batch, shape (B,).
+      hp: the traced hyper-parameters.
+      nets: how to apply the networks (static, as are the rest).
+      prior_steps: K of the prior chain (Eq. 11).
+      posterior_steps: K of the posterior chain (Eq. 12).
+      z_dim: d.
+      unroll: unroll the chains' loops (same numbers).
+
+    Returns:
+      (loss, aux) with aux = {ebm_loss, gen_loss}. The loss value is a surrogate whose gradient is the
+      learning gradient; it is not log p(x).
+    """
     k_prior, k_post = jax.random.split(key)
     z_prior = jax.lax.stop_gradient(
         sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll)
@@ -160,8 +215,15 @@ def vanilla_loss(
 def fitted_gaussians(z: Array, ridge: Array, axis_name: str | None = None) -> tuple[Array, Array]:
     """Mean and covariance (+ ridge I) of the batch of chain samples at each temperature.
 
-    z: (N_t, B, d). Under `axis_name` the sufficient statistics are summed over devices, so the fit uses
-    the whole batch. Returns means (N_t, d) and covariances (N_t, d, d) (unbiased, divisor n - 1)."""
+    Args:
+      z: the chains at each temperature, shape (N_t, B, d) (the rows of every example and chain).
+      ridge: kl_ridge, added to each covariance's diagonal (a batch of n <= d rows is rank-deficient).
+      axis_name: under pmap, the device axis: the sufficient statistics are summed over devices, so the
+        fit uses the whole batch.
+
+    Returns:
+      (means (N_t, d), covariances (N_t, d, d)), the covariances unbiased (divisor n - 1) plus ridge I.
+    """
     n = jnp.asarray(z.shape[1], z.dtype)
     s1 = jnp.sum(z, axis=1)
     s2 = jnp.einsum("tbi,tbj->tij", z, z)
@@ -173,53 +235,98 @@ def fitted_gaussians(z: Array, ridge: Array, axis_name: str | None = None) -> tu
     return mean, cov
 
 
+# Each evidence rule's function (model/rules.py has its metadata): (temps, loglik, z, expected, hp,
+# axis_name) -> (estimate, KL readings or None), the readings (kl_forward, kl_backward, kl_identity).
+_Estimate = tuple[Array, "tuple[Array, Array, Array] | None"]
+
+
+def _kl_batch(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
+    """Gaussians fitted across the batch at each temperature (Eq. 20-22 as the paper computes them)."""
+    n_t, m, b, d = z.shape
+    mean, cov = fitted_gaussians(z.reshape(n_t, m * b, d), hp.kl_ridge, axis_name)
+    kl_forward, kl_backward = adjacent_gaussian_kls(mean, cov)
+    identity = kl_identity_residual(temps, expected, kl_forward, kl_backward)
+    estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
+    return estimate, (kl_forward, kl_backward, identity)
+
+
+def _kl_example(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
+    """Gaussians fitted per example from its M chains."""
+    per_example = example_gaussian_kls(z)
+    kl_forward, kl_backward = (jnp.mean(k, axis=-1) for k in per_example)
+    # The identity holds per x: residuals of opposite sign must not cancel across examples.
+    residual = kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example)
+    identity = jnp.mean(jnp.abs(residual), axis=-1)
+    estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
+    return estimate, (kl_forward, kl_backward, identity)
+
+
+def _variance(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
+    variance = jnp.mean(jnp.var(loglik, axis=1, ddof=1), axis=-1)
+    return variance_corrected_log_evidence(temps, expected, variance), None
+
+
+def _stepping_stone(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
+    return jnp.mean(stepping_stone_log_evidence(temps, loglik)), None
+
+
+def _trapezoid(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
+    return trapezoid_log_evidence(temps, expected), None
+
+
+RULE_ESTIMATES: dict[str, Callable[..., _Estimate]] = {
+    "kl_batch": _kl_batch,
+    "kl_example": _kl_example,
+    "variance": _variance,
+    "stepping_stone": _stepping_stone,
+    "trapezoid": _trapezoid,
+}
+if set(RULE_ESTIMATES) != set(rules.EVIDENCE_RULES):  # one function per registered rule, no other
+    raise ImportError(
+        f"RULE_ESTIMATES {sorted(RULE_ESTIMATES)} != model.rules {sorted(rules.EVIDENCE_RULES)}"
+    )
+
+
 def ti_estimate(
     rule: str, temps: Array, loglik: Array, z: Array, hp: Hyper, axis_name: str | None = None
 ) -> tuple[Array, dict[str, Array]]:
-    """log p(x) from the chains by `rule` (one of TI_RULES), in nats per image, averaged over the local batch.
+    """log p(x) from the chains by `rule` (one of model.rules.EVIDENCE_RULES), in nats per image, averaged
+    over the local batch.
 
     loglik: (N_t, M, B) log p(x_b|z) per chain; z: (N_t, M, B, d). Returns (estimate, readings) with
     readings = {expected_loglik (N_t,), kl_forward, kl_backward, kl_identity (N_t - 1,)}; the KL readings
     are NaN for rules that fit no Gaussians. kl_identity is the residual of the KL identity per interval:
     of the batch's Gaussians (kl_batch), or its absolute value per x averaged over x (kl_example).
-    kl_weight (eta) scales the KL correction of both KL rules. variance and stepping_stone need M >= 2 (with
-    M = 1 the variance is NaN and stepping-stone is the left Riemann sum), as the config does; M is static.
+    kl_weight (eta) scales the KL correction of both KL rules. Each rule needs its registry's minimum M
+    (variance and stepping_stone 2: with M = 1 the variance is NaN and stepping-stone is the left Riemann
+    sum), as the config does; M is static.
+
+    Args:
+      rule: the evidence rule, a name of model.rules.EVIDENCE_RULES (static).
+      temps: the temperatures t_i, shape (N_t,).
+      loglik: log p(x_b|z) of each chain, shape (N_t, M, B).
+      z: the chains, shape (N_t, M, B, d).
+      hp: the traced hyper-parameters (kl_weight eta, kl_ridge).
+      axis_name: under pmap, the device axis (kl_batch fits its Gaussians over the whole batch).
+
+    Returns:
+      (estimate, readings): log p(x) in nats per image, averaged over the local batch, and the readings
+      above.
     """
-    if rule in ("variance", "stepping_stone") and loglik.shape[1] < 2:
-        raise ValueError(
-            f"chains_per_example={loglik.shape[1]} is too few for ti_rule={rule}, which works "
-            "from the spread of each example's chains; set chains_per_example=2 or more"
-        )
+    if rule not in RULE_ESTIMATES:
+        raise ValueError(rules.unknown("ti_rule", rule, rules.EVIDENCE_RULES))
+    if (why := rules.too_few_chains(rule, loglik.shape[1])) is not None:
+        raise ValueError(f"chains_per_example={loglik.shape[1]} {why}")
     expected = jnp.mean(loglik, axis=(1, 2))
-    nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
-    kl_forward = kl_backward = identity = nan
-    if rule == "kl_batch":
-        n_t, m, b, d = z.shape
-        mean, cov = fitted_gaussians(z.reshape(n_t, m * b, d), hp.kl_ridge, axis_name)
-        kl_forward, kl_backward = adjacent_gaussian_kls(mean, cov)
-        identity = kl_identity_residual(temps, expected, kl_forward, kl_backward)
-    elif rule == "kl_example":
-        per_example = example_gaussian_kls(z)
-        kl_forward, kl_backward = (jnp.mean(k, axis=-1) for k in per_example)
-        # The identity holds per x: residuals of opposite sign must not cancel across examples.
-        residual = kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example)
-        identity = jnp.mean(jnp.abs(residual), axis=-1)
-    if rule in ("kl_batch", "kl_example"):
-        estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
-    elif rule == "variance":
-        variance = jnp.mean(jnp.var(loglik, axis=1, ddof=1), axis=-1)
-        estimate = variance_corrected_log_evidence(temps, expected, variance)
-    elif rule == "stepping_stone":
-        estimate = jnp.mean(stepping_stone_log_evidence(temps, loglik))
-    elif rule == "trapezoid":
-        estimate = trapezoid_log_evidence(temps, expected)
-    else:
-        raise ValueError(f"ti_rule={rule!r} is unknown; use one of {', '.join(TI_RULES)}")
+    estimate, kls = RULE_ESTIMATES[rule](temps, loglik, z, expected, hp, axis_name)
+    if kls is None:
+        nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
+        kls = (nan, nan, nan)
     readings = {
         "expected_loglik": expected,
-        "kl_forward": kl_forward,
-        "kl_backward": kl_backward,
-        "kl_identity": identity,
+        "kl_forward": kls[0],
+        "kl_backward": kls[1],
+        "kl_identity": kls[2],
     }
     return estimate, readings
 
@@ -236,7 +343,7 @@ def thermo_loss(
     example_ids: Array,
     hp: Hyper,
     *,
-    nets: Networks,
+    nets: NetworkFns,
     num_temps: int,
     posterior_steps: int,
     z_dim: int,
@@ -254,17 +361,39 @@ def thermo_loss(
     Static: num_temps, posterior_steps, prior_steps (the prior chain of ebm_gradient=ml), z_dim, ti_rule,
     chains_per_example (M), ebm_gradient, gen_gradient. Traced: everything in `hp`. The loss value is the
     estimate whatever the gradients; the ml gradients enter as zero-valued surrogates.
-    Returns (loss, aux) with aux = {log_evidence, temps, weights (N_t,), and ti_estimate's readings}.
-    Under `axis_name`, means are over the local batch and kl_batch's Gaussians over the whole batch."""
-    if ebm_gradient not in EBM_GRADIENTS:
-        raise ValueError(f"ebm_gradient={ebm_gradient!r} is unknown; use one of {', '.join(EBM_GRADIENTS)}")
-    if gen_gradient not in GEN_GRADIENTS:
-        raise ValueError(f"gen_gradient={gen_gradient!r} is unknown; use one of {', '.join(GEN_GRADIENTS)}")
-    through_chains = ebm_gradient == "chains"
+    Under `axis_name`, means are over the local batch and kl_batch's Gaussians over the whole batch.
+
+    Args:
+      params: {"ebm": alpha, "gen": beta}, the parameters differentiated.
+      x: the local batch of images, shape (B, H, W, C).
+      key: the step's key (the posterior chains; split for ebm_gradient=ml's prior chain).
+      example_ids: each example's index in the whole batch, shape (B,).
+      hp: the traced hyper-parameters (temp_power p, kl_weight eta, step sizes, sigmas, kl_ridge).
+      nets: how to apply the networks (static, as are the rest).
+      num_temps: N_t (Eq. 18).
+      posterior_steps: K of every tempered chain (Eq. 17).
+      z_dim: d.
+      ti_rule: the evidence rule (model.rules.EVIDENCE_RULES).
+      chains_per_example: M.
+      ebm_gradient: alpha's gradient, chains, none or ml (model.rules.EBM_GRADIENTS).
+      gen_gradient: beta's gradient, ti or ml (model.rules.GEN_GRADIENTS).
+      prior_steps: K of ebm_gradient=ml's prior chain (Eq. 11).
+      axis_name: under pmap, the device axis.
+      unroll: unroll the chains' loops (same numbers).
+
+    Returns:
+      (loss, aux) with aux = {log_evidence, temps, weights (N_t,), and ti_estimate's readings}.
+    """
+    if ebm_gradient not in rules.EBM_GRADIENTS:
+        raise ValueError(rules.unknown("ebm_gradient", ebm_gradient, rules.EBM_GRADIENTS))
+    if gen_gradient not in rules.GEN_GRADIENTS:
+        raise ValueError(rules.unknown("gen_gradient", gen_gradient, rules.GEN_GRADIENTS))
+    ebm, gen = rules.EBM_GRADIENTS[ebm_gradient], rules.GEN_GRADIENTS[gen_gradient]
+    through_chains = ebm.through_chains
     # The TI estimate carries a network's gradient only where that network's gradient is `chains`/`ti`.
     ti_params = {
         "ebm": params["ebm"] if through_chains else jax.lax.stop_gradient(params["ebm"]),
-        "gen": params["gen"] if gen_gradient == "ti" else jax.lax.stop_gradient(params["gen"]),
+        "gen": params["gen"] if gen.from_estimate else jax.lax.stop_gradient(params["gen"]),
     }
     temps = temperature_schedule(num_temps, hp.temp_power)
     z = sample_power_posteriors(
@@ -278,7 +407,7 @@ def thermo_loss(
     log_evidence, readings = ti_estimate(ti_rule, temps, loglik, z, hp, axis_name)
     loss = -log_evidence
     z_post = jax.lax.stop_gradient(z[-1])  # the t = 1 chains: posterior samples, (M, B, d)
-    if ebm_gradient == "ml":
+    if ebm.prior_chain:  # ebm_gradient=ml
         k_prior = jax.random.split(key)[1]  # the posterior chains keep `key` itself
         z_prior = jax.lax.stop_gradient(
             sample_prior(nets, params["ebm"], k_prior, example_ids, prior_steps, z_dim, hp, unroll)
@@ -286,7 +415,7 @@ def thermo_loss(
         loss = loss + _surrogate(
             jnp.mean(nets.energy(params["ebm"], z_prior)) - jnp.mean(nets.energy(params["ebm"], z_post))
         )
-    if gen_gradient == "ml":
+    if not gen.from_estimate:  # gen_gradient=ml
         loss = loss - _surrogate(
             jnp.mean(log_likelihood(x, nets.generate(params["gen"], z_post), hp.lkhood_sigma))
         )

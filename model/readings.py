@@ -5,6 +5,10 @@ its wall time. Sizes come from the config (`val_ll_*`, `grad_noise_draws`; 0 tur
 `val_ll` uses a fixed validation subset, the same for every model and seed, so cells are compared on the
 same images; its chains are seeded by (seed, epoch) and do not consume the training key. The gradient
 noise is measured at the parameters after the epoch, with the training batch size and objective.
+
+This module *takes* the readings, during training (on the device, from a train state). Their analysis
+after a run, per cell and as paired differences between cells, is `analysis.readings` (from the Parquet
+tables; it imports nothing from here).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from model.ais import log_z_data, log_z_prior, val_ll_and_stderr
 from model.config import ExperimentConfig
 from model.gradnoise import NETWORKS, gradient_noise
 from model.objectives import Hyper
-from model.step import StepSpec, loss_fn, networks
+from model.step import StepSpec, loss_fn, network_fns
 
 VAL_LL_COLUMNS = ("val_ll", "val_ll_stderr", "val_ll_time_s")
 GRAD_NOISE_COLUMNS = tuple(
@@ -44,7 +48,7 @@ def validation_subset(images: np.ndarray, num: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _compiled_log_z_prior(spec: StepSpec, num_temps: int, chains: int) -> Callable[..., Any]:
-    nets = networks(spec)
+    nets = network_fns(spec)
     return jax.jit(
         lambda ebm, key, sigma: log_z_prior(
             nets, ebm, key, prior_sigma=sigma, z_dim=spec.z_dim, num_temps=num_temps, chains=chains
@@ -54,7 +58,7 @@ def _compiled_log_z_prior(spec: StepSpec, num_temps: int, chains: int) -> Callab
 
 @functools.lru_cache(maxsize=16)
 def _compiled_log_z_data(spec: StepSpec, num_temps: int, chains: int) -> Callable[..., Any]:
-    nets = networks(spec)
+    nets = network_fns(spec)
     return jax.jit(
         lambda params, x, key, prior_sigma, lkhood_sigma: log_z_data(
             nets,

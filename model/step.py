@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 from model.config import ExperimentConfig
-from model.nets import make_networks, resolve_conv_impl
-from model.objectives import Hyper, Networks, sample_prior, thermo_loss, vanilla_loss
+from model.nets import network_modules, resolve_conv_impl
+from model.objectives import Hyper, NetworkFns, sample_prior, thermo_loss, vanilla_loss
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,9 @@ class StepSpec:
 
     @classmethod
     def from_config(cls, c: ExperimentConfig) -> StepSpec:
-        """The spec of `c`, with conv_impl "auto" resolved for the default backend. The estimator fields
+        """The spec of `c`. Its conv_impl is concrete on a run's path (model.train and a trial resolve "auto"
+        once, `model.nets.resolve_config`); a direct caller's "auto" is resolved here for the default
+        backend. The estimator fields
         change only the thermodynamic step: vanilla specs leave them at defaults so vanilla cells share one
         compilation whatever they say."""
         ti = (
@@ -77,23 +79,10 @@ class StepSpec:
         )
 
 
-def networks(spec: StepSpec | ExperimentConfig) -> Networks:
-    """Apply functions of the EBM prior and the generator for this shape."""
+def network_fns(spec: StepSpec) -> NetworkFns:
+    """How to apply the EBM prior and the generator of this shape: their Flax modules' apply functions."""
     ebm, gen = network_modules(spec)
-    return Networks(energy=ebm.apply, generate=gen.apply)
-
-
-def network_modules(spec: StepSpec | ExperimentConfig) -> tuple[Any, Any]:
-    """The Flax modules of the EBM prior and the generator sized by a spec or config."""
-    return make_networks(
-        ebm_width=spec.ebm_width,
-        ebm_leak=spec.ebm_leak,
-        image_size=spec.image_size,
-        channels=spec.channels,
-        gen_width=spec.gen_width,
-        gen_leak=spec.gen_leak,
-        conv_impl=spec.conv_impl,
-    )
+    return NetworkFns(energy=ebm.apply, generate=gen.apply)
 
 
 def optimizers(spec: StepSpec) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
@@ -150,7 +139,7 @@ def gradient_statistics(ebm_grads: Any, gen_grads: Any) -> dict[str, jax.Array]:
 
 def loss_fn(spec: StepSpec, axis_name: str | None = None, unroll: bool = False) -> Callable[..., Any]:
     """The objective of `spec` as loss(params, x, key, example_ids, hyper) -> (loss, aux)."""
-    nets = networks(spec)
+    nets = network_fns(spec)
     if spec.objective == "thermo":
         return functools.partial(
             thermo_loss,
@@ -278,7 +267,7 @@ def unreplicate(tree: Any) -> Any:
 
 @functools.lru_cache(maxsize=16)
 def compiled_generate(spec: StepSpec, num: int) -> Callable[..., Any]:
-    nets = networks(spec)
+    nets = network_fns(spec)
 
     def generate(ebm_params: Any, gen_params: Any, key: jax.Array, hp: Hyper) -> jax.Array:
         z = sample_prior(nets, ebm_params, key, jnp.arange(num), spec.prior_steps, spec.z_dim, hp)

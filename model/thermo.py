@@ -17,12 +17,21 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from model.rules import MIN_CHAINS_DIAGONAL
+
 
 def temperature_schedule(num_temps: int, power: float | Array) -> Array:
-    """t_i = (i / (N_t - 1))^p for i = 0..N_t-1: N_t temperatures from t_0 = 0 (the prior) to 1.
+    """t_i = (i / (N_t - 1))^p for i = 0..N_t-1: N_t temperatures from t_0 = 0 (the prior) to 1 (Eq. 21).
 
     `num_temps` fixes the shape (static); `power` may be traced, so schedules of equal length
     share one compiled step.
+
+    Args:
+      num_temps: N_t, the number of temperatures, both ends included (>= 2; static).
+      power: p of Eq. 21 (> 0); p > 1 crowds the temperatures near t = 0, p < 1 near t = 1.
+
+    Returns:
+      The schedule t_0 = 0 < t_1 < ... < t_{N_t-1} = 1, float32 of shape (N_t,).
     """
     if int(num_temps) < 2:
         raise ValueError(f"num_temps={num_temps} must be >= 2 (the schedule includes t=0 and t=1)")
@@ -44,7 +53,14 @@ def trapezoid_weights(temps: Array) -> Array:
     t_{N_t-1} - t_0 = 1.
 
     With frozen chains these are also the weights of the TI generator gradient,
-    sum_i w_i E_{t_i}[grad_beta log p(x|z)]: w_0 is the weight on samples that ignore x."""
+    sum_i w_i E_{t_i}[grad_beta log p(x|z)]: w_0 is the weight on samples that ignore x.
+
+    Args:
+      temps: the schedule t_i, shape (N_t,).
+
+    Returns:
+      The weights w_i, shape (N_t,).
+    """
     half = (temps[1:] - temps[:-1]) / 2.0
     zero = jnp.zeros((1,), temps.dtype)
     return jnp.concatenate([half, zero]) + jnp.concatenate([zero, half])
@@ -61,9 +77,16 @@ def trapezoid_log_evidence(
 
         sum_i dt_i (E_{i-1} + E_i) / 2  +  kl_weight * 1/2 * sum_i (KL(p_{i-1}||p_i) - KL(p_i||p_{i-1}))
 
-    temps: (N_t,) schedule. expected_loglik: (N_t, ...) E_i = E_{p(z|x,t_i)}[log p(x|z)].
-    kl_forward / kl_backward: (N_t - 1, ...) KL(p_{i-1}||p_i) and KL(p_i||p_{i-1}) for i = 1..N_t-1;
-    both None gives the plain trapezium rule. Returns nats, shape expected_loglik.shape[1:].
+    Args:
+      temps: the schedule t_i, shape (N_t,).
+      expected_loglik: E_i = E_{p(z|x,t_i)}[log p(x|z)], shape (N_t, ...).
+      kl_forward: KL(p_{i-1}||p_i) for i = 1..N_t-1, shape (N_t - 1, ...), or None.
+      kl_backward: KL(p_i||p_{i-1}) for i = 1..N_t-1, shape (N_t - 1, ...), or None; both None gives the
+        plain trapezium rule (Eq. 18-19 without the KL term).
+      kl_weight: eta of Eq. 22, the weight of the KL correction (1 makes it the exact identity).
+
+    Returns:
+      The estimate of log p(x) in nats, shape expected_loglik.shape[1:].
     """
     e = expected_loglik
     trapezium = jnp.sum(_dt(temps, e.ndim) * (e[:-1] + e[1:]) / 2.0, axis=0)
@@ -80,9 +103,16 @@ def variance_corrected_log_evidence(temps: Array, expected_loglik: Array, loglik
         sum_i dt_i (E_{i-1} + E_i) / 2  -  sum_i dt_i^2 / 12 (V_i - V_{i-1}),
 
     V_i = Var_{p(z|x,t_i)}[log p(x|z)] = dE/dt at t_i, so the correction is the trapezium's leading error
-    term with the second derivative from a difference of first derivatives. expected_loglik and
-    loglik_variance: (N_t, ...). Returns nats, shape expected_loglik.shape[1:]. It needs a schedule that
+    term with the second derivative from a difference of first derivatives. It needs a schedule that
     resolves the curvature of E_t near t = 0; with few, evenly spaced temperatures it overcorrects.
+
+    Args:
+      temps: the schedule t_i, shape (N_t,).
+      expected_loglik: E_i, shape (N_t, ...).
+      loglik_variance: V_i, the variance of log p(x|z) under p(z|x,t_i), shape (N_t, ...).
+
+    Returns:
+      The estimate of log p(x) in nats, shape expected_loglik.shape[1:].
     """
     v = loglik_variance
     correction = jnp.sum(_dt(temps, v.ndim) ** 2 / 12.0 * (v[1:] - v[:-1]), axis=0)
@@ -95,8 +125,15 @@ def stepping_stone_log_evidence(temps: Array, loglik: Array) -> Array:
         sum_i log (1/M sum_m p(x|z_{i-1,m})^dt_i),   z_{i-1,m} ~ p(z|x, t_{i-1}),
 
     each ratio Z_i / Z_{i-1} = E_{p_{i-1}}[p(x|z)^dt_i] by a log-mean-exp over the M chains at t_{i-1}.
-    loglik: (N_t, M, ...) log p(x|z) per chain. Biased low by Jensen's inequality, less as M grows; with
-    M = 1 it is the left Riemann sum sum_i dt_i log p(x|z_{i-1}). Returns nats, shape loglik.shape[2:].
+    Biased low by Jensen's inequality, less as M grows; with M = 1 it is the left Riemann sum
+    sum_i dt_i log p(x|z_{i-1}).
+
+    Args:
+      temps: the schedule t_i, shape (N_t,).
+      loglik: log p(x|z) of each of the M chains at each temperature, shape (N_t, M, ...).
+
+    Returns:
+      The estimate of log p(x) in nats, shape loglik.shape[2:].
     """
     m = loglik.shape[1]
     scaled = _dt(temps, loglik.ndim) * loglik[:-1]
@@ -107,7 +144,17 @@ def kl_identity_residual(
     temps: Array, expected_loglik: Array, kl_forward: Array, kl_backward: Array
 ) -> Array:
     """KL(p_{i-1}||p_i) + KL(p_i||p_{i-1}) - dt_i (E_i - E_{i-1}) for i = 1..N_t-1: zero for the exact
-    tempered posteriors, so its size measures how far fitted Gaussians are from them. (N_t - 1, ...)."""
+    tempered posteriors, so its size measures how far fitted Gaussians are from them.
+
+    Args:
+      temps: the schedule t_i, shape (N_t,).
+      expected_loglik: E_i, shape (N_t, ...).
+      kl_forward: KL(p_{i-1}||p_i), shape (N_t - 1, ...).
+      kl_backward: KL(p_i||p_{i-1}), shape (N_t - 1, ...).
+
+    Returns:
+      The residual per interval in nats, shape (N_t - 1, ...).
+    """
     e = expected_loglik
     return kl_forward + kl_backward - _dt(temps, e.ndim) * (e[1:] - e[:-1])
 
@@ -128,25 +175,47 @@ def _kl_terms(mean_p: Array, cov_p: Array, mean_q: Array, cov_q: Array) -> tuple
 
 
 def gaussian_kl(mean_p: Array, cov_p: Array, mean_q: Array, cov_q: Array) -> Array:
-    """KL(N(mean_p, cov_p) || N(mean_q, cov_q)) in nats (Eq. 20), batched over leading axes."""
+    """KL(N(mean_p, cov_p) || N(mean_q, cov_q)) in nats (Eq. 20), batched over leading axes.
+
+    Args:
+      mean_p: the first Gaussian's mean, shape (..., d).
+      cov_p: its covariance, shape (..., d, d), positive definite.
+      mean_q: the second Gaussian's mean, shape (..., d).
+      cov_q: its covariance, shape (..., d, d), positive definite.
+
+    Returns:
+      The KL divergence in nats, shape (...).
+    """
     logdet, trace, maha = _kl_terms(mean_p, cov_p, mean_q, cov_q)
     return 0.5 * (logdet + trace + maha - mean_p.shape[-1])
 
 
 def adjacent_gaussian_kls(means: Array, covs: Array) -> tuple[Array, Array]:
     """KL(p_{i-1}||p_i) and KL(p_i||p_{i-1}) for i = 1..N_t-1 between Gaussians fitted at each
-    temperature. means: (N_t, ..., d), covs: (N_t, ..., d, d). Returns two (N_t - 1, ...) arrays."""
+    temperature (Eq. 19-20).
+
+    Args:
+      means: the fitted mean at each temperature, shape (N_t, ..., d).
+      covs: the fitted covariance at each temperature, shape (N_t, ..., d, d).
+
+    Returns:
+      (kl_forward, kl_backward), each of shape (N_t - 1, ...), in nats.
+    """
     forward = gaussian_kl(means[:-1], covs[:-1], means[1:], covs[1:])
     backward = gaussian_kl(means[1:], covs[1:], means[:-1], covs[:-1])
     return forward, backward
 
 
-MIN_CHAINS_DIAGONAL = 6  # M - 1 = 5 > 4 degrees of freedom: 1/s^2 has a finite mean and variance
-
-
 def full_covariance_chains(z_dim: int) -> int:
     """The fewest chains per example for which `example_gaussian_kls` fits full covariances: with
-    n = M - 1 degrees of freedom the inverse Wishart has a finite variance iff n > d + 3."""
+    n = M - 1 degrees of freedom the inverse Wishart has a finite variance iff n > d + 3.
+
+    Args:
+      z_dim: d, the latent dimension.
+
+    Returns:
+      d + 5, the fewest chains per example M for a full-covariance fit.
+    """
     return z_dim + 5
 
 
@@ -157,7 +226,15 @@ def example_gaussian_kls(z: Array) -> tuple[Array, Array]:
     z: (N_t, M, ..., d). Full covariances when M >= d + 5, else diagonal ones (a diagonal fit needs M >= 6);
     the choice is static, from z's shape. The plug-in KL is biased (E[S^-1] = Sigma^-1 n / (n - k - 1), and
     the fitted means add their own scatter); the estimate here removes both, so for Gaussian tempered
-    posteriors and independent chains at each temperature each KL is unbiased. Returns (N_t - 1, ...) each.
+    posteriors and independent chains at each temperature each KL is unbiased.
+
+    Args:
+      z: the M chains of each example at each temperature, shape (N_t, M, ..., d); M >= 6
+        (model.rules.MIN_CHAINS_DIAGONAL).
+
+    Returns:
+      (kl_forward, kl_backward): KL(p_{i-1}||p_i) and KL(p_i||p_{i-1}) per example, each of shape
+      (N_t - 1, ...), in nats.
     """
     m, d = z.shape[1], z.shape[-1]
     full = m >= full_covariance_chains(d)

@@ -2,8 +2,8 @@
 
 `python -m model.train --preset digits --epochs 3 --out DIR` prints one line per epoch and writes
 DIR/epochs.parquet (the readings of `model.schema.RUN_EPOCH_COLUMNS`, rewritten atomically after every
-epoch) and DIR/config.json. The step lives in `model.step`, the loop in `model.loop`; their public names
-are re-exported here.
+epoch) and DIR/config.json. The step lives in `model.step`, the loop in `model.loop`: import their names
+from there.
 """
 
 from __future__ import annotations
@@ -16,61 +16,10 @@ from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, check_devices, get_preset, parse_set_args
 from model.data import check_data_ready
-from model.loop import (
-    DivergenceError,
-    TrainState,
-    epoch_order,
-    fit,
-    format_readings,
-    generate_images,
-    init_state,
-    make_evaluator_or_none,
-    run_epoch,
-    step_inputs,
-    train_epoch,
-    validation_loss,
-)
+from model.loop import DivergenceError, fit
+from model.nets import resolve_config
 from model.plan.device_memory import DeviceMemoryError, check_step_fits
 from model.progress import ProgressMeter, TerminalBar, format_progress
-from model.step import (
-    StepSpec,
-    compiled_eval_step,
-    compiled_train_step,
-    gradient_statistics,
-    learning_rate_schedules,
-    learning_rates,
-    loss_fn,
-    networks,
-    optimizers,
-)
-
-__all__ = [
-    "DivergenceError",
-    "StepSpec",
-    "TrainState",
-    "check_devices",
-    "compiled_eval_step",
-    "compiled_train_step",
-    "epoch_order",
-    "fit",
-    "format_readings",
-    "generate_images",
-    "gradient_statistics",
-    "init_state",
-    "learning_rate_schedules",
-    "learning_rates",
-    "loss_fn",
-    "main",
-    "make_evaluator_or_none",
-    "networks",
-    "optimizers",
-    "run_epoch",
-    "step_inputs",
-    "train_epoch",
-    "validation_loss",
-    "write_epochs_parquet",
-]
-
 
 DEFAULT_PROGRESS_EVERY_S = 30.0
 
@@ -95,7 +44,12 @@ def write_epochs_parquet(rows: list[dict[str, Any]], config: ExperimentConfig, p
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m model.train`."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="digits", help="celeba | cifar10 | svhn | digits")
+    parser.add_argument(
+        "--preset",
+        default="digits",
+        help="celeba | cifar10 | svhn | digits (default; z 16, N_t 5, batch 50: not the digits grid's "
+        "smaller model, whose base overrides this preset)",
+    )
     parser.add_argument("--epochs", type=int, help="override the preset's epochs")
     parser.add_argument(
         "--set",
@@ -127,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         check_devices(config.batch_size, jax.local_devices())
+        requested = config
+        config = resolve_config(config, jax.local_devices()[0].platform)  # once: state, step, memory
         check_step_fits(config, jax.local_devices())
         if args.progress_every_s < 0:
             raise ValueError(f"--progress-every-s {args.progress_every_s:g} must be >= 0 (0: no progress)")
@@ -157,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (args.out / "config.json").write_text(json.dumps(requested.to_dict(), indent=2))  # as given
     try:
         log = bar.write if bar else lambda s: print(s, flush=True)
         fit(config, on_epoch=on_epoch, log=log, on_step=meter)

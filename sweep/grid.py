@@ -19,6 +19,7 @@ from sweep.grid_file import (
     GridError,
     TrialPlan,
     check_plan_devices,
+    estimator_legend,
     expand,
     identical_cells,
     load_grid,
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid",
         default=DEFAULT_GRID,
-        help=f"built-in grid name or a .json/.toml grid file (default: {DEFAULT_GRID})",
+        help=f"built-in grid name or a .json/.toml grid file (default: {DEFAULT_GRID}, the default study: a "
+        "smaller model than the digits preset's, set by the grid's base)",
     )
     p.add_argument("--repetitions", type=int, help="repetitions per cell (default: the grid's)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the grid's)")
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(trial_table(plans, launch.resources_of(args)))
         print(cost.format_plan(cell_plans, len(plans) // max(len(cells), 1), target))
+        if legend := estimator_legend(plans):
+            print(legend)
         if args.price_per_gpu_hour is not None or args.spot_price_per_gpu_hour is not None:
             counts = [sum(p.cell == name for p in plans) for name in cells]
             bills = bill.run_bill(list(zip(cell_plans, cells.values(), counts, strict=True)), args)

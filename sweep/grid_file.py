@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from model import rules
 from model.config import (
     ExperimentConfig,
     apply_overrides,
@@ -330,3 +331,20 @@ def trial_table(plans: list[TrialPlan], resources: dict[str, float]) -> str:
             ]
         )
     return text_table(header, rows)
+
+
+def estimator_legend(plans: list[TrialPlan]) -> str:
+    """One line per evidence rule and gradient estimator the grid's thermo trials use, with its one-line
+    description from the registries of model/rules.py (what the table's `rule/M` and `ebm/gen` mean)."""
+    thermo = [p.config for p in plans if p.config.is_thermo]
+    lines = []
+    for field_name, registry in (
+        ("ti_rule", rules.EVIDENCE_RULES),
+        ("ebm_gradient", rules.EBM_GRADIENTS),
+        ("gen_gradient", rules.GEN_GRADIENTS),
+    ):
+        used = {getattr(c, field_name) for c in thermo}
+        lines += [
+            f"{field_name}={name}: {entry.description}" for name, entry in registry.items() if name in used
+        ]
+    return "\n".join(lines)

@@ -193,7 +193,7 @@ def _train_trial(
     from model import loop as mt
     from model import streams
     from model.data import load_dataset
-    from model.nets import resolve_conv_impl
+    from model.nets import resolve_config
     from sweep.checkpoint import (
         CheckpointError,
         TrialCheckpointer,
@@ -216,12 +216,13 @@ def _train_trial(
     if checkpoint is not None and (diverged := recorded_divergence(checkpoint)):
         raise mt.DivergenceError(diverged.removeprefix("DivergenceError: "))  # no data or state needed
     devices = trial_devices(gpus_per_trial)
+    config = resolve_config(config, devices[0].platform)  # once, for the devices this trial was given
     static = {
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
         "node": socket.gethostname(),
         "node_id": _node_id(),
-        "conv_impl": resolve_conv_impl(config.conv_impl, devices[0].platform),
+        "conv_impl": config.conv_impl,
     }
     dataset = load_dataset(config)
     template = mt.init_state(config)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model.ais import log_z_data, log_z_prior, validation_log_likelihood
-from model.objectives import Networks
+from model.objectives import NetworkFns
 
 D_Z, SHAPE, PIXELS = 4, (4, 4, 1), 16
 PRIOR_SIGMA, LKHOOD_SIGMA, CURVATURE = 1.0, 0.3, 0.5
@@ -27,7 +27,7 @@ def _generate(p, z):
     return (z @ p["W"].T + p["mu"]).reshape(z.shape[:-1] + SHAPE)
 
 
-NETS = Networks(_energy, _generate)
+NETS = NetworkFns(_energy, _generate)
 
 
 class LinearGaussian:

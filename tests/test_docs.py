@@ -327,6 +327,49 @@ def imported(source: str, package: tuple[str, ...]) -> Iterator[str]:
             yield ".".join([*base, node.module] if node.module else base)
 
 
+# ------------------------------------------------------------------------------------ (e) registries
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of each body row of the first Markdown table under `heading` (up to the next heading)."""
+    section = prose(text).split(heading, 1)[1].split("\n#", 1)[0]
+    table = section[section.index("\n|") :].split("\n\n", 1)[0]  # the first table: up to a blank line
+    lines = [line.strip() for line in table.splitlines() if line.strip()]
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:]]
+    return rows
+
+
+def registry_problems(text: str) -> list[str]:
+    """Every evidence rule of model/rules.py in the rules table of estimators.md with its minimum chains
+    ("M >= k" in the needs column, empty for 1), every gradient estimator in the gradients table under its
+    field, and no documented entry that the registries lack."""
+    from model import rules
+
+    problems = []
+    documented = {}
+    for cells in table_rows(text, "## The evidence rules"):
+        documented[cells[0].strip("`")] = cells[-1]
+    for name, rule in rules.EVIDENCE_RULES.items():
+        want = "" if rule.min_chains == 1 else f"M >= {rule.min_chains}"
+        if name not in documented:
+            problems.append(f"ti_rule {name} is not in the rules table")
+        elif documented[name] != want:
+            problems.append(f"ti_rule {name} needs {want!r}, the table says {documented[name]!r}")
+    problems += [
+        f"ti_rule {n} is documented but not registered" for n in documented if n not in rules.EVIDENCE_RULES
+    ]
+    field = ""
+    listed = set()
+    for cells in table_rows(text, "## The gradients"):
+        field = cells[0].strip("`") or field
+        listed.add((field, cells[1].strip("`")))
+    registries = {"ebm_gradient": rules.EBM_GRADIENTS, "gen_gradient": rules.GEN_GRADIENTS}
+    expected = {(f, n) for f, registry in registries.items() for n in registry}
+    problems += [f"{f}={n} is not in the gradients table" for f, n in sorted(expected - listed)]
+    problems += [f"{f}={n} is documented but not registered" for f, n in sorted(listed - expected)]
+    return problems
+
+
 # ------------------------------------------------------------------------------------ the tests
 
 
@@ -384,6 +427,10 @@ def test_model_imports_neither_sweep_nor_analysis() -> None:
         if name.split(".")[0] in ("sweep", "analysis")
     ]
     assert bad == []
+
+
+def test_estimators_md_lists_every_registered_rule_and_gradient() -> None:
+    assert registry_problems((ROOT / "docs" / "estimators.md").read_text(encoding="utf-8")) == []
 
 
 # ------------------------------------------------------------------------------------ the checks bite
@@ -454,3 +501,13 @@ def test_the_readmes_sample_epoch_line_is_what_the_loop_prints() -> None:
     readings = {k: float(v) for k, v in zip(keys.split(), match.groups(), strict=True)}
     readings["epoch"] = int(readings["epoch"])
     assert line.strip().split("] ", 1)[1] == format_readings(readings)
+
+
+def test_the_registry_check_catches_a_missing_rule_and_a_wrong_minimum() -> None:
+    page = (ROOT / "docs" / "estimators.md").read_text(encoding="utf-8")
+    dropped = "\n".join(line for line in page.splitlines() if not line.startswith("| `stepping_stone`"))
+    assert registry_problems(dropped) == ["ti_rule stepping_stone is not in the rules table"]
+    wrong = page.replace("| M >= 6 |", "| M >= 5 |", 1)
+    assert registry_problems(wrong) == ["ti_rule kl_example needs 'M >= 6', the table says 'M >= 5'"]
+    gone = "\n".join(line for line in page.splitlines() if not line.startswith("| | `none` |"))
+    assert registry_problems(gone) == ["ebm_gradient=none is not in the gradients table"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from model.config import ExperimentConfig, apply_overrides, get_preset
-from model.train import DivergenceError, init_state
+from model.loop import DivergenceError, init_state
 
 SMALL = dict(z_dim=4, ebm_width=8, gen_width=2)
 

@@ -8,7 +8,7 @@ import pytest
 
 from model.objectives import (
     Hyper,
-    Networks,
+    NetworkFns,
     fitted_gaussians,
     sample_power_posteriors,
     sample_prior,
@@ -18,7 +18,7 @@ from model.objectives import (
 from model.thermo import temperature_schedule
 
 D_Z, B = 2, 6
-LINEAR = Networks(
+LINEAR = NetworkFns(
     energy=lambda a, z: z @ a["w"],  # f_alpha(z) = a.z
     generate=lambda b, z: (z @ b["w"]).reshape(z.shape[:-1] + (2, 2, 1)),  # g(z) = z W as a 2x2 image
 )

@@ -97,7 +97,7 @@ def test_summary_mean_and_std_over_repetitions() -> None:
 def test_error_message_picks_the_divergence() -> None:
     trace = (
         "Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError(DivergenceError): "
-        "ray::f() (pid=1)\nmodel.train.DivergenceError: "
+        "ray::f() (pid=1)\nmodel.loop.DivergenceError: "
         "loss is nan at epoch 2, step 3: lower the rates\n"
     )
     assert error_message(trace) == "DivergenceError: loss is nan at epoch 2, step 3: lower the rates"
@@ -109,7 +109,7 @@ def test_orbax_checkpoint_round_trip_is_exact(tmp_path) -> None:
     import jax
 
     from model.config import get_preset
-    from model.train import DivergenceError, init_state
+    from model.loop import DivergenceError, init_state
     from sweep.checkpoint import TrialCheckpointer, mark_diverged
 
     cfg = get_preset("digits", z_dim=4, ebm_width=8, gen_width=2, seed=3)

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.objectives import Hyper, Networks, sample_power_posteriors, sample_prior, thermo_loss
+from model.objectives import Hyper, NetworkFns, sample_power_posteriors, sample_prior, thermo_loss
 from model.thermo import temperature_schedule, trapezoid_weights
 
 D_Z, D_X = 2, 4
 SIGMA = 0.8
-QUADRATIC = Networks(
+QUADRATIC = NetworkFns(
     energy=lambda a, z: z @ a["a"] - 0.5 * jnp.sum(a["q"] * z**2, axis=-1),
     generate=lambda b, z: (z @ b["w"]).reshape(z.shape[:-1] + (2, 2, 1)),
 )

@@ -2,6 +2,7 @@
 sharing between cells, divergence handling and the command line."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -253,3 +254,68 @@ def test_a_partial_epoch_continues_bit_exactly(objective, digits_small):
         )
         resumed, r_resumed = loop.train_epoch(cfg, host, digits_small, devices=devs)
         same(straight, resumed, r_straight, r_resumed)
+
+
+class _CountingTable(dict):
+    """`model.nets.MEASURED_FASTEST_CONV` that counts its look-ups: one per resolution of conv_impl=auto."""
+
+    calls = 0
+
+    def get(self, *args):
+        self.calls += 1
+        return super().get(*args)
+
+
+@pytest.fixture
+def auto_resolutions(monkeypatch):
+    """Count every resolution of conv_impl=auto and record the conv_impl of every config a step is built
+    from (`StepSpec.from_config`: the state, the train, eval and generation steps, the readings)."""
+    from model import nets
+
+    table = _CountingTable(nets.MEASURED_FASTEST_CONV)
+    monkeypatch.setattr(nets, "MEASURED_FASTEST_CONV", table)
+    built = []
+    from_config = step.StepSpec.from_config.__func__
+    monkeypatch.setattr(
+        step.StepSpec,
+        "from_config",
+        classmethod(lambda cls, c: built.append(c.conv_impl) or from_config(cls, c)),
+    )
+    return table, built
+
+
+def test_model_train_resolves_auto_once_and_passes_the_concrete_config_down(tmp_path, auto_resolutions):
+    table, built = auto_resolutions
+    args = ["--preset", "digits", "--epochs", "1", "--out", str(tmp_path), "--progress-every-s", "0"]
+    for k, v in dict(num_train=32, num_val=16, batch_size=16, z_dim=4, ebm_width=8, gen_width=1).items():
+        args += ["--set", f"{k}={v}"]
+    args += ["--set", "prior_steps=1", "--set", "posterior_steps=1", "--set", "eval_every=0"]
+    assert train.main(args) == 0
+    assert table.calls == 1  # model.train, for its devices; not again in the state, step or memory check
+    assert built and set(built) == {"phases"}  # what docs/training.md promises on a CPU
+    assert '"conv_impl": "auto"' in (tmp_path / "config.json").read_text()  # the config as given
+
+
+def test_a_trial_resolves_auto_once_for_its_devices_and_records_it(monkeypatch, auto_resolutions):
+    from ray import tune
+
+    from sweep import trainable
+
+    table, built = auto_resolutions
+    reports = []
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(tune, "Checkpoint", types.SimpleNamespace(from_directory=str))  # no Ray session
+    monkeypatch.setattr(trainable, "_node_id", lambda: None)  # asking Ray for it would start Ray
+    config = tiny(epochs=1, num_train=32, num_val=16, prior_steps=1, posterior_steps=1)
+    assert config.conv_impl == "auto"
+    spec = trainable.trial_spec(config, trial_id="cell-r0")
+    trainable._train_trial(
+        {trainable.SPEC_KEY: spec},
+        "cell-r0",
+        samples_uri=None,
+        gpus_per_trial=0,
+        progress=trainable._progress_meter("cell-r0", None, 0),
+    )
+    assert table.calls == 1 and built and set(built) == {"phases"}
+    assert [r["conv_impl"] for r in reports] == ["phases"]  # trials.parquet's column, as before

@@ -35,7 +35,15 @@ def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
     """Tr sqrt(Sigma_a Sigma_b) from the eigenvalues of the product: sum of sqrt(max(Re lambda, 0)).
 
     The product of two PSD matrices has real non-negative eigenvalues in exact arithmetic; rounding gives
-    tiny negative or complex ones, which the clip and the real part discard (no scipy sqrtm)."""
+    tiny negative or complex ones, which the clip and the real part discard (no scipy sqrtm).
+
+    Args:
+      sigma_a: a covariance, shape (d, d), positive semi-definite.
+      sigma_b: another, shape (d, d).
+
+    Returns:
+      Tr sqrt(Sigma_a Sigma_b) as a Python float.
+    """
     eig = np.linalg.eigvals(sigma_a @ sigma_b)
     return float(np.sqrt(np.clip(eig.real, 0.0, None)).sum())
 
@@ -43,8 +51,14 @@ def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (paper Eq. 23), float64 on the host.
 
-    Returns ||mu_a - mu_b||^2 + Tr(Sigma_a + Sigma_b) - 2 Tr sqrt(Sigma_a Sigma_b) as a Python float;
-    covariances are unbiased (N - 1)."""
+    Args:
+      features_a: one feature set (e.g. the real images'), shape (N_a, d), N_a >= 2.
+      features_b: the other (e.g. the generated images'), shape (N_b, d), N_b >= 2, same extractor.
+
+    Returns:
+      ||mu_a - mu_b||^2 + Tr(Sigma_a + Sigma_b) - 2 Tr sqrt(Sigma_a Sigma_b) as a Python float;
+      covariances are unbiased (N - 1).
+    """
     a, b = _check_pair(features_a, features_b, min_rows=2)
     a, b = a.astype(np.float64), b.astype(np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -116,7 +130,16 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, kernel: str = "rbf") -> 
     kernel="rbf": exp(-||x - y||^2 / d), d the feature dimension (what produced the paper's readings);
     kernel="poly": (x.y / d + 1)^3 (Binkowski et al.; torch-fidelity, clean-fid). The sets may differ in
     size (m, n >= 2): 1/(m(m-1)) sum_{i!=j} k(x_i,x_j) + 1/(n(n-1)) sum_{i!=j} k(y_i,y_j)
-    - 2/(mn) sum_{i,j} k(x_i,y_j)."""
+    - 2/(mn) sum_{i,j} k(x_i,y_j).
+
+    Args:
+      features_a: one feature set x, shape (m, d), m >= 2.
+      features_b: the other y, shape (n, d), n >= 2, same extractor.
+      kernel: "rbf" or "poly" (KERNELS).
+
+    Returns:
+      The unbiased MMD^2 as a Python float (may be slightly negative for close sets).
+    """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is unknown; use one of {', '.join(KERNELS)}")
     a, b = _check_pair(features_a, features_b, min_rows=2)
@@ -178,7 +201,16 @@ def _kid_and_jackknife(
 def kid_stderrs(
     features_a: np.ndarray, features_b: np.ndarray, kernels: Sequence[str] = KERNELS
 ) -> dict[str, tuple[float, float]]:
-    """{kernel: (KID, standard error)} for the whole of both sets, the kernel matrices built once."""
+    """{kernel: (KID, standard error)} for the whole of both sets, the kernel matrices built once.
+
+    Args:
+      features_a: one feature set, shape (m, d), m >= 3.
+      features_b: the other, shape (n, d), n >= 3, same extractor.
+      kernels: the kernels to read (KERNELS).
+
+    Returns:
+      {kernel: (the unbiased KID, its two-sample jackknife standard error)}, Python floats.
+    """
     a, b = _check_pair(features_a, features_b, min_rows=3)
     sums = _kernel_row_sums(a, b, kernels)
     return {k: _kid_and_jackknife(*sums[k]) for k in kernels}
@@ -201,7 +233,19 @@ def kid_with_stderr(
     from it are not independent). `num` draws that many rows of each set first (seeded by `seed`);
     `replace=True` draws them with replacement, as the paper's code did: a row drawn twice then pairs
     with itself, which adds about (k(x,x) - E k) / P per pool of P rows, a bias that does not shrink
-    with `num`; the standard error is then about that biased value. Returns (kid, stderr) as floats."""
+    with `num`; the standard error is then about that biased value.
+
+    Args:
+      features_a: one feature set, shape (m, d), m >= 3.
+      features_b: the other, shape (n, d), n >= 3, same extractor.
+      kernel: "rbf" or "poly".
+      num: rows of each set to draw first (>= 3); None uses all rows.
+      replace: draw the `num` rows with replacement (the paper's code).
+      seed: the draw's seed or generator.
+
+    Returns:
+      (kid, stderr) as Python floats.
+    """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is unknown; use one of {', '.join(KERNELS)}")
     a, b = _check_pair(features_a, features_b, min_rows=3)
@@ -221,7 +265,15 @@ def extrapolate(sample_sizes: Sequence[int], values: Sequence[float]) -> tuple[f
     """Least-squares line `value = intercept + slope / N`; returns (intercept, slope, intercept_stderr).
 
     The intercept is the metric at an infinite sample. Its standard error is the ordinary-least-squares
-    one, sqrt(s^2 sum x^2 / (n sum (x - xbar)^2)) with s^2 = RSS / (n - 2); nan with exactly 2 points."""
+    one, sqrt(s^2 sum x^2 / (n sum (x - xbar)^2)) with s^2 = RSS / (n - 2); nan with exactly 2 points.
+
+    Args:
+      sample_sizes: the N of each reading, >= 2 distinct positive values.
+      values: the metric read at each N (FID_N or KID_N), same length.
+
+    Returns:
+      (intercept, the metric at N = infinity; slope; the intercept's standard error) as Python floats.
+    """
     n_arr = np.asarray(sample_sizes, dtype=np.float64)
     y = np.asarray(values, dtype=np.float64)
     if n_arr.ndim != 1 or y.shape != n_arr.shape:
@@ -246,7 +298,16 @@ def extrapolate(sample_sizes: Sequence[int], values: Sequence[float]) -> tuple[f
 
 def sample_sizes(num_min: int, num_max: int, num_points: int) -> tuple[int, ...]:
     """The extrapolation's sample sizes: linspace(num_min, num_max, num_points) rounded to integers
-    (1000, 4500, 10 -> the paper's 1000, 1389, ..., 4500). Raises if they are not distinct sizes >= 2."""
+    (1000, 4500, 10 -> the paper's 1000, 1389, ..., 4500). Raises if they are not distinct sizes >= 2.
+
+    Args:
+      num_min: the smallest N (`eval_num_min`).
+      num_max: the largest N (`eval_num_max`).
+      num_points: how many sizes (`eval_num_points`, >= 2).
+
+    Returns:
+      The sizes, ascending.
+    """
     if num_points < 2:
         raise ValueError(f"eval_num_points={num_points} must be >= 2 to fit a line against 1/N")
     if num_min < 2:
@@ -272,8 +333,17 @@ def metric_readings(
     """FID_N, KID_N(rbf), KID_N(poly) for each pair of row selections (equal sizes N_p; no repeats
     unless `replace`, where a repeated row counts as a distinct sample, as in the paper's code).
 
-    Returns {"fid": (P,), "kid_rbf": (P,), "kid_poly": (P,)}: what `fid` and `kid` give on
-    (real[real_idx[p]], gen[gen_idx[p]]), with the kernel matrices built once for all selections."""
+    Args:
+      real: the real images' features, shape (N_real, d).
+      gen: the generated images' features, shape (N_gen, d).
+      real_idx: P row selections of `real`, the p-th of size N_p.
+      gen_idx: P row selections of `gen`, the p-th of size N_p as well.
+      replace: allow repeated rows (selections drawn with replacement).
+
+    Returns:
+      {"fid": (P,), "kid_rbf": (P,), "kid_poly": (P,)}: what `fid` and `kid` give on
+      (real[real_idx[p]], gen[gen_idx[p]]), with the kernel matrices built once for all selections.
+    """
     n = np.array([len(i) for i in real_idx], dtype=np.float64)
     if [len(i) for i in gen_idx] != n.astype(int).tolist():
         raise ValueError("each real selection must be as large as its generated one")
@@ -313,7 +383,20 @@ def extrapolated_metrics(
     Returns {fid_inf, fid_slope, fid_inf_stderr, kid_rbf_inf, kid_rbf_slope, kid_rbf_inf_stderr,
     kid_poly_inf, kid_poly_slope, kid_poly_inf_stderr, kid_rbf_nmax, kid_rbf_nmax_stderr, kid_poly_nmax,
     kid_poly_nmax_stderr, feature_extractor}. Non-finite generated features (a diverged model) give nan
-    readings rather than an exception."""
+    readings rather than an exception.
+
+    Args:
+      real_features: the real images' features, shape (N_real, d), N_real >= max(sizes).
+      generated_features: the generated images' features, shape (N_gen, d), N_gen >= max(sizes).
+      sizes: the sample sizes N of the extrapolation (`sample_sizes`), at least 2.
+      seed: the seed or generator of every draw.
+      feature_extractor: the extractor's name, recorded with the readings.
+      replace: draw each N's rows from the pools with replacement (the paper's code).
+
+    Returns:
+      The readings above: the _inf intercepts with their slopes and standard errors, KID at N_max with
+      its standard error (floats), and the extractor's name.
+    """
     real, gen = _check_pair(real_features, generated_features, min_rows=2)
     sizes = [int(n) for n in sizes]
     if len(sizes) < 2:
