@@ -31,6 +31,7 @@ from model.nets import log_likelihood
 from model.thermo import (
     adjacent_gaussian_kls,
     example_gaussian_kls,
+    example_identity_moments,
     kl_identity_residual,
     stepping_stone_log_evidence,
     temperature_schedule,
@@ -181,7 +182,8 @@ def ti_estimate(
     loglik: (N_t, M, B) log p(x_b|z) per chain; z: (N_t, M, B, d). Returns (estimate, readings) with
     readings = {expected_loglik (N_t,), kl_forward, kl_backward, kl_identity (N_t - 1,)}; the KL readings
     are NaN for rules that fit no Gaussians. kl_identity is the residual of the KL identity per interval:
-    of the batch's Gaussians (kl_batch), or its absolute value per x averaged over x (kl_example).
+    of the batch's Gaussians (kl_batch), or the signed mean over x of the per-x residuals (kl_example);
+    kl_identity_moments (5, N_t - 1) are `example_identity_moments` for kl_example, NaN otherwise.
     kl_weight (eta) scales the KL correction of both KL rules. variance and stepping_stone need M >= 2 (with
     M = 1 the variance is NaN and stepping-stone is the left Riemann sum), as the config does; M is static.
     """
@@ -193,6 +195,7 @@ def ti_estimate(
     expected = jnp.mean(loglik, axis=(1, 2))
     nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
     kl_forward = kl_backward = identity = nan
+    moments = jnp.full((5, temps.shape[0] - 1), jnp.nan, loglik.dtype)
     if rule == "kl_batch":
         n_t, m, b, d = z.shape
         mean, cov = fitted_gaussians(z.reshape(n_t, m * b, d), hp.kl_ridge, axis_name)
@@ -201,9 +204,10 @@ def ti_estimate(
     elif rule == "kl_example":
         per_example = example_gaussian_kls(z)
         kl_forward, kl_backward = (jnp.mean(k, axis=-1) for k in per_example)
-        # The identity holds per x: residuals of opposite sign must not cancel across examples.
-        residual = kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example)
-        identity = jnp.mean(jnp.abs(residual), axis=-1)
+        # The signed mean over examples, so Monte Carlo noise cancels; residuals systematic per x that
+        # cancel across examples are the split-half check's (example_identity_moments).
+        identity = jnp.mean(kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example), axis=-1)
+        moments = example_identity_moments(temps, loglik, z)
     if rule in ("kl_batch", "kl_example"):
         estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
     elif rule == "variance":
@@ -220,6 +224,7 @@ def ti_estimate(
         "kl_forward": kl_forward,
         "kl_backward": kl_backward,
         "kl_identity": identity,
+        "kl_identity_moments": moments,
     }
     return estimate, readings
 
