@@ -389,3 +389,21 @@ def test_kl_identity_split_z_catches_per_example_residuals_that_cancel_across_ex
     assert injected[2] == pytest.approx(clean[2], rel=1e-9)
     assert injected[2] < threshold  # the mean-only check misses it
     assert clean[3] < threshold < injected[3]
+
+
+def test_example_gaussian_kls_are_unbiased_for_temperatures_far_apart():
+    """Temperatures 0 and 1 (the prior and the posterior): tr(cov_q^-1 cov_p) - d is large in one direction,
+    so the fitted means' scatter correction (tr + d) / M is told apart from a wrong 2 d / M, which at 0.3 /
+    0.6 (tr - d = 3.95) it was not."""
+    model, rng = LinearGaussianBatch(B=400), np.random.default_rng(9)
+    temps = np.array([0.0, 1.0])
+    (m0, c0), (m1, c1) = model.posterior(temps[0]), model.posterior(temps[1])
+    with jax.enable_x64(True):
+        for m, diagonal in ((7, True), (12, False)):
+            cp, cq = (np.diag(np.diag(c)) if diagonal else c for c in (c0, c1))
+            z, _ = model.samples(temps, m, rng)
+            fwd, bwd = example_gaussian_kls(jnp.asarray(z))
+            for got, (mp, p_cov, mq, q_cov) in ((fwd, (m0, cp, m1, cq)), (bwd, (m1, cq, m0, cp))):
+                exact = gaussian_kl(jnp.asarray(mp), jnp.asarray(p_cov), jnp.asarray(mq), jnp.asarray(q_cov))
+                errors = np.asarray(got[0] - exact)
+                assert abs(errors.mean()) < 4 * errors.std(ddof=1) / np.sqrt(errors.size), (m, errors.mean())
