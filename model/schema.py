@@ -173,7 +173,9 @@ READING_COLUMNS: Columns = {
         f"grad_snr_{net}": (
             pa.float64(),
             f"signal-to-noise ratio of the {net} gradient, (||mean g||^2 - "
-            "trace(Cov)/G) / trace(Cov); ~0 for pure noise, inf if noiseless",
+            "trace(Cov)/G) / trace(Cov); ~0 for pure noise, inf if noiseless; "
+            "reads high, by up to (G-1)/(G-3) for noise in few directions "
+            "(docs/readings.md)",
         )
         for net in ("ebm", "gen")
     },
