@@ -407,3 +407,42 @@ def test_example_gaussian_kls_are_unbiased_for_temperatures_far_apart():
                 exact = gaussian_kl(jnp.asarray(mp), jnp.asarray(p_cov), jnp.asarray(mq), jnp.asarray(q_cov))
                 errors = np.asarray(got[0] - exact)
                 assert abs(errors.mean()) < 4 * errors.std(ddof=1) / np.sqrt(errors.size), (m, errors.mean())
+
+
+def test_identity_z_is_the_largest_interval_t_statistic_exactly() -> None:
+    """identity_z from the pooled sums equals max_i |mean_i| / (sd_i / sqrt(n)) computed directly, for the
+    residuals and for the split-half products."""
+    from model.thermo import identity_z
+
+    rng = np.random.default_rng(1)
+    r, q = rng.normal(0.3, 2.0, size=(4, 30)), rng.normal(0.1, 1.0, size=(4, 30))
+    moments = np.stack([np.full(4, 30.0), r.sum(-1), (r**2).sum(-1), q.sum(-1), (q**2).sum(-1)])
+    with jax.enable_x64(True):
+        z, split_z = (float(v) for v in identity_z(jnp.asarray(moments)))
+    for got, a in ((z, r), (split_z, q)):
+        assert got == pytest.approx(np.max(np.abs(a.mean(-1)) / (a.std(-1, ddof=1) / np.sqrt(30))), rel=1e-9)
+
+
+def test_example_gaussian_kls_equal_a_direct_computation() -> None:
+    """Each per-x KL against the formula written out with numpy: sample covariance (divisor M - 1),
+    E[S^-1] shrink (n - k - 1)/n on the trace and Mahalanobis terms, minus the means' scatter (tr + d)/M;
+    full covariances at M = 12 >= d + 5, diagonal ones at M = 6 (d = 2)."""
+    rng = np.random.default_rng(2)
+    d = 2
+    for m, full in ((12, True), (6, False)):
+        z = rng.normal(size=(2, m, 3, d)) * np.array([1.0, 2.0]) + np.array([0.5, -1.0])
+        with jax.enable_x64(True):
+            fwd, bwd = (np.asarray(k) for k in example_gaussian_kls(jnp.asarray(z)))
+        n = m - 1
+        for b in range(3):
+            fits = []
+            for t in range(2):
+                s = np.cov(z[t, :, b].T, ddof=1)
+                fits.append((z[t, :, b].mean(0), s if full else np.diag(np.diag(s))))
+            shrink = (n - d - 1) / n if full else (n - 2) / n
+            for got, (mp, sp), (mq, sq) in ((fwd[0, b], fits[0], fits[1]), (bwd[0, b], fits[1], fits[0])):
+                inv_q = np.linalg.inv(sq)
+                trace = shrink * np.trace(inv_q @ sp)
+                maha = shrink * (mq - mp) @ inv_q @ (mq - mp) - (trace + d) / m
+                logdet = np.linalg.slogdet(sq)[1] - np.linalg.slogdet(sp)[1]
+                assert got == pytest.approx(0.5 * (logdet + trace + maha - d), rel=1e-9, abs=1e-12)
