@@ -34,7 +34,7 @@ from model.step import (
     replicate,
     unreplicate,
 )
-from model.thermo import temperature_schedule, trapezoid_weights
+from model.thermo import identity_z, temperature_schedule, trapezoid_weights
 
 METRIC_COLUMNS = ("kid_rbf_inf", "kid_poly_inf", "fid_inf")
 _DIVERGENCE_CHECK_EVERY = 10  # steps between host-side finiteness checks (a sync costs a little)
@@ -238,7 +238,8 @@ def train_epoch(
 def temperature_readings(config: ExperimentConfig, host: list[dict[str, Any]]) -> dict[str, Any]:
     """The TI curve of an epoch (thermo only; {} for vanilla): the schedule t_i, the trapezoid weights w_i,
     E_i and the fitted KLs per interval averaged over the epoch's steps (lists; the KLs None for rules that
-    fit no Gaussians), and `kl_identity_error` averaged over the steps."""
+    fit no Gaussians), `kl_identity_error` averaged over the steps, and `kl_identity_z` /
+    `kl_identity_split_z` (`model.thermo.identity_z`) from the moments pooled over the epoch's examples."""
     if not config.is_thermo:
         return {}
     temps = temperature_schedule(config.num_temps, config.temp_power)
@@ -248,11 +249,14 @@ def temperature_readings(config: ExperimentConfig, host: list[dict[str, Any]]) -
         return None if np.all(np.isnan(values)) else [float(v) for v in values]
 
     error = float(np.mean([s["kl_identity_error"][0] for s in host]))
+    z, split_z = (float(v) for v in identity_z(np.sum([s["kl_identity_moments"][0] for s in host], axis=0)))
     return {
         "ti_temps": [float(t) for t in temps],
         "ti_weights": [float(w) for w in trapezoid_weights(temps)],
         **{n: mean_list(n) for n in ("ti_expected_loglik", "ti_kl_forward", "ti_kl_backward")},
         "kl_identity_error": None if math.isnan(error) else error,
+        "kl_identity_z": None if math.isnan(z) else z,
+        "kl_identity_split_z": None if math.isnan(split_z) else split_z,
     }
 
 

@@ -31,6 +31,7 @@ from model.nets import log_likelihood
 from model.thermo import (
     adjacent_gaussian_kls,
     example_gaussian_kls,
+    example_identity_moments,
     kl_identity_residual,
     stepping_stone_log_evidence,
     temperature_schedule,
@@ -254,9 +255,9 @@ def _kl_example(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
     """Gaussians fitted per example from its M chains."""
     per_example = example_gaussian_kls(z)
     kl_forward, kl_backward = (jnp.mean(k, axis=-1) for k in per_example)
-    # The identity holds per x: residuals of opposite sign must not cancel across examples.
-    residual = kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example)
-    identity = jnp.mean(jnp.abs(residual), axis=-1)
+    # The signed mean over examples, so Monte Carlo noise cancels; residuals systematic per x that
+    # cancel across examples are the split-half check's (example_identity_moments, in ti_estimate).
+    identity = jnp.mean(kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example), axis=-1)
     estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
     return estimate, (kl_forward, kl_backward, identity)
 
@@ -296,7 +297,8 @@ def ti_estimate(
     loglik: (N_t, M, B) log p(x_b|z) per chain; z: (N_t, M, B, d). Returns (estimate, readings) with
     readings = {expected_loglik (N_t,), kl_forward, kl_backward, kl_identity (N_t - 1,)}; the KL readings
     are NaN for rules that fit no Gaussians. kl_identity is the residual of the KL identity per interval:
-    of the batch's Gaussians (kl_batch), or its absolute value per x averaged over x (kl_example).
+    of the batch's Gaussians (kl_batch), or the signed mean over x of the per-x residuals (kl_example);
+    kl_identity_moments (5, N_t - 1) are `example_identity_moments` for kl_example, NaN otherwise.
     kl_weight (eta) scales the KL correction of both KL rules. Each rule needs its registry's minimum M
     (variance and stepping_stone 2: with M = 1 the variance is NaN and stepping-stone is the left Riemann
     sum), as the config does; M is static.
@@ -322,11 +324,15 @@ def ti_estimate(
     if kls is None:
         nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
         kls = (nan, nan, nan)
+    moments = jnp.full((5, temps.shape[0] - 1), jnp.nan, loglik.dtype)
+    if rule == "kl_example":  # the split-half moments of the per-x identity (kl_identity_split_z)
+        moments = example_identity_moments(temps, loglik, z)
     readings = {
         "expected_loglik": expected,
         "kl_forward": kls[0],
         "kl_backward": kls[1],
         "kl_identity": kls[2],
+        "kl_identity_moments": moments,
     }
     return estimate, readings
 

@@ -173,7 +173,9 @@ READING_COLUMNS: Columns = {
         f"grad_snr_{net}": (
             pa.float64(),
             f"signal-to-noise ratio of the {net} gradient, (||mean g||^2 - "
-            "trace(Cov)/G) / trace(Cov); ~0 for pure noise, inf if noiseless",
+            "trace(Cov)/G) / trace(Cov); ~0 for pure noise, inf if noiseless; "
+            "reads high, by up to (G-1)/(G-3) for noise in few directions "
+            "(docs/readings.md)",
         )
         for net in ("ebm", "gen")
     },
@@ -223,9 +225,24 @@ READING_COLUMNS: Columns = {
     "kl_identity_error": (
         pa.float64(),
         "sum_i |KL_f + KL_b - dt_i (E_i - E_{i-1})| of the fitted Gaussians "
-        "(0 for the exact posteriors; for kl_example taken per x, then "
-        "averaged over x), nats, averaged over the steps; null unless "
-        "ti_rule is kl_batch or kl_example",
+        "(0 for the exact posteriors; for kl_example the residual is "
+        "averaged over x before the absolute value, so it has a Monte Carlo "
+        "floor that falls with M: docs/readings.md), nats, averaged over the "
+        "steps; null unless ti_rule is kl_batch or kl_example",
+    ),
+    "kl_identity_z": (
+        pa.float64(),
+        "kl_example: max over intervals of |mean over x of the per-x identity "
+        "residual| / its standard error over the epoch's examples; above "
+        "model.thermo.identity_threshold(N_t) (2.77 at N_t = 10) the fit misses "
+        "the identity beyond noise; null unless ti_rule is kl_example",
+    ),
+    "kl_identity_split_z": (
+        pa.float64(),
+        "kl_example: max over intervals of |mean over x of r_x^A r_x^B| / its "
+        "standard error, r^A and r^B the residuals refitted on the two halves "
+        "of x's chains; catches per-x residuals that cancel across x; same "
+        "threshold; null unless ti_rule is kl_example and chains_per_example >= 12",
     ),
 }
 

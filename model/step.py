@@ -169,7 +169,9 @@ def temperature_statistics(aux: dict[str, jax.Array], axis_name: str) -> dict[st
     """The per-temperature readings of one thermodynamic step, averaged over the whole batch: E_i (N_t,),
     the fitted KLs (N_t - 1,) and `kl_identity_error`, sum_i |KL_f + KL_b - dt_i (E_i - E_{i-1})| in nats
     (NaN where the rule fits no Gaussians). kl_batch's residual is linear in batch means and kl_example's is
-    a mean over examples of per-x absolute residuals, so pmean over equal local batches keeps both exact."""
+    a mean over examples of per-x signed residuals, so pmean over equal local batches keeps both exact.
+    `kl_identity_moments` (5, N_t - 1) are sums over examples, so psum pools them exactly (NaN unless
+    kl_example)."""
     names = ("expected_loglik", "kl_forward", "kl_backward", "kl_identity")
     mean = jax.lax.pmean({n: aux[n] for n in names}, axis_name)
     return {
@@ -177,6 +179,7 @@ def temperature_statistics(aux: dict[str, jax.Array], axis_name: str) -> dict[st
         "ti_kl_forward": mean["kl_forward"],
         "ti_kl_backward": mean["kl_backward"],
         "kl_identity_error": jnp.sum(jnp.abs(mean["kl_identity"])),
+        "kl_identity_moments": jax.lax.psum(aux["kl_identity_moments"], axis_name),
     }
 
 

@@ -13,6 +13,8 @@ any example axes. They are pure functions of their inputs; nothing is static exc
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -266,3 +268,62 @@ def example_gaussian_kls(z: Array) -> tuple[Array, Array]:
 
     before, after = slice(None, -1), slice(1, None)
     return kl(before, after), kl(after, before)
+
+
+SPLIT_MIN_CHAINS = 2 * MIN_CHAINS_DIAGONAL  # each half of an example's chains needs its own per-example fit
+
+
+def example_identity_residuals(temps: Array, loglik: Array, z: Array) -> Array:
+    """The KL identity's residual per example and interval from kl_example's per-example fits:
+    KL_f + KL_b - dt_i (E_i - E_{i-1}) with E_i each example's mean over its M chains.
+    loglik: (N_t, M, B), z: (N_t, M, B, d). Returns (N_t - 1, B)."""
+    return kl_identity_residual(temps, jnp.mean(loglik, axis=1), *example_gaussian_kls(z))
+
+
+def example_identity_moments(temps: Array, loglik: Array, z: Array) -> Array:
+    """Sums over the examples that the identity's z readings (`identity_z`) need, shaped (5, N_t - 1):
+    rows n, sum_x r_x, sum_x r_x^2, sum_x q_x, sum_x q_x^2, where r_x is example x's residual
+    (`example_identity_residuals`) and q_x = r_x^A r_x^B the product of the residuals refitted on the two
+    halves of x's M chains (rows 3-4 NaN when M < SPLIT_MIN_CHAINS). Sums, so a psum over devices and a sum
+    over steps pool them exactly.
+
+    Under pure Monte Carlo noise (exact tempered posteriors) E[r_x] = 0 and, the halves being independent,
+    E[q_x] = E[r^A] E[r^B] = 0; a residual b_x that is systematic per example gives E[q_x] = b_x^2 > 0
+    even when the b_x cancel across examples, which the mean of r alone cannot see. The halves are fitted
+    from M/2 chains, so by `example_gaussian_kls`' rule they are diagonal when M/2 < d + 5: q then also
+    reads the diagonal fit's own residual."""
+    residual = example_identity_residuals(temps, loglik, z)
+    n = jnp.full(residual.shape[:1], residual.shape[-1], residual.dtype)
+    rows = [n, jnp.sum(residual, axis=-1), jnp.sum(residual**2, axis=-1)]
+    m = z.shape[1]
+    if m >= SPLIT_MIN_CHAINS:
+        h = m // 2
+        first = example_identity_residuals(temps, loglik[:, :h], z[:, :h])
+        second = example_identity_residuals(temps, loglik[:, h : 2 * h], z[:, h : 2 * h])
+        product = first * second
+        rows += [jnp.sum(product, axis=-1), jnp.sum(product**2, axis=-1)]
+    else:
+        rows += [jnp.full_like(n, jnp.nan)] * 2
+    return jnp.stack(rows)
+
+
+def _max_abs_z(n: Array, total: Array, squares: Array) -> Array:
+    mean = total / n
+    variance = (squares - n * mean**2) / (n - 1.0)
+    return jnp.max(jnp.abs(mean) / jnp.sqrt(variance / n))
+
+
+def identity_z(moments: Array) -> tuple[Array, Array]:
+    """(kl_identity_z, kl_identity_split_z) from `example_identity_moments` (5, N_t - 1), summed over any
+    devices and steps: max over the intervals of |mean| / standard error over the examples, of the
+    per-example residual r_x and of the split-half product q_x. Compare both with
+    `identity_threshold(N_t)`; split_z is NaN when M < SPLIT_MIN_CHAINS."""
+    n = moments[0]
+    return _max_abs_z(n, moments[1], moments[2]), _max_abs_z(n, moments[3], moments[4])
+
+
+def identity_threshold(num_temps: int, alpha: float = 0.05) -> float:
+    """The two-sided Bonferroni threshold for N_t - 1 intervals tested at once: the standard normal
+    quantile 1 - alpha / (2 (N_t - 1)) (2.77 at N_t = 10, alpha = 0.05). A z reading above it rejects
+    "every interval's residual has mean 0" at level alpha or less."""
+    return NormalDist().inv_cdf(1.0 - alpha / (2.0 * (int(num_temps) - 1)))

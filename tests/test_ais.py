@@ -194,3 +194,42 @@ def test_fewer_than_one_pilot_is_refused(model, num_pilots):
     for fn in (log_normaliser, log_normaliser_variance):
         with pytest.raises(ValueError, match=match):
             fn(state, num_pilots)
+
+
+def test_val_ll_stderr_adds_the_variance_of_log_z_alpha():
+    """val_ll_stderr^2 = Var_x(log Z_hat(x)) / n + Var(log Z_hat_alpha): every x shares one log Z_hat_alpha,
+    so the spread over examples cannot show its error (exact, on given numbers)."""
+    from model.ais import val_ll_and_stderr
+
+    log_z_x = jnp.asarray([-10.0, -12.0, -11.0, -9.0])
+    val_ll, stderr = val_ll_and_stderr(log_z_x, jnp.asarray(0.5), jnp.asarray(0.25))
+    assert float(val_ll) == pytest.approx(-11.0)
+    assert float(stderr) == pytest.approx(np.sqrt(np.var([-10, -12, -11, -9], ddof=1) / 4 + 0.25), rel=1e-6)
+
+
+def test_log_normaliser_variance_is_the_delta_method_formula_exactly():
+    """Var(w) / (C mean(w)^2), variance with divisor C, over the C estimating chains (pilots left out):
+    0 for equal weights, and on unequal ones the explicit formula to rounding."""
+    from model.ais import AisState, log_normaliser_variance
+
+    pilots = 2
+    log_w = jnp.asarray([[0.0, 0.0, 0.0, 0.0, 5.0, -3.0], [0.3, -1.2, 2.0, 0.7, 9.0, 9.0]])
+    state = AisState(*(jnp.zeros_like(log_w) for _ in AisState._fields))._replace(log_w=log_w)
+    got = np.asarray(log_normaliser_variance(state, pilots), np.float64)
+    w = np.exp(np.asarray(log_w, np.float64)[:, :-pilots])
+    c = w.shape[-1]
+    np.testing.assert_allclose(got, w.var(axis=-1) / (c * w.mean(axis=-1) ** 2), rtol=1e-5, atol=1e-7)
+    assert got[0] == 0.0 and got[1] > 0.05
+
+
+def test_val_ll_is_within_its_paired_monte_carlo_error_of_the_closed_form(model):
+    """At 300 temperatures (the AIS gap below the Monte Carlo error) val_ll against the closed form,
+    judged by the paired error: the spread over x of log Z_hat(x) - log Z(x) (~0.1 nats, the images' own
+    spread cancels) with log Z_hat_alpha's variance, not the between-image error (~0.35)."""
+    r = _val_ll(model, 300)
+    per_x = r.log_z_x - (model.log_px + model.log_z_alpha)
+    n = len(per_x)
+    prior_var = float(r.val_ll_stderr) ** 2 - np.var(r.log_z_x, ddof=1) / n  # what val_ll_stderr adds
+    paired = np.sqrt(per_x.var(ddof=1) / n + max(prior_var, 0.0))
+    assert paired < 0.5 * float(r.val_ll_stderr)  # the paired error is the tighter judge
+    assert abs(float(r.val_ll) - model.log_px.mean()) < 3 * paired

@@ -304,16 +304,145 @@ def test_stepping_stone_is_unbiased_within_monte_carlo_error_and_its_bias_shrink
     assert abs(mean_error[256]) < 4 * standard_error[256] + 0.01
 
 
-def test_kl_example_identity_check_is_taken_per_example_before_averaging() -> None:
-    """The KL identity holds per x, so kl_example's check averages |residual_x| over x: residuals of opposite
-    sign on two examples must not cancel (they did when the absolute value was taken of the batch mean)."""
-    from model.thermo import example_gaussian_kls, kl_identity_residual
+def test_kl_example_identity_reading_is_the_signed_mean_and_its_moments_pool_exactly() -> None:
+    """kl_example's kl_identity is the mean over x of the signed per-x residual (noise cancels), and the
+    moments behind the z readings are sums over x, so two devices' (or steps') moments add up to the
+    whole batch's."""
+    from model.thermo import example_identity_moments, example_identity_residuals
 
-    rng = np.random.default_rng(0)
-    temps = jnp.asarray([0.0, 0.5, 1.0])
-    z = jnp.asarray(rng.normal(size=(3, 8, 2, 2)))  # (N_t, M, B, d)
-    loglik = jnp.asarray(rng.normal(size=(3, 8, 2)) * 5.0)
-    _, readings = ti_estimate("kl_example", temps, loglik, z, _hyper())
-    per_example = kl_identity_residual(temps, jnp.mean(loglik, axis=1), *example_gaussian_kls(z))
-    np.testing.assert_allclose(readings["kl_identity"], jnp.mean(jnp.abs(per_example), axis=-1), rtol=1e-6)
-    assert np.all(np.asarray(readings["kl_identity"]) >= np.abs(np.mean(per_example, axis=-1)) - 1e-9)
+    model, rng = LinearGaussianBatch(B=8), np.random.default_rng(0)
+    temps = _schedule(4, 1.0)
+    with jax.enable_x64(True):
+        z, loglik = (jnp.asarray(a) for a in model.samples(temps, 12, rng))
+        t = jnp.asarray(temps)
+        _, readings = ti_estimate("kl_example", t, loglik, z, _hyper())
+        residual = example_identity_residuals(t, loglik, z)
+        np.testing.assert_allclose(readings["kl_identity"], jnp.mean(residual, axis=-1), rtol=1e-12)
+        whole = example_identity_moments(t, loglik, z)
+        halves = sum(
+            example_identity_moments(t, loglik[:, :, s], z[:, :, s]) for s in (slice(0, 4), slice(4, 8))
+        )
+        np.testing.assert_allclose(readings["kl_identity_moments"], whole, rtol=1e-12)
+        np.testing.assert_allclose(halves, whole, rtol=1e-10)
+        np.testing.assert_allclose(whole[1], jnp.sum(residual, axis=-1), rtol=1e-12)
+        assert np.isnan(np.asarray(example_identity_moments(t, loglik[:, :11], z[:, :11])[3:])).all()
+        _, batch = ti_estimate("kl_batch", t, loglik, z, _hyper())
+        assert np.isnan(np.asarray(batch["kl_identity_moments"])).all()
+
+
+def test_identity_threshold_is_the_two_sided_bonferroni_quantile() -> None:
+    from statistics import NormalDist
+
+    from model.thermo import identity_threshold
+
+    assert identity_threshold(10) == pytest.approx(2.77, abs=0.005)
+    assert identity_threshold(2) == pytest.approx(NormalDist().inv_cdf(0.975))
+    assert identity_threshold(10, alpha=0.01) > identity_threshold(10)
+
+
+def _identity_readings(model, temps, m, rng, shift=None):
+    """(kl_identity_error as sum_i |mean_x r|, the old per-x form sum_i mean_x |r|, z, split_z)."""
+    from model.thermo import example_identity_moments, example_identity_residuals, identity_z
+
+    z, loglik = model.samples(temps, m, rng)
+    if shift is not None:
+        loglik = loglik + shift[:, None, :]  # (N_t, B): E_i of example x moves, its chains do not
+    t, loglik, z = jnp.asarray(temps), jnp.asarray(loglik), jnp.asarray(z)
+    r = np.asarray(example_identity_residuals(t, loglik, z))
+    zs = identity_z(example_identity_moments(t, loglik, z))
+    return np.abs(r.mean(-1)).sum(), np.abs(r).mean(-1).sum(), float(zs[0]), float(zs[1])
+
+
+def test_kl_identity_z_stays_under_the_threshold_on_exact_gaussians_at_large_m() -> None:
+    """Exact tempered posteriors (the residual is pure Monte Carlo noise), d = 4, N_t = 10, B = 76, M = 64:
+    z and split_z stay under the Bonferroni threshold (at most 2 of 10 batches over it, 0.5 expected at
+    alpha = 0.05), and the signed-mean error is far below the old per-x |residual| average (2.3 vs 15.5
+    nats measured) that noise could not cancel."""
+    from model.thermo import identity_threshold
+
+    model, rng = LinearGaussianBatch(B=76), np.random.default_rng(11)
+    temps, threshold = _schedule(10, 1.0), identity_threshold(10)
+    with jax.enable_x64(True):
+        runs = np.array([_identity_readings(model, temps, 64, rng) for _ in range(10)])
+    new, old, z, split_z = runs.T
+    assert np.sum(z > threshold) <= 2 and np.sum(split_z > threshold) <= 2, (z, split_z)
+    assert np.all(np.isfinite(split_z))
+    assert new.mean() < 0.3 * old.mean()
+
+
+def test_kl_identity_split_z_catches_per_example_residuals_that_cancel_across_examples() -> None:
+    """A residual systematic per example, +c dt on half the batch and -c dt on the other half, leaves the
+    mean over x, so kl_identity_error and z (the mean-only check), exactly unchanged; split_z, from the
+    product of the two chain halves' residuals, sees it. The guarantee the old per-x |residual| average
+    gave, kept."""
+    from model.thermo import identity_threshold
+
+    model = LinearGaussianBatch(B=76)
+    temps, threshold = _schedule(10, 1.0), identity_threshold(10)
+    sign = np.where(np.arange(model.B) % 2 == 0, 1.0, -1.0)
+    shift = np.zeros((10, model.B))
+    shift[5] = 150.0 * sign  # E_5 of each x moves by +-150: intervals 5 and 6 get residuals of +-150/9
+    with jax.enable_x64(True):
+        clean = _identity_readings(model, temps, 64, np.random.default_rng(3))
+        injected = _identity_readings(model, temps, 64, np.random.default_rng(3), shift)
+    assert injected[0] == pytest.approx(clean[0], rel=1e-9)
+    assert injected[2] == pytest.approx(clean[2], rel=1e-9)
+    assert injected[2] < threshold  # the mean-only check misses it
+    assert clean[3] < threshold < injected[3]
+
+
+def test_example_gaussian_kls_are_unbiased_for_temperatures_far_apart():
+    """Temperatures 0 and 1 (the prior and the posterior): tr(cov_q^-1 cov_p) - d is large in one direction,
+    so the fitted means' scatter correction (tr + d) / M is told apart from a wrong 2 d / M, which at 0.3 /
+    0.6 (tr - d = 3.95) it was not."""
+    model, rng = LinearGaussianBatch(B=400), np.random.default_rng(9)
+    temps = np.array([0.0, 1.0])
+    (m0, c0), (m1, c1) = model.posterior(temps[0]), model.posterior(temps[1])
+    with jax.enable_x64(True):
+        for m, diagonal in ((7, True), (12, False)):
+            cp, cq = (np.diag(np.diag(c)) if diagonal else c for c in (c0, c1))
+            z, _ = model.samples(temps, m, rng)
+            fwd, bwd = example_gaussian_kls(jnp.asarray(z))
+            for got, (mp, p_cov, mq, q_cov) in ((fwd, (m0, cp, m1, cq)), (bwd, (m1, cq, m0, cp))):
+                exact = gaussian_kl(jnp.asarray(mp), jnp.asarray(p_cov), jnp.asarray(mq), jnp.asarray(q_cov))
+                errors = np.asarray(got[0] - exact)
+                assert abs(errors.mean()) < 4 * errors.std(ddof=1) / np.sqrt(errors.size), (m, errors.mean())
+
+
+def test_identity_z_is_the_largest_interval_t_statistic_exactly() -> None:
+    """identity_z from the pooled sums equals max_i |mean_i| / (sd_i / sqrt(n)) computed directly, for the
+    residuals and for the split-half products."""
+    from model.thermo import identity_z
+
+    rng = np.random.default_rng(1)
+    r, q = rng.normal(0.3, 2.0, size=(4, 30)), rng.normal(0.1, 1.0, size=(4, 30))
+    moments = np.stack([np.full(4, 30.0), r.sum(-1), (r**2).sum(-1), q.sum(-1), (q**2).sum(-1)])
+    with jax.enable_x64(True):
+        z, split_z = (float(v) for v in identity_z(jnp.asarray(moments)))
+    for got, a in ((z, r), (split_z, q)):
+        assert got == pytest.approx(np.max(np.abs(a.mean(-1)) / (a.std(-1, ddof=1) / np.sqrt(30))), rel=1e-9)
+
+
+def test_example_gaussian_kls_equal_a_direct_computation() -> None:
+    """Each per-x KL against the formula written out with numpy: sample covariance (divisor M - 1),
+    E[S^-1] shrink (n - k - 1)/n on the trace and Mahalanobis terms, minus the means' scatter (tr + d)/M;
+    full covariances at M = 12 >= d + 5, diagonal ones at M = 6 (d = 2)."""
+    rng = np.random.default_rng(2)
+    d = 2
+    for m, full in ((12, True), (6, False)):
+        z = rng.normal(size=(2, m, 3, d)) * np.array([1.0, 2.0]) + np.array([0.5, -1.0])
+        with jax.enable_x64(True):
+            fwd, bwd = (np.asarray(k) for k in example_gaussian_kls(jnp.asarray(z)))
+        n = m - 1
+        for b in range(3):
+            fits = []
+            for t in range(2):
+                s = np.cov(z[t, :, b].T, ddof=1)
+                fits.append((z[t, :, b].mean(0), s if full else np.diag(np.diag(s))))
+            shrink = (n - d - 1) / n if full else (n - 2) / n
+            for got, (mp, sp), (mq, sq) in ((fwd[0, b], fits[0], fits[1]), (bwd[0, b], fits[1], fits[0])):
+                inv_q = np.linalg.inv(sq)
+                trace = shrink * np.trace(inv_q @ sp)
+                maha = shrink * (mq - mp) @ inv_q @ (mq - mp) - (trace + d) / m
+                logdet = np.linalg.slogdet(sq)[1] - np.linalg.slogdet(sp)[1]
+                assert got == pytest.approx(0.5 * (logdet + trace + maha - d), rel=1e-9, abs=1e-12)

@@ -161,3 +161,21 @@ def test_the_evaluator_draws_with_replacement_when_the_config_asks():
         readings[replace] = evaluator.metrics_from_features(gen, np.uint32([0, 1]))
     assert readings[True]["kid_rbf_inf"] != readings[False]["kid_rbf_inf"]
     assert readings[True]["kid_rbf_nmax"] == readings[False]["kid_rbf_nmax"]  # N_max: never resampled
+
+
+def test_jackknife_matches_an_explicit_leave_one_out_computation():
+    """The O(1) leave-one-out values (a row's within-set sum leaves twice, its cross sums once) against
+    KID recomputed with each row of each set left out, on unequal set sizes: exact to rounding."""
+    rng = np.random.default_rng(5)
+    a, b = _sample(rng, 13)[0], _sample(rng, 17)[1]
+    for kernel in ("rbf", "poly"):
+        drop_a = np.array([kid(np.delete(a, i, 0), b, kernel) for i in range(len(a))])
+        drop_b = np.array([kid(a, np.delete(b, j, 0), kernel) for j in range(len(b))])
+        m, n = len(a), len(b)
+        var = (m - 1) / m * np.sum((drop_a - drop_a.mean()) ** 2) + (n - 1) / n * np.sum(
+            (drop_b - drop_b.mean()) ** 2
+        )
+        value, stderr = kid_stderrs(a, b, (kernel,))[kernel]
+        assert value == pytest.approx(kid(a, b, kernel), rel=1e-9)
+        assert stderr == pytest.approx(np.sqrt(var), rel=1e-7), kernel
+        assert kid_with_stderr(a, b, kernel)[1] == pytest.approx(np.sqrt(var), rel=1e-7)

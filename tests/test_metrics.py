@@ -217,3 +217,17 @@ def test_extrapolated_metrics_bad_input():
     bad[3, 1] = np.nan
     out = extrapolated_metrics(x, bad, [100, 200], seed=0, feature_extractor="t")
     assert math.isnan(out["kid_rbf_inf"]) and math.isnan(out["fid_inf"]) and out["feature_extractor"] == "t"
+
+
+def test_extrapolation_stderr_is_the_ols_intercept_error_exactly():
+    """The intercept's standard error against the textbook OLS one, s^2 (X^T X)^-1 [0, 0] with
+    s^2 = RSS / (n - 2) (the calibration test above cannot tell n - 2 from n at 10 points)."""
+    rng = np.random.default_rng(8)
+    n = np.array(PAPER_SIZES, dtype=np.float64)
+    y = 0.01 + 5.0 / n + rng.normal(0, 1e-3, len(n))
+    design = np.stack([np.ones_like(n), 1.0 / n], axis=1)
+    coef, rss, _, _ = np.linalg.lstsq(design, y, rcond=None)
+    expected = np.sqrt(rss[0] / (len(n) - 2) * np.linalg.inv(design.T @ design)[0, 0])
+    intercept, slope, stderr = extrapolate(n, y)
+    assert (intercept, slope) == pytest.approx(tuple(coef), rel=1e-9)
+    assert stderr == pytest.approx(expected, rel=1e-9)

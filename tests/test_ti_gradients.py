@@ -299,7 +299,9 @@ def test_one_and_two_devices_agree(rule, chains, ebm_gradient, gen_gradient):
         loss = functools.partial(thermo_loss, **kw, axis_name=axis_name)
         (value, aux), g = jax.value_and_grad(loss, has_aux=True)(p, xb, key, ids, hp)
         if axis_name:
+            sums = aux.pop("kl_identity_moments")  # sums over examples: psum, as the train step does
             value, aux, g = jax.lax.pmean((value, aux, g), axis_name)
+            aux["kl_identity_moments"] = jax.lax.psum(sums, axis_name)
         return value, aux, g
 
     one = value_and_grad(params, x, jnp.arange(4))
