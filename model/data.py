@@ -84,7 +84,7 @@ def load_dataset(config: ExperimentConfig) -> Dataset:
         return load_digits_dataset(config)
     from model import tfds_data  # imported lazily: tensorflow-datasets is slow to import
 
-    return tfds_data.load_tfds_dataset(config)
+    return Dataset(*tfds_data.load_tfds_dataset(config))
 
 
 def build_parser() -> argparse.ArgumentParser:

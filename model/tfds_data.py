@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from model.config import ExperimentConfig
-from model.data import Dataset
 
 
 class TfdsSpec(NamedTuple):
@@ -213,11 +212,11 @@ def _take(name: str, split: str, count: int, field: str, data_dir: Path) -> Any:
     return source
 
 
-def load_tfds_dataset(config: ExperimentConfig) -> Dataset:
+def load_tfds_dataset(config: ExperimentConfig) -> tuple[str, np.ndarray, np.ndarray]:
     """`config.dataset` (cifar10, celeb_a or svhn_cropped) from prepared ArrayRecord data, as
-    `Dataset(name, train, val)`: train is the first `config.num_train` images of the train split, val the
-    first `config.num_val` of the validation split (test for cifar10/svhn_cropped), each float32
-    (N, image_size, image_size, channels) in [-1, 1].
+    (name, train, val), the fields of `model.data.Dataset`: train is the first `config.num_train` images of
+    the train split, val the first `config.num_val` of the validation split (test for cifar10/svhn_cropped),
+    each float32 (N, image_size, image_size, channels) in [-1, 1].
 
     Reads from `config.data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets. Raises
     DatasetNotPreparedError (a FileNotFoundError) if the data set is not prepared there, ValueError for an
@@ -232,7 +231,7 @@ def load_tfds_dataset(config: ExperimentConfig) -> Dataset:
     size, channels = config.image_size, config.channels
     train = read_images(train_src, config.num_train, size, channels, spec.crop)
     val = read_images(val_src, config.num_val, size, channels, spec.crop)
-    return Dataset(name, train, val)
+    return name, train, val
 
 
 def prepare_tfds_dataset(

@@ -21,32 +21,9 @@ import jax
 import numpy as np
 
 from model.metrics.core import extrapolated_metrics, sample_sizes
+from model.metrics.features import FeatureExtractor
 
-FeatureFn = Callable[[Any], Any]
 INCEPTION_DATASETS = ("cifar10", "celeb_a", "svhn_cropped")
-
-
-@dataclass(frozen=True)
-class FeatureExtractor:
-    """A named batch function images (n, H, W, C) in [-1, 1] -> features (n, d), and its batch size."""
-
-    name: str
-    fn: FeatureFn
-    batch_size: int
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Features of `images` as float32 numpy (len(images), d), computed `batch_size` images at a time.
-        The last batch is padded to full size so the jitted function compiles once."""
-        images = np.asarray(images, dtype=np.float32)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start : start + self.batch_size]
-            n = len(batch)
-            if n < self.batch_size:
-                pad = np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)
-                batch = np.concatenate([batch, pad])
-            out.append(np.asarray(self.fn(batch), dtype=np.float32)[:n])
-        return np.concatenate(out)
 
 
 def numpy_seed(key: jax.Array) -> np.ndarray:

@@ -146,7 +146,7 @@ def verify(
     import torch
 
     from model.metrics import inception
-    from model.metrics.evaluator import FeatureExtractor
+    from model.metrics.features import FeatureExtractor
     from model.metrics.reference import torchscript
 
     log = log or (lambda msg: None)
