@@ -511,3 +511,64 @@ def test_the_registry_check_catches_a_missing_rule_and_a_wrong_minimum() -> None
     assert registry_problems(wrong) == ["ti_rule kl_example needs 'M >= 6', the table says 'M >= 5'"]
     gone = "\n".join(line for line in page.splitlines() if not line.startswith("| | `none` |"))
     assert registry_problems(gone) == ["ebm_gradient=none is not in the gradients table"]
+
+
+def model_import_graph() -> dict[str, set[str]]:
+    """model's modules -> the model modules each imports anywhere in it (functions included) but in its
+    command line's `main`, which may dispatch a subcommand to the module that implements it (`python -m
+    model.metrics.inception verify` runs model.metrics.reference.verify, which checks the port); `from pkg
+    import sub` counts as an import of the submodule when `sub` is one."""
+    files = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (ROOT / "model").rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = path.relative_to(ROOT).parent.parts
+        edges = set()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        in_main = {id(n) for m in mains for n in ast.walk(m)}
+        for node in ast.walk(tree):
+            if id(node) in in_main:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else ()
+                module = ".".join([*base, node.module] if node.module else base)
+                subs = [f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in files]
+                targets = subs or [module]
+            else:
+                continue
+            edges |= {t for t in targets if t in files and t != name}
+        graph[name] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle through two or more modules, as one path each (found by depth-first search)."""
+    cycles, done = [], set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in path:
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in done:
+                visit(nxt, [*path, nxt])
+        done.add(node)
+
+    for start in sorted(graph):
+        if start not in done:
+            visit(start, [start])
+    return cycles
+
+
+def test_model_has_no_import_circles() -> None:
+    """No module of model/ reaches itself through imports (deferred ones inside functions included):
+    model.data <-> model.tfds_data and evaluator -> inception -> verify -> evaluator were broken."""
+    assert import_cycles(model_import_graph()) == []
+
+
+def test_the_circle_check_finds_a_deferred_circle() -> None:
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
