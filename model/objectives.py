@@ -237,8 +237,9 @@ def fitted_gaussians(z: Array, ridge: Array, axis_name: str | None = None) -> tu
 
 
 # Each evidence rule's function (model/rules.py has its metadata): (temps, loglik, z, expected, hp,
-# axis_name) -> (estimate, KL readings or None), the readings (kl_forward, kl_backward, kl_identity).
-_Estimate = tuple[Array, "tuple[Array, Array, Array] | None"]
+# axis_name) -> (estimate, the readings it has among _RULE_READINGS); ti_estimate fills the rest with NaN.
+_Estimate = tuple[Array, dict[str, Array]]
+_RULE_READINGS = {"kl_forward": (), "kl_backward": (), "kl_identity": (), "kl_identity_moments": (5,)}
 
 
 def _kl_batch(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
@@ -248,31 +249,36 @@ def _kl_batch(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
     kl_forward, kl_backward = adjacent_gaussian_kls(mean, cov)
     identity = kl_identity_residual(temps, expected, kl_forward, kl_backward)
     estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
-    return estimate, (kl_forward, kl_backward, identity)
+    return estimate, {"kl_forward": kl_forward, "kl_backward": kl_backward, "kl_identity": identity}
 
 
 def _kl_example(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
     """Gaussians fitted per example from its M chains."""
     per_example = example_gaussian_kls(z)
     kl_forward, kl_backward = (jnp.mean(k, axis=-1) for k in per_example)
-    # The signed mean over examples, so Monte Carlo noise cancels; residuals systematic per x that
-    # cancel across examples are the split-half check's (example_identity_moments, in ti_estimate).
-    identity = jnp.mean(kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example), axis=-1)
+    residual = kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example)
     estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)
-    return estimate, (kl_forward, kl_backward, identity)
+    return estimate, {
+        "kl_forward": kl_forward,
+        "kl_backward": kl_backward,
+        # The signed mean over examples, so Monte Carlo noise cancels; residuals systematic per x that
+        # cancel across examples are the split-half check's (the moments' rows 3-4).
+        "kl_identity": jnp.mean(residual, axis=-1),
+        "kl_identity_moments": example_identity_moments(temps, loglik, z, residual),
+    }
 
 
 def _variance(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
     variance = jnp.mean(jnp.var(loglik, axis=1, ddof=1), axis=-1)
-    return variance_corrected_log_evidence(temps, expected, variance), None
+    return variance_corrected_log_evidence(temps, expected, variance), {}
 
 
 def _stepping_stone(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
-    return jnp.mean(stepping_stone_log_evidence(temps, loglik)), None
+    return jnp.mean(stepping_stone_log_evidence(temps, loglik)), {}
 
 
 def _trapezoid(temps, loglik, z, expected, hp, axis_name) -> _Estimate:
-    return trapezoid_log_evidence(temps, expected), None
+    return trapezoid_log_evidence(temps, expected), {}
 
 
 RULE_ESTIMATES: dict[str, Callable[..., _Estimate]] = {
@@ -320,20 +326,11 @@ def ti_estimate(
     if (why := rules.too_few_chains(rule, loglik.shape[1])) is not None:
         raise ValueError(f"chains_per_example={loglik.shape[1]} {why}")
     expected = jnp.mean(loglik, axis=(1, 2))
-    estimate, kls = RULE_ESTIMATES[rule](temps, loglik, z, expected, hp, axis_name)
-    if kls is None:
-        nan = jnp.full((temps.shape[0] - 1,), jnp.nan, loglik.dtype)
-        kls = (nan, nan, nan)
-    moments = jnp.full((5, temps.shape[0] - 1), jnp.nan, loglik.dtype)
-    if rule == "kl_example":  # the split-half moments of the per-x identity (kl_identity_split_z)
-        moments = example_identity_moments(temps, loglik, z)
-    readings = {
-        "expected_loglik": expected,
-        "kl_forward": kls[0],
-        "kl_backward": kls[1],
-        "kl_identity": kls[2],
-        "kl_identity_moments": moments,
+    estimate, own = RULE_ESTIMATES[rule](temps, loglik, z, expected, hp, axis_name)
+    nan = {
+        n: jnp.full((*lead, temps.shape[0] - 1), jnp.nan, loglik.dtype) for n, lead in _RULE_READINGS.items()
     }
+    readings = {"expected_loglik": expected, **nan, **own}
     return estimate, readings
 
 

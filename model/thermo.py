@@ -280,19 +280,21 @@ def example_identity_residuals(temps: Array, loglik: Array, z: Array) -> Array:
     return kl_identity_residual(temps, jnp.mean(loglik, axis=1), *example_gaussian_kls(z))
 
 
-def example_identity_moments(temps: Array, loglik: Array, z: Array) -> Array:
+def example_identity_moments(temps: Array, loglik: Array, z: Array, residual: Array | None = None) -> Array:
     """Sums over the examples that the identity's z readings (`identity_z`) need, shaped (5, N_t - 1):
     rows n, sum_x r_x, sum_x r_x^2, sum_x q_x, sum_x q_x^2, where r_x is example x's residual
     (`example_identity_residuals`) and q_x = r_x^A r_x^B the product of the residuals refitted on the two
     halves of x's M chains (rows 3-4 NaN when M < SPLIT_MIN_CHAINS). Sums, so a psum over devices and a sum
-    over steps pool them exactly.
+    over steps pool them exactly. `residual`: the r_x of the whole fit when the caller has them already
+    (kl_example's estimate fits the same Gaussians), else they are computed here.
 
     Under pure Monte Carlo noise (exact tempered posteriors) E[r_x] = 0 and, the halves being independent,
     E[q_x] = E[r^A] E[r^B] = 0; a residual b_x that is systematic per example gives E[q_x] = b_x^2 > 0
     even when the b_x cancel across examples, which the mean of r alone cannot see. The halves are fitted
     from M/2 chains, so by `example_gaussian_kls`' rule they are diagonal when M/2 < d + 5: q then also
     reads the diagonal fit's own residual."""
-    residual = example_identity_residuals(temps, loglik, z)
+    if residual is None:
+        residual = example_identity_residuals(temps, loglik, z)
     n = jnp.full(residual.shape[:1], residual.shape[-1], residual.dtype)
     rows = [n, jnp.sum(residual, axis=-1), jnp.sum(residual**2, axis=-1)]
     m = z.shape[1]
