@@ -121,9 +121,8 @@ MUTANTS = (
     Mutant(
         "kl_example_identity_abs",
         "model/objectives.py",
-        "identity = jnp.mean(kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example), axis=-1)",
-        "identity = jnp.mean(jnp.abs(kl_identity_residual(temps, jnp.mean(loglik, axis=1), *per_example)), "
-        "axis=-1)",
+        '"kl_identity": jnp.mean(residual, axis=-1),',
+        '"kl_identity": jnp.mean(jnp.abs(residual), axis=-1),',
         OBJECTIVES,
     ),
     Mutant(
@@ -134,10 +133,19 @@ MUTANTS = (
         OBJECTIVES,
     ),
     Mutant(
-        "kl_weight_ignored",
+        "kl_weight_ignored",  # kl_batch's estimate (the line after its identity)
         "model/objectives.py",
-        "trapezoid_log_evidence(temps, expected, kl_forward, kl_backward, hp.kl_weight)",
-        "trapezoid_log_evidence(temps, expected, kl_forward, kl_backward)",
+        "kl_backward)\n    estimate = trapezoid_log_evidence("
+        "temps, expected, kl_forward, kl_backward, hp.kl_weight)",
+        "kl_backward)\n    estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward)",
+        OBJECTIVES,
+    ),
+    Mutant(
+        "kl_weight_ignored_example",  # kl_example's estimate (the line after its residual)
+        "model/objectives.py",
+        "per_example)\n    estimate = trapezoid_log_evidence("
+        "temps, expected, kl_forward, kl_backward, hp.kl_weight)",
+        "per_example)\n    estimate = trapezoid_log_evidence(temps, expected, kl_forward, kl_backward)",
         OBJECTIVES,
     ),
     Mutant(

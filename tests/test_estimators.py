@@ -446,3 +446,18 @@ def test_example_gaussian_kls_equal_a_direct_computation() -> None:
                 maha = shrink * (mq - mp) @ inv_q @ (mq - mp) - (trace + d) / m
                 logdet = np.linalg.slogdet(sq)[1] - np.linalg.slogdet(sp)[1]
                 assert got == pytest.approx(0.5 * (logdet + trace + maha - d), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["kl_batch", "kl_example"])
+def test_kl_weight_scales_each_kl_rules_correction(rule):
+    """eta multiplies the KL correction of both KL rules (Eq. 19-22): the estimate is affine in eta with
+    slope eta-free, and the correction is not zero on these chains (so dropping eta from either rule's
+    estimate fails: est(eta=2) would equal est(eta=1))."""
+    rng = np.random.default_rng(3)
+    t = jnp.asarray(_schedule(5, 1.0), jnp.float32)
+    z = jnp.asarray(rng.normal(size=(5, 8, 6, 2)) * (1.0 + np.arange(5))[:, None, None, None], jnp.float32)
+    loglik = jnp.asarray(rng.normal(size=(5, 8, 6)) * 3.0, jnp.float32)
+    est = {w: float(ti_estimate(rule, t, loglik, z, _hyper(kl_weight=w))[0]) for w in (0.0, 1.0, 2.0)}
+    slope = est[1.0] - est[0.0]
+    assert abs(slope) > 1e-2
+    np.testing.assert_allclose(est[2.0] - est[0.0], 2.0 * slope, rtol=1e-4)
