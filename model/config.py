@@ -123,11 +123,7 @@ def _fail(name: str, value: Any, why: str) -> None:
 
 def _validate_estimators(cfg: ExperimentConfig) -> None:
     """The TI rule, the gradient choices and the chains per example they need (model/rules.py)."""
-    for name, registry in (
-        ("ti_rule", rules.EVIDENCE_RULES),
-        ("ebm_gradient", rules.EBM_GRADIENTS),
-        ("gen_gradient", rules.GEN_GRADIENTS),
-    ):
+    for name, registry in rules.REGISTRY_FIELDS.items():
         if getattr(cfg, name) not in registry:
             raise ValueError(rules.unknown(name, getattr(cfg, name), registry))
     m = cfg.chains_per_example

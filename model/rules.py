@@ -126,6 +126,13 @@ GEN_GRADIENTS: dict[str, GradientEstimator] = {
     )
 }
 
+# Each config field whose value names an entry of a registry, and that registry.
+REGISTRY_FIELDS: dict[str, dict[str, EvidenceRule] | dict[str, GradientEstimator]] = {
+    "ti_rule": EVIDENCE_RULES,
+    "ebm_gradient": EBM_GRADIENTS,
+    "gen_gradient": GEN_GRADIENTS,
+}
+
 
 def too_few_chains(rule: str, chains: int) -> str | None:
     """Why `chains` chains per example are too few for evidence rule `rule`, as an error message's tail

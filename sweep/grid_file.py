@@ -338,11 +338,7 @@ def estimator_legend(plans: list[TrialPlan]) -> str:
     description from the registries of model/rules.py (what the table's `rule/M` and `ebm/gen` mean)."""
     thermo = [p.config for p in plans if p.config.is_thermo]
     lines = []
-    for field_name, registry in (
-        ("ti_rule", rules.EVIDENCE_RULES),
-        ("ebm_gradient", rules.EBM_GRADIENTS),
-        ("gen_gradient", rules.GEN_GRADIENTS),
-    ):
+    for field_name, registry in rules.REGISTRY_FIELDS.items():
         used = {getattr(c, field_name) for c in thermo}
         lines += [
             f"{field_name}={name}: {entry.description}" for name, entry in registry.items() if name in used
