@@ -83,11 +83,14 @@ def as_path(p: str | Path) -> Path | RemotePath:
 
 
 def read_parquet(p: Path | RemotePath) -> Any:
-    """A Parquet file as a DataFrame, local or remote."""
+    """A Parquet file as a DataFrame, local or remote; a remote one as one version of the file even while
+    its driver rewrites it (`model.schema.read_table`)."""
     import pandas as pd
 
     if isinstance(p, RemotePath):
-        return pd.read_parquet(p.path, filesystem=p.fs)
+        from model.schema import read_table
+
+        return read_table(p.fs, p.path).to_pandas()
     return pd.read_parquet(p)
 
 

@@ -15,10 +15,13 @@ import argparse
 import json
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 RESULTS_DIR = "results"
 TRIALS_FILE = "trials.parquet"
@@ -324,6 +327,29 @@ TABLES: dict[str, Columns] = {
     "epochs": EPOCH_COLUMNS,
     "run-epochs": RUN_EPOCH_COLUMNS,
 }
+
+
+def read_table(fs: pafs.FileSystem, path: str, attempts: int = 20) -> pa.Table:
+    """The Parquet table at `path` on `fs` (one of a run's results files), as one version of the file.
+
+    A driver rewrites its tables after every epoch. Locally the rewrite is a rename, and an open file
+    stays the version it was. On an object store pyarrow's own reader asks for the footer and the
+    column chunks in separate requests, and a rewrite between them tears the read ("magic bytes not
+    found", "page was smaller than expected"). Here the file is fetched whole in one request and parsed
+    from memory: one request returns one version, or (if the object grew between the size lookup and
+    the fetch) a prefix of the new one, whose parse fails; such a read is taken again, up to `attempts`
+    times. FileNotFoundError is raised at once.
+    """
+    for attempt in range(attempts):
+        with fs.open_input_stream(path) as stream:
+            data = stream.readall()
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowInvalid, OSError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def markdown_columns(columns: Columns) -> str:

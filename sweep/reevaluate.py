@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from model.config import ExperimentConfig, apply_overrides, parse_set_args
-from model.schema import RESULTS_DIR, TRIALS_FILE, readings_file
+from model.schema import RESULTS_DIR, TRIALS_FILE, read_table, readings_file
 from sweep.storage import filesystem_for, storage_join
 
 # Config fields that only change how a trained model is read, never how it trains.
@@ -72,12 +72,11 @@ def reading_overrides(items: list[str]) -> dict[str, Any]:
 
 def _read_table(uri: str) -> Any:
     import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
 
     fs, path = filesystem_for(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    return pq.read_table(path, filesystem=fs).to_pandas()
+    return read_table(fs, path).to_pandas()
 
 
 def _write_table(uri: str, rows: list[dict[str, Any]]) -> None:

@@ -2,7 +2,8 @@
 
 `ResultsTables` holds both tables in memory keyed by `trial_id` and `(trial_id, epoch)`, so writing a row
 twice (Ray may re-run an epoch after a resume) replaces it instead of duplicating it; `flush()` writes both
-files atomically (a temporary file, then a rename), so `pandas.read_parquet` works at any moment.
+files atomically (a temporary file, then a rename; one PUT on an object store), so a reader finds a
+whole file at any moment (in an object store through `model.schema.read_table`, which reads one version).
 `sweep.callback.ResultsCallback` is the Ray Tune callback that keeps them current from the driver.
 
 The columns, their types and meanings are `model.schema`'s (the contract with `analysis`). Extra keys
@@ -61,7 +62,7 @@ class ResultsTables:
         path = f"{self.path}/{name}"
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return []
-        return pq.read_table(path, filesystem=self.fs).to_pylist()
+        return schema.read_table(self.fs, path).to_pylist()
 
     def upsert_trial(self, trial_id: str, **values: Any) -> None:
         """Create or update the row of `trial_id` (None values do not erase known ones, except `error`)."""

@@ -51,3 +51,42 @@ def test_a_missing_s3_run_is_named_whole(tmp_path, s3_server, capsys):
     assert R.main([missing, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{missing} does not exist" in err
+
+
+def test_tables_read_while_the_driver_rewrites_them_in_s3_are_whole(s3_server):
+    """The driver rewrites epochs.parquet after every epoch; a reader on an object store (a report, a
+    notebook, a resuming driver) must get one version of it. pyarrow's own reader takes the footer and
+    the columns in separate requests, which can straddle two versions (a torn read: 'magic bytes not
+    found'); `model.schema.read_table` takes one version. Here a writer rewrites the table as fast as
+    it can (a row more each time) while both readers read it: every read is whole, rows 0..n-1."""
+    import threading
+
+    from analysis.remote import RemotePath, read_parquet
+    from sweep.results import ResultsTables
+
+    uri = s3_server.uri("runs", "race", "results")
+    writer = ResultsTables(uri)
+    writer.upsert_trial("t-0", status="RUNNING")
+    writer.upsert_epochs("t-0", [{"epoch": 0}])
+    writer.flush()
+    done = threading.Event()
+
+    def rewrite() -> None:
+        epoch = 1
+        while not done.is_set():
+            writer.upsert_epochs("t-0", [{"epoch": epoch}])
+            writer.flush()
+            epoch += 1
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    try:
+        for _ in range(60):
+            epochs = read_parquet(RemotePath(f"{uri}/epochs.parquet"))["epoch"].tolist()
+            assert epochs == list(range(len(epochs)))
+            reread = [row["epoch"] for row in ResultsTables(uri).epoch_rows()]
+            assert reread == list(range(len(reread)))
+    finally:
+        done.set()
+        thread.join()
+    assert len(epochs) > 1, "the writer rewrote the table while it was read"

@@ -118,9 +118,13 @@ def partial_metas(s3, run: str) -> list[dict]:
 
 
 def read_s3(s3, run: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run's two tables, each one version of its file though the driver may be rewriting it
+    (`analysis.remote.read_parquet`; pandas' own reader can tear a read across two versions)."""
+    from analysis.remote import RemotePath, read_parquet
+
     return (
-        pd.read_parquet(s3.uri("runs", run, "results", "trials.parquet")),
-        pd.read_parquet(s3.uri("runs", run, "results", "epochs.parquet")),
+        read_parquet(RemotePath(s3.uri("runs", run, "results", "trials.parquet"))),
+        read_parquet(RemotePath(s3.uri("runs", run, "results", "epochs.parquet"))),
     )
 
 
