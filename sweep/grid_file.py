@@ -187,7 +187,7 @@ def load_grid(name_or_path: str) -> Grid:
     return parse_grid_text(text, fmt, name, source)
 
 
-def _coerce(key: str, value: Any) -> Any:
+def coerce_field(key: str, value: Any) -> Any:
     """Give a grid value its field's type where that is lossless (1 -> 1.0 for a float field)."""
     default = {f.name: f.default for f in fields(ExperimentConfig)}[key]
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -208,7 +208,7 @@ def _config_for(grid: Grid, cell: str, overrides: dict[str, Any], where: str) ->
                 f"use ExperimentConfig fields ({', '.join(sorted(config_fields()))})"
             )
     try:
-        return apply_overrides(base, {k: _coerce(k, v) for k, v in overrides.items()})
+        return apply_overrides(base, {k: coerce_field(k, v) for k, v in overrides.items()})
     except (ValueError, TypeError) as err:
         message = str(err)
         match = _FIELD_IN_MESSAGE.match(message)

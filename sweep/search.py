@@ -28,13 +28,16 @@ from sweep.storage import storage_join, write_json_uri
 from sweep.study import (
     SearchError,
     check_study,
+    describe_space,
     finished_trials,
+    format_front,
     format_top,
     load_study_or_none,
     masked,
     open_storage,
     prepare_resume,
     search_space,
+    searched_fields,
     state_counts,
     sync_results,
 )
@@ -51,6 +54,7 @@ METRICS = {
     "kid_poly_nmax": "min",
     "val_ll": "max",
 }
+DEFAULT_METRIC = "kid_rbf_inf"
 DEFAULT_P = (0.1, 10.0)
 DEFAULT_ETA = (0.5, 4.0)
 DEFAULT_SAMPLER_SEED = 0
@@ -63,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search the temperature power p and the KL weight eta with Optuna (TPE), each proposal "
         "run as a Ray Tune trial like a grid trial, minimising the final KID_inf.",
     )
-    p.add_argument("--base", default="digits", help="base preset (default: digits)")
+    p.add_argument(
+        "--base",
+        default="digits",
+        metavar="PRESET|GRID:CELL",
+        help="the model every proposal trains: a preset (default: digits) or one cell of a grid, e.g. "
+        "digits-estimators:thermo-p1-ml (a built-in grid or a grid file's path before the colon)",
+    )
     p.add_argument("--study", default=None, help="Optuna study name (default: the run name)")
     p.add_argument(
         "--optuna-storage",
@@ -91,9 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--metric",
-        default="kid_rbf_inf",
+        action="append",
+        default=None,
         choices=list(METRICS),
-        help="objective at the last epoch (default kid_rbf_inf); val_ll is maximised, the others minimised",
+        help="objective at the last epoch (default kid_rbf_inf); val_ll is maximised, the others minimised. "
+        "Give it several times for a multi-objective study (its Pareto front is printed at the end)",
+    )
+    p.add_argument(
+        "--repetitions",
+        type=int,
+        default=1,
+        metavar="R",
+        help="seeds per proposal (default 1): seeds base + 0..R-1, the seeds of a grid's repetitions; "
+        "Optuna is told each metric's mean over them",
     )
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the preset's)")
     p.add_argument(
@@ -135,12 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def _config_diff(old: dict[str, Any], new: dict[str, Any], searched: set[str]) -> list[str]:
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if k not in ("temp_power", "kl_weight") and old.get(k) != new.get(k)
+        if k not in searched and old.get(k) != new.get(k)
     ]
+
+
+def _check_objectives(args: argparse.Namespace) -> list[str]:
+    """The metrics of the search (`--metric`, given once or several times) checked against the seeds
+    per proposal and the scheduler; raises SearchError naming the conflict and the fix."""
+    metrics = list(args.metric or [DEFAULT_METRIC])
+    twice = sorted({m for m in metrics if metrics.count(m) > 1})
+    if twice:
+        raise SearchError(f"--metric {twice[0]} is given twice; give each objective once")
+    if args.repetitions < 1:
+        raise SearchError(f"--repetitions {args.repetitions}: must be >= 1 (seeds per proposal)")
+    if args.scheduler == "asha" and len(metrics) > 1:
+        raise SearchError(
+            f"--scheduler asha with {len(metrics)} --metric: ASHA stops trials on the intermediate value of "
+            "one objective, and Optuna refuses intermediate values in a multi-objective study; use "
+            "--scheduler none, or one --metric"
+        )
+    if args.scheduler == "asha" and args.repetitions > 1:
+        raise SearchError(
+            f"--scheduler asha with --repetitions {args.repetitions}: ASHA would stop one seed of a proposal "
+            "on that seed's value while the search compares seed means; use --scheduler none, or "
+            "--repetitions 1"
+        )
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise SearchError(f"--trials {args.trials}: must be >= 1")
+    args.metrics = _check_objectives(args)
     try:
         storage = launch.storage_of(args)
         launch.check_ray_arguments(args)
@@ -223,7 +268,7 @@ def _main(args: argparse.Namespace) -> int:
         os.makedirs(run_uri, exist_ok=True)
         url = f"sqlite:///{run_uri}/{STUDY_DB_FILE}"
     if manifest is not None:
-        diff = _config_diff(manifest["experiment"], config.to_dict())
+        diff = _config_diff(manifest["experiment"], config.to_dict(), searched_fields(space))
         if diff:
             raise SearchError(
                 f"--resume: the trial config differs from the one search {run!r} started "
@@ -277,7 +322,15 @@ def _checked_search(
     """The study checks of a search whose leases are held, then `run_search`."""
     study = load_study_or_none(optuna_storage, study_name)
     if study is not None:
-        check_study(study, space, args.metric, masked(url), maximise=METRICS[args.metric] == "max")
+        metrics = args.metrics
+        check_study(
+            study,
+            space,
+            metrics[0] if len(metrics) == 1 else metrics,
+            masked(url),
+            maximise=[METRICS[m] == "max" for m in metrics],
+            repetitions=args.repetitions,
+        )
         if not args.resume and study.get_trials(deepcopy=False):
             raise SearchError(
                 f"study {study_name!r} in {masked(url)} already has "
@@ -319,11 +372,17 @@ def run_search(
 
     run_uri = storage_join(storage, run)
     results_uri = f"{run_uri}/results"
-    direction = "maximize" if METRICS[args.metric] == "max" else "minimize"
+    metrics = args.metrics
+    directions = ["maximize" if METRICS[m] == "max" else "minimize" for m in metrics]
     study = optuna.create_study(
-        storage=optuna_storage, study_name=study_name, direction=direction, load_if_exists=True
+        storage=optuna_storage, study_name=study_name, directions=directions, load_if_exists=True
     )
-    study.set_user_attr("metric", args.metric)
+    if len(metrics) == 1:
+        study.set_user_attr("metric", metrics[0])
+    else:
+        study.set_user_attr("metrics", metrics)
+    if args.repetitions > 1:
+        study.set_user_attr("repetitions", args.repetitions)
     study.set_user_attr(
         "search_space", {k: optuna.distributions.distribution_to_json(v) for k, v in space.items()}
     )
@@ -336,7 +395,10 @@ def run_search(
                 "study": study_name,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "optuna_storage": "run" if args.optuna_storage is None else masked(url),
-                "metric": args.metric,
+                **({"metric": metrics[0]} if len(metrics) == 1 else {"metrics": metrics}),
+                "directions": directions,
+                "repetitions": args.repetitions,
+                "space": sorted(searched_fields(space)),
                 "base": args.base,
                 "scheduler": args.scheduler,
                 "argv": args.argv,
@@ -346,18 +408,20 @@ def run_search(
     interrupted = prepare_resume(study) if args.resume else []
     if interrupted:
         print(
-            f"resume: Optuna trials {interrupted} were interrupted; marked FAIL and their p, eta enqueued "
+            f"resume: Optuna trials {interrupted} were interrupted; marked FAIL and their proposals enqueued "
             "again",
             flush=True,
         )
     tables = ResultsTables(results_uri)
     sync_results(tables, study, run_uri)
     remaining = args.trials - len(finished_trials(study))
+    goals = " and ".join(f"{d[:-1]}ing final {m}" for m, d in zip(metrics, directions, strict=True))
+    seeds = f"seeds {config.seed}..{config.seed + args.repetitions - 1} (mean told to Optuna)"
     print(
         f"search {run}: study {study_name!r} in {masked(url)} ({state_counts(study)}); "
-        f"{max(remaining, 0)} of {args.trials} trials to run; {direction[:-1]}ing final {args.metric} over "
-        f"p in [{space['p'].low:g}, {space['p'].high:g}] (log) and eta in [{space['eta'].low:g}, "
-        f"{space['eta'].high:g}]; {config.epochs} epochs per trial",
+        f"{max(remaining, 0)} of {args.trials} trials to run; {goals} over {describe_space(space)}; "
+        f"{config.epochs} epochs per trial"
+        + (f"; {args.repetitions} {seeds}" if args.repetitions > 1 else ""),
         flush=True,
     )
     start = time.perf_counter()
@@ -383,12 +447,12 @@ def run_search(
         f"\nsearch {run} finished in {time.perf_counter() - start:.0f} s: {done}/{args.trials} trials "
         f"finished ({state_counts(study)})"
     )
+    columns = "search_value" if len(metrics) == 1 else ", ".join(f"search_value_{m}" for m in metrics)
     print(
-        f"results:     {results_uri}/trials.parquet (columns search, optuna_trial, optuna_state, "
-        "search_value)"
+        f"results:     {results_uri}/trials.parquet (columns search, optuna_trial, optuna_state, {columns})"
     )
     print(f"             {results_uri}/epochs.parquet")
-    print(format_top(study, args.metric))
+    print(format_top(study, metrics[0]) if len(metrics) == 1 else format_front(study, metrics))
     print(f"\nwatch the study: optuna-dashboard {masked(url)}   (pip install 'thermosweep[dashboard]')")
     if done < args.trials:
         print(
@@ -421,6 +485,8 @@ def _fit(
     from sweep.callback import ResultsCallback
     from sweep.optuna_search import searcher_class
 
+    metrics = args.metrics
+
     run_uri = storage_join(storage, run)
     # The sampler's seed moves with the study's size, so a resumed search does not replay the proposals
     # (random start-up points) of its first run; TPE reads the whole history from the database.
@@ -429,19 +495,21 @@ def _fit(
     )
     searcher = searcher_class()(
         space=space,
-        metric=args.metric,
-        mode=METRICS[args.metric],
+        metric=metrics[0] if len(metrics) == 1 else metrics,
+        mode=METRICS[metrics[0]] if len(metrics) == 1 else [METRICS[m] for m in metrics],
         sampler=sampler,
         study_name=study_name,
         storage=optuna_storage,
         experiment=config.to_dict(),
+        repetitions=args.repetitions,
+        proposals=remaining,
     )
     scheduler = None
     if args.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="epoch",
-            metric=args.metric,
-            mode=METRICS[args.metric],
+            metric=metrics[0],
+            mode=METRICS[metrics[0]],
             max_t=config.epochs,
             grace_period=1,
             reduction_factor=2,
@@ -461,7 +529,7 @@ def _fit(
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
                 scheduler=scheduler,
-                num_samples=remaining,
+                num_samples=remaining * args.repetitions,  # the searcher ends sooner if proposals fail
                 max_concurrent_trials=args.max_concurrent,
                 reuse_actors=False,
                 **launch.trial_naming(),
@@ -471,8 +539,8 @@ def _fit(
                 run=run,
                 storage=storage,
                 callbacks=[ResultsCallback(f"{run_uri}/results", run, resolve_trial)],
-                metric_columns={"epoch": "epoch", "train_loss": "loss", args.metric: args.metric},
-                parameter_columns={"optuna_trial": "optuna", "p": "p", "eta": "eta"},
+                metric_columns={"epoch": "epoch", "train_loss": "loss", **{m: m for m in metrics}},
+                parameter_columns={"optuna_trial": "optuna", **{k: k for k in space}},
             ),
         )
         tuner.fit()

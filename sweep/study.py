@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 INTERRUPTED_ATTR = "interrupted_trials"  # study user attr: numbers of trials a killed driver left behind
 FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why the trial was told to Optuna as failed
+SEEDS_ATTR = "seeds"  # trial user attrs of a proposal with several seeds: the seeds,
+SEED_VALUES_ATTR = "seed_values"  # each metric's value per seed,
+SE_ATTR = "standard_errors"  # and each metric's standard error of the mean told to Optuna
 
 
 class SearchError(ValueError):
@@ -60,31 +63,76 @@ def search_space(
     }
 
 
+SHORTHANDS = {"p": "temp_power", "eta": "kl_weight"}  # Optuna parameter names of the --p/--eta space
+
+
+def searched_fields(space: dict[str, Any]) -> set[str]:
+    """The config fields a search space varies (its parameter names, p and eta read as temp_power and
+    kl_weight)."""
+    return {SHORTHANDS.get(name, name) for name in space}
+
+
+def describe_space(space: dict[str, Any]) -> str:
+    """The space in words, e.g. "p in [0.1, 10] (log) and eta in [0.5, 4]"."""
+    parts = []
+    for name, dist in space.items():
+        if hasattr(dist, "choices"):
+            parts.append(f"{name} in {{{', '.join(str(c) for c in dist.choices)}}}")
+        else:
+            parts.append(f"{name} in [{dist.low:g}, {dist.high:g}]" + (" (log)" if dist.log else ""))
+    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+
 def _range_flag(name: str, dist: Any) -> str:
     flag = {"p": "--p", "eta": "--eta"}.get(name, name)
     return f"{flag} {dist.low:g} {dist.high:g}" + (" (log)" if getattr(dist, "log", False) else "")
 
 
 def check_study(
-    study: optuna.Study, space: dict[str, Any], metric: str, where: str, *, maximise: bool = False
+    study: optuna.Study,
+    space: dict[str, Any],
+    metric: str | list[str],
+    where: str,
+    *,
+    maximise: bool | list[bool] = False,
+    repetitions: int = 1,
 ) -> None:
-    """Refuse an existing study whose direction, metric or search space differs from what is asked."""
+    """Refuse an existing study whose directions, metrics, seeds per proposal or search space differ from
+    what is asked (`metric`/`maximise`: one, or a list for a multi-objective search)."""
     import optuna
 
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    maximises = [maximise] if isinstance(maximise, bool) else list(maximise)
     name = study.study_name
     fix = "or start a new study with --study NAME (or a new --name)"
-    wanted = optuna.study.StudyDirection.MAXIMIZE if maximise else optuna.study.StudyDirection.MINIMIZE
-    verb = {True: "maximises", False: "minimises"}
-    if study.direction != wanted:
+    asked = " ".join(f"--metric {m}" for m in metrics)
+    stored_metrics = study.user_attrs.get("metrics") or [study.user_attrs.get("metric")]
+    if len(study.directions) != len(metrics):
+        theirs = " ".join(f"--metric {m}" for m in stored_metrics if m) or f"{len(study.directions)} metrics"
         raise SearchError(
-            f"study {name!r} in {where} {verb[not maximise]} its objective; this search "
-            f"{verb[maximise]} {metric}; {fix}"
+            f"study {name!r} in {where} has {len(study.directions)} objective(s), this search "
+            f"{len(metrics)} ({asked}); rerun with {theirs} {fix}"
         )
-    stored_metric = study.user_attrs.get("metric")
-    if stored_metric not in (None, metric):
+    verb = {True: "maximises", False: "minimises"}
+    for m, up, direction in zip(metrics, maximises, study.directions, strict=True):
+        wanted = optuna.study.StudyDirection.MAXIMIZE if up else optuna.study.StudyDirection.MINIMIZE
+        if direction != wanted:
+            what = "its objective" if len(metrics) == 1 else f"the objective in {m}'s place"
+            raise SearchError(
+                f"study {name!r} in {where} {verb[not up]} {what}; this search {verb[up]} {m}; {fix}"
+            )
+    if stored_metrics != [None] and stored_metrics != metrics:
+        theirs = " ".join(f"--metric {m}" for m in stored_metrics)
+        shown = ", ".join(stored_metrics)
         raise SearchError(
-            f"study {name!r} in {where} {verb[maximise]} {stored_metric}, not {metric}; rerun "
-            f"with --metric {stored_metric} {fix}"
+            f"study {name!r} in {where} {verb[maximises[0]]} {shown}, not {', '.join(metrics)}; rerun "
+            f"with {theirs} {fix}"
+        )
+    stored_r = int(study.user_attrs.get("repetitions", 1))
+    if stored_r != repetitions:
+        raise SearchError(
+            f"study {name!r} in {where} trains {stored_r} seed(s) per proposal, this search {repetitions}; "
+            f"rerun with --repetitions {stored_r} {fix}"
         )
     stored = study.user_attrs.get("search_space")
     spaces = []
@@ -159,7 +207,7 @@ def prepare_resume(study: optuna.Study) -> list[int]:
 
     The database, not Ray Tune's experiment snapshot, is the source of truth. Trials the killed driver left
     RUNNING are marked FAIL (listed in the study's `interrupted_trials` user attr so they do not count) and
-    their parameters (when both were drawn) are enqueued again, so the next trials evaluate what the sampler
+    their parameters (when all were drawn) are enqueued again, so the next trials evaluate what the sampler
     proposed.
     The caller then runs a fresh Tune experiment with `--trials - finished` samples over the same study.
     `Tuner.restore` is not used: its searcher snapshot lags the database (a trial told COMPLETE after the
@@ -170,12 +218,13 @@ def prepare_resume(study: optuna.Study) -> list[int]:
     from optuna.trial import TrialState
 
     running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    searched = set(study.user_attrs.get("search_space") or ("p", "eta"))
     interrupted = list(study.user_attrs.get(INTERRUPTED_ATTR, []))
     for t in running:
         study.tell(t.number, state=TrialState.FAIL)
         interrupted.append(t.number)
         study.set_user_attr(INTERRUPTED_ATTR, sorted(set(interrupted)))
-        if set(t.params) == {"p", "eta"}:  # a complete proposal (a kill may come between two suggestions)
+        if set(t.params) == searched:  # a complete proposal (a kill may come between two suggestions)
             study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
     return [t.number for t in running]
 
@@ -193,10 +242,7 @@ def sync_results(tables: ResultsTables, study: optuna.Study, run_uri: str) -> No
         if row.get("search") != study.study_name or number is None or int(number) not in by_number:
             continue
         t = by_number[int(number)]
-        values: dict[str, Any] = {
-            "optuna_state": t.state.name,
-            "search_value": t.value if t.state == TrialState.COMPLETE else None,
-        }
+        values: dict[str, Any] = {"optuna_state": t.state.name, **search_values(study, t)}
         if row.get("status") not in ("TERMINATED", "ERROR") and t.state != TrialState.RUNNING:
             history = latest_history(run_uri, trial_id)
             if history:
@@ -219,12 +265,56 @@ def sync_results(tables: ResultsTables, study: optuna.Study, run_uri: str) -> No
             else:
                 values["error"] = t.user_attrs.get(FAIL_REASON_ATTR, "Optuna trial failed")
         tables.upsert_trial(trial_id, **values)
-        tables.trials[trial_id]["search_value"] = values["search_value"]  # a column even when all are null
+        for column in search_values(study, t):  # a column even when all are null
+            tables.trials[trial_id][column] = values[column]
     tables.flush()
 
 
+def study_metrics(study: optuna.Study) -> list[str]:
+    """The metrics a search's study optimises, in objective order (`metric` of a single-objective study,
+    `metrics` of a multi-objective one)."""
+    return list(study.user_attrs.get("metrics") or [study.user_attrs.get("metric", "objective")])
+
+
+def search_values(study: optuna.Study, t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The Parquet columns a search adds from its Optuna trial `t`: the value told to Optuna (the mean
+    over the proposal's seeds), None unless COMPLETE; `search_value` (and `search_se`, the standard error
+    of that mean, with several seeds per proposal) for one objective, `search_value_<metric>` and
+    `search_se_<metric>` per objective for several."""
+    from optuna.trial import TrialState
+
+    metrics = study_metrics(study)
+    several = int(study.user_attrs.get("repetitions", 1)) > 1
+    done = t.state == TrialState.COMPLETE
+    told = list(t.values) if done and t.values is not None else [None] * len(metrics)
+    errors = t.user_attrs.get(SE_ATTR, {}) if done else {}
+    if len(metrics) == 1:
+        out = {"search_value": told[0]}
+        if several:
+            out["search_se"] = errors.get(metrics[0])
+        return out
+    out = {}
+    for m, v in zip(metrics, told, strict=True):
+        out[f"search_value_{m}"] = v
+        if several:
+            out[f"search_se_{m}"] = errors.get(m)
+    return out
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in params.items())
+
+
+def _value_text(t: optuna.trial.FrozenTrial, i: int, metric: str) -> str:
+    """Objective `i` of a COMPLETE trial: the value, `mean +- SE` over seeds when it has several."""
+    value = t.values[i]
+    se = t.user_attrs.get(SE_ATTR, {}).get(metric)
+    return f"{value:.6g}" if se is None else f"{value:.6g} +- {se:.2g}"
+
+
 def format_top(study: optuna.Study, metric: str, top: int = 5) -> str:
-    """Best p, eta and objective, and the `top` best trials, as text."""
+    """Best proposal and the `top` best ones (parameters and objective, mean +- SE over seeds when a
+    proposal trains several), as text."""
     import optuna
     from optuna.trial import TrialState
 
@@ -237,24 +327,61 @@ def format_top(study: optuna.Study, metric: str, top: int = 5) -> str:
         return "no trial completed yet"
     best = done[0]
     lines = [
-        f"best: p = {best.params['p']:.4g}, eta = {best.params['eta']:.4g}, {metric} = {best.value:.6g} "
+        f"best: {_params_text(best.params)}, {metric} = {_value_text(best, 0, metric)} "
         f"(Optuna trial {best.number}, {trial_id_of(best.number)})",
         "",
         f"top {min(top, len(done))} trials:",
     ]
-    header = ["rank", "optuna_trial", "trial_id", "p", "eta", metric]
+    names = list(best.params)
+    header = ["rank", "optuna_trial", "trial_id", *names, metric]
     rows = [
         [
             str(i + 1),
             str(t.number),
             trial_id_of(t.number),
-            f"{t.params['p']:.4g}",
-            f"{t.params['eta']:.4g}",
-            f"{t.value:.6g}",
+            *(_param_cell(t.params.get(k)) for k in names),
+            _value_text(t, 0, metric),
         ]
         for i, t in enumerate(done[:top])
     ]
     return "\n".join(lines + [text_table(header, rows)])
+
+
+def _param_cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_front(study: optuna.Study, metrics: list[str]) -> str:
+    """The Pareto front of a multi-objective study (Optuna's `best_trials`: the COMPLETE proposals no
+    other proposal beats in every objective), one row per proposal with its parameters and each
+    objective as mean +- SE over its seeds, as text."""
+    front = sorted(study.best_trials, key=lambda t: t.number)
+    if not front:
+        return "no trial completed yet"
+    directions = ", ".join(
+        f"{m} {'max' if d.name == 'MAXIMIZE' else 'min'}"
+        for m, d in zip(metrics, study.directions, strict=True)
+    )
+    names = sorted({k for t in front for k in t.params})
+    header = ["optuna_trial", "trial_id", *names, *metrics]
+    rows = [
+        [
+            str(t.number),
+            trial_id_of(t.number),
+            *(_param_cell(t.params.get(k)) for k in names),
+            *(_value_text(t, i, m) for i, m in enumerate(metrics)),
+        ]
+        for t in front
+    ]
+    title = f"Pareto front ({len(front)} of {len(completed(study))} complete proposals; {directions}):"
+    return "\n".join([title, text_table(header, rows)])
+
+
+def completed(study: optuna.Study) -> list[Any]:
+    """The study's COMPLETE trials."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
 
 
 def state_counts(study: optuna.Study) -> str:

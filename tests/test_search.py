@@ -420,3 +420,224 @@ def test_asha_reports_every_epoch_and_prunes_as_pruned(tmp_path: Path, cache: st
             assert row["epochs_completed"] == 2 and t.value == mine[2] == row["search_value"]
         else:
             assert row["epochs_completed"] < 2 and pd.isna(row["search_value"]) and pd.isna(row["error"])
+
+
+# ------------------------------------------------------------------ seeds per proposal, several objectives
+
+
+def _unit_searcher(tmp_path: Path, **kwargs):
+    from sweep.optuna_search import base_config, searcher_class
+    from sweep.study import search_space
+
+    config = base_config("digits", [f"{k}={v}" for k, v in TINY.items()], epochs=2, scheduler="none")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/unit.db")
+    kwargs.setdefault("space", search_space((0.1, 10), (0.5, 4)))
+    kwargs.setdefault("metric", "kid_rbf_inf")
+    kwargs.setdefault("mode", "min")
+    searcher = searcher_class()(
+        sampler=optuna.samplers.TPESampler(seed=0),
+        study_name="unit",
+        storage=storage,
+        experiment=config.to_dict(),
+        **kwargs,
+    )
+    return searcher, config, lambda: optuna.load_study(study_name="unit", storage=storage).trials
+
+
+def test_each_proposal_trains_the_grid_seeds_and_optuna_is_told_their_mean(tmp_path: Path) -> None:
+    """R = 3: every proposal is three trials with the same parameters and seeds base + 0, 1, 2 (a grid's
+    repetitions' seeds), trial ids optuna-NNNN-sR; Optuna hears one value per proposal, the mean of the
+    seeds' last-epoch metric, with the seeds, their values and the standard error in user attrs; a
+    seed's failure fails the proposal (its seeds not yet started are dropped); after `proposals`
+    proposals the searcher ends the experiment."""
+    from ray.tune.search import Searcher
+
+    from sweep.trainable import resolve_trial
+
+    searcher, config, trials = _unit_searcher(tmp_path, repetitions=3, proposals=2)
+    tune_ids = [f"t{i}" for i in range(4)]
+    configs = {t: searcher.suggest(t) for t in tune_ids}
+    seen = []
+    for tune_config in configs.values():
+        cfg, meta = resolve_trial(tune_config)
+        seen.append((tune_config["optuna_trial"], cfg.seed, meta["trial_id"], cfg.temp_power, cfg.kl_weight))
+    assert [s[:3] for s in seen] == [
+        (0, config.seed, "optuna-0000-s0"),
+        (0, config.seed + 1, "optuna-0000-s1"),
+        (0, config.seed + 2, "optuna-0000-s2"),
+        (1, config.seed, "optuna-0001-s0"),
+    ]
+    assert len({s[3:] for s in seen[:3]}) == 1 and seen[3][3:] != seen[0][3:]
+    for t, kid in zip(tune_ids[:3], (0.30, 0.20, 0.40), strict=True):
+        assert trials()[0].state == optuna.trial.TrialState.RUNNING  # not told before its last seed
+        searcher.on_trial_complete(t, {"epoch": 2, "kid_rbf_inf": kid})
+    done = trials()[0]
+    assert done.state == optuna.trial.TrialState.COMPLETE and done.value == pytest.approx(0.3)
+    assert done.user_attrs["seeds"] == [config.seed, config.seed + 1, config.seed + 2]
+    assert done.user_attrs["seed_values"] == {"kid_rbf_inf": [0.30, 0.20, 0.40]}
+    assert done.user_attrs["standard_errors"]["kid_rbf_inf"] == pytest.approx(0.1 / 3**0.5)
+    assert done.intermediate_values == {}  # one seed's value is not the proposal's
+    searcher.on_trial_complete("t3", None, error=True)  # proposal 1's first seed crashed
+    failed = trials()[1]
+    assert failed.state == optuna.trial.TrialState.FAIL and failed.user_attrs["fail_reason"].startswith(
+        "seed 0:"
+    )
+    # Its seeds 1 and 2 were dropped, and two proposals were asked: the experiment ends.
+    assert searcher.suggest("t4") == Searcher.FINISHED
+
+
+def test_a_proposal_the_config_refuses_is_a_fail_with_its_message(tmp_path: Path) -> None:
+    """A space whose combination the config refuses (ti_rule=variance needs two chains per example): the
+    proposal is told FAIL at once with the config's message, counts as a proposal, and no trial runs."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from ray.tune.search import Searcher
+
+    space = {"p": FloatDistribution(0.1, 10, log=True), "ti_rule": CategoricalDistribution(["variance"])}
+    searcher, _, trials = _unit_searcher(tmp_path, space=space, proposals=1)
+    assert searcher.suggest("t0") == Searcher.FINISHED
+    (t,) = trials()
+    assert t.state == optuna.trial.TrialState.FAIL
+    assert "config refused: chains_per_example=1" in t.user_attrs["fail_reason"]
+
+
+def test_two_objectives_tell_both_means_and_the_front_is_the_non_dominated_set(tmp_path: Path) -> None:
+    from sweep.study import format_front
+
+    searcher, _, trials = _unit_searcher(
+        tmp_path, metric=["kid_rbf_nmax", "val_ll"], mode=["min", "max"], repetitions=2, proposals=4
+    )
+    # (kid, val_ll) per seed; proposal means: A (0.2, -100), B (0.1, -120), C (0.3, -90), D (0.25, -110)
+    readings = [((0.1, -90), (0.3, -110)), ((0.1, -110), (0.1, -130)), ((0.3, -80), (0.3, -100))]
+    readings.append(((0.2, -100), (0.3, -120)))
+    for number, pair in enumerate(readings):
+        for rep, (kid, ll) in enumerate(pair):
+            tune_id = f"{number}-{rep}"
+            searcher.suggest(tune_id)
+            searcher.on_trial_complete(tune_id, {"epoch": 2, "kid_rbf_nmax": kid, "val_ll": ll})
+    told = [v for t in trials() for v in t.values]
+    assert told == pytest.approx([0.2, -100, 0.1, -120, 0.3, -90, 0.25, -110])
+    study = optuna.load_study(study_name="unit", storage=f"sqlite:///{tmp_path}/unit.db")
+    text = format_front(study, ["kid_rbf_nmax", "val_ll"])
+    assert "Pareto front (3 of 4 complete proposals; kid_rbf_nmax min, val_ll max)" in text
+    listed = {int(line.split()[0]) for line in text.splitlines()[2:]}
+    assert listed == {0, 1, 2}  # D is beaten by A in both
+    assert "0.2 +- 0.1" in text and "-100 +- 10" in text  # mean +- SE over the two seeds
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--metric", "val_ll", "--metric", "val_ll"], "--metric val_ll is given twice"),
+        (["--repetitions", "0"], "--repetitions 0: must be >= 1"),
+        (
+            ["--metric", "kid_rbf_nmax", "--metric", "val_ll", "--scheduler", "asha"],
+            "Optuna refuses intermediate values in a multi-objective study",
+        ),
+        (["--repetitions", "3", "--scheduler", "asha"], "while the search compares seed means"),
+        (["--base", "digits-estimators:nope"], "grid 'digits-estimators' has no cell 'nope'; its cells:"),
+        (["--base", "digits-estimators:vanilla-b32"], "that cell trains objective=vanilla"),
+        (["--base", "no-such-grid:cell"], "--base no-such-grid:cell:"),
+    ],
+)
+def test_bad_objectives_seeds_and_bases_refused(
+    argv: list[str],
+    needle: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
+    err = _refused(["--storage", str(tmp_path), "--name", "bad", *argv], capsys)
+    assert needle in err
+
+
+def test_a_grid_cell_as_the_base_is_that_cells_model() -> None:
+    """--base GRID:CELL trains the cell's model (the grid's base and the cell's values), thermo, with the
+    search's own --epochs on top; the search then varies its p and eta."""
+    from sweep.grid_file import expand, load_grid
+    from sweep.optuna_search import base_config
+
+    (plan,) = [p for p in expand(load_grid("digits-estimators"), repetitions=1) if p.cell == "thermo-p1-ml"]
+    config = base_config("digits-estimators:thermo-p1-ml", [], epochs=None, scheduler="none")
+    assert config == plan.config
+    shorter = base_config("digits-estimators:thermo-p1-ml", ["ebm_lr=0.001"], epochs=2, scheduler="none")
+    assert (shorter.epochs, shorter.ebm_lr, shorter.ebm_gradient) == (2, 0.001, "ml")
+
+
+def _non_dominated(points: dict[int, tuple[float, float]], directions: tuple[str, str]) -> set[int]:
+    """Brute force: the proposals no other proposal matches or beats in both objectives and beats in one."""
+    sign = [1.0 if d == "min" else -1.0 for d in directions]
+    keyed = {n: tuple(s * v for s, v in zip(sign, p, strict=True)) for n, p in points.items()}
+    return {
+        n
+        for n, a in keyed.items()
+        if not any(all(y <= x for x, y in zip(a, b, strict=True)) and b != a for b in keyed.values())
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_two_objective_search_with_paired_seeds(
+    tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three proposals x two seeds, minimising KID and maximising val_ll: every proposal trains seeds base
+    and base + 1; the study holds, per proposal, the mean of its seeds' Parquet readings (read back from
+    the study) and their standard error; the Parquet columns search_value_<metric> match; the printed
+    Pareto front is the non-dominated set the test computes from the Parquet rows."""
+    code = main(
+        [
+            "--trials",
+            "3",
+            "--epochs",
+            "1",
+            "--repetitions",
+            "2",
+            "--metric",
+            "kid_rbf_nmax",
+            "--metric",
+            "val_ll",
+            "--max-concurrent",
+            "2",
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "two",
+            "--compile-cache",
+            cache,
+            *TINY_SET,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    trials, epochs = read(tmp_path / "two")
+    last = epochs[epochs["epoch"] == 1].set_index("trial_id")
+    study = study_of(tmp_path / "two", "two")
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    assert len(study.trials) == 3 and len(trials) == 6
+    seed = int(trials["seed"].min())
+    points = {}
+    for t in study.trials:
+        mine = trials[trials["optuna_trial"] == t.number].sort_values("repetition")
+        assert mine["trial_id"].tolist() == [f"optuna-{t.number:04d}-s0", f"optuna-{t.number:04d}-s1"]
+        assert mine["seed"].tolist() == [seed, seed + 1]  # the same seeds for every proposal
+        assert (mine["temp_power"] == t.params["p"]).all() and (mine["kl_weight"] == t.params["eta"]).all()
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        for i, metric in enumerate(("kid_rbf_nmax", "val_ll")):
+            finals = last.loc[mine["trial_id"], metric].to_numpy()
+            assert t.values[i] == pytest.approx(finals.mean(), rel=1e-12)
+            assert t.user_attrs["seed_values"][metric] == pytest.approx(finals.tolist(), rel=1e-12)
+            assert t.user_attrs["standard_errors"][metric] == pytest.approx(finals.std(ddof=1) / 2**0.5)
+            assert (mine[f"search_value_{metric}"] == t.values[i]).all()
+            assert mine[f"search_se_{metric}"].to_numpy() == pytest.approx([finals.std(ddof=1) / 2**0.5] * 2)
+        assert "search_value" not in trials.columns
+        first = mine.iloc[0]
+        points[t.number] = (first["search_value_kid_rbf_nmax"], first["search_value_val_ll"])
+    block = out[out.index("Pareto front") :].splitlines()
+    printed = set()
+    for line in block[2:]:
+        if not line.strip() or not line.split()[0].isdigit():
+            break
+        printed.add(int(line.split()[0]))
+    assert printed == _non_dominated(points, ("min", "max"))
