@@ -29,6 +29,7 @@ from sweep.study import (
     SearchError,
     check_study,
     describe_space,
+    enqueued_proposal,
     finished_trials,
     format_front,
     format_top,
@@ -135,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field of the base preset (repeatable)",
     )
+    p.add_argument(
+        "--enqueue",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE[,FIELD=VALUE...]",
+        help="a proposal to evaluate before the sampler's own (repeatable), e.g. a grid cell as a "
+        "reference: --enqueue p=1,ebm_gradient=ml; searched fields left out are sampled; one already in "
+        "the study is not added again",
+    )
     launch.add_ray_arguments(p)
     lease.add_lease_arguments(p)
     p.add_argument(
@@ -213,6 +223,7 @@ def _main(args: argparse.Namespace) -> int:
     except launch.LaunchError as err:
         raise SearchError(str(err)) from None
     space = search_space(tuple(args.p), tuple(args.eta))
+    enqueued = [enqueued_proposal(text, space) for text in args.enqueue]
     config = base_config(args.base, args.set, epochs=args.epochs, scheduler=args.scheduler)
     n_dev = launch.devices_per_trial(args)
     if config.batch_size % n_dev:
@@ -296,6 +307,7 @@ def _main(args: argparse.Namespace) -> int:
                 space=space,
                 config=config,
                 n_dev=n_dev,
+                enqueued=enqueued,
             )
     except Exception as err:
         from sweep.diskfull import is_storage_full, storage_full_message
@@ -318,6 +330,7 @@ def _checked_search(
     space: dict[str, Any],
     config: ExperimentConfig,
     n_dev: int,
+    enqueued: list[dict[str, Any]],
 ) -> int:
     """The study checks of a search whose leases are held, then `run_search`."""
     study = load_study_or_none(optuna_storage, study_name)
@@ -352,6 +365,7 @@ def _checked_search(
         space=space,
         config=config,
         n_dev=n_dev,
+        enqueued=enqueued,
     )
 
 
@@ -366,6 +380,7 @@ def run_search(
     space: dict[str, Any],
     config: ExperimentConfig,
     n_dev: int,
+    enqueued: list[dict[str, Any]],
 ) -> int:
     """Create or continue the study, run the remaining trials on Ray Tune, then print the best ones."""
     import optuna
@@ -405,6 +420,8 @@ def run_search(
                 "experiment": config.to_dict(),
             },
         )
+    for params in enqueued:  # evaluated before the sampler's own proposals, each once per study
+        study.enqueue_trial(params, user_attrs={"enqueued": True}, skip_if_exists=True)
     interrupted = prepare_resume(study) if args.resume else []
     if interrupted:
         print(

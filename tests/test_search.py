@@ -537,6 +537,9 @@ def test_two_objectives_tell_both_means_and_the_front_is_the_non_dominated_set(t
         (["--base", "digits-estimators:nope"], "grid 'digits-estimators' has no cell 'nope'; its cells:"),
         (["--base", "digits-estimators:vanilla-b32"], "that cell trains objective=vanilla"),
         (["--base", "no-such-grid:cell"], "--base no-such-grid:cell:"),
+        (["--enqueue", "p=20"], "--enqueue p=20: p=20 is outside the search space (p in [0.1, 10] (log))"),
+        (["--enqueue", "p=1,nope=2"], "'nope=2' is not FIELD=VALUE with a searched field"),
+        (["--enqueue", "kl_weight=x"], "kl_weight='x' is not a number"),
     ],
 )
 def test_bad_objectives_seeds_and_bases_refused(
@@ -598,6 +601,8 @@ def test_a_two_objective_search_with_paired_seeds(
             "kid_rbf_nmax",
             "--metric",
             "val_ll",
+            "--enqueue",
+            "temp_power=1,eta=1",  # a reference proposal, evaluated first
             "--max-concurrent",
             "2",
             "--storage",
@@ -616,6 +621,7 @@ def test_a_two_objective_search_with_paired_seeds(
     study = study_of(tmp_path / "two", "two")
     assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
     assert len(study.trials) == 3 and len(trials) == 6
+    assert study.trials[0].params == {"p": 1.0, "eta": 1.0} and study.trials[0].user_attrs["enqueued"]
     seed = int(trials["seed"].min())
     points = {}
     for t in study.trials:
