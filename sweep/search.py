@@ -236,9 +236,10 @@ def _main(args: argparse.Namespace) -> int:
     except cost.PlanError as err:
         raise SearchError(str(err)) from None
     if args.dry_run:
-        print(cost.format_plan(plans, args.trials, target))
+        trials = args.trials * args.repetitions  # every proposal trains its seeds
+        print(cost.format_plan(plans, trials, target))
         if args.price_per_gpu_hour is not None or args.spot_price_per_gpu_hour is not None:
-            print(bill.format_bill(bill.run_bill([(plans[0], config, args.trials)], args), args))
+            print(bill.format_bill(bill.run_bill([(plans[0], config, trials)], args), args))
         return 0
     try:
         preflight.check_data([(f"{args.base}-thermo", config)], local=args.address is None)

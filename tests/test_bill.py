@@ -76,6 +76,8 @@ def test_search_dry_run_prints_the_bill(capsys: pytest.CaptureFixture[str]) -> N
     assert search.main(argv) == 0
     total = _row(capsys.readouterr().out, "whole run")
     assert total[1] == "4" and total[3].startswith("$")
+    assert search.main([*argv, "--repetitions", "3"]) == 0  # every proposal trains three seeds
+    assert _row(capsys.readouterr().out, "whole run")[1] == "12"
 
 
 @pytest.mark.parametrize(
