@@ -2,12 +2,13 @@
 or log), an int range or a list of choices, read from a JSON file, checked before anything starts, and
 turned into each proposal's config (docs/search.md, "Searching any config field").
 
-Two kinds of refusal are kept apart. A value the config refuses for its own field (num_temps=1, an
-unknown ebm_gradient) is a mistake in the space file: `load_space` raises SearchError before anything
-starts. A value refused only in combination with another (chains_per_example=1 with ti_rule=variance) is
-a proposal the space may well make: `proposal_config` raises the config's ValueError and the searcher
-tells Optuna FAIL with it. A value is tried alone on the base config made permissive in every other field
-that a cross-field check reads (`_permissive`), so only the field's own checks can refuse it.
+Two kinds of refusal are kept apart. A value that no proposal can take (num_temps=1, an unknown
+ebm_gradient, chains_per_example=1 when the base's ti_rule=variance is not searched) is a mistake in the
+space file: `load_space` raises SearchError before anything starts. A value refused only with some values
+of the other searched fields (chains_per_example=1 with ti_rule=variance when both are searched) is a
+proposal the space may well make: `proposal_config` raises the config's ValueError and the searcher tells
+Optuna FAIL with it. `_refused` tells them apart by trying the value on the base config at every corner of
+the searched fields that a cross-field check reads (CROSS_FIELDS).
 
 Imports no Ray and no JAX (optuna and the cost model are imported inside the functions that need them).
 """
@@ -23,7 +24,6 @@ import numbers
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from model import rules
 from model.config import REPLACED_FIELDS, ExperimentConfig, config_fields
 from sweep.study import SearchError
 
@@ -71,8 +71,9 @@ NOT_SEARCHABLE: dict[str, str] = {
 
 _RANGE_KEYS = {"low", "high", "log", "step", "type"}
 _ENTRY_KEYS = _RANGE_KEYS | {"choices"}
-# Int ranges with at most this many values have every value checked, not only their ends.
-_CHECK_EVERY_INT = 1000
+# The fields whose value another field's check reads (model.config.validate): chains per example and the
+# evidence rule, the kl_batch covariance (kl_ridge, batch_size * chains vs z_dim), the batch vs num_train.
+CROSS_FIELDS = ("ti_rule", "chains_per_example", "kl_ridge", "batch_size", "z_dim")
 # Corners planned by most_expensive_corner before it climbs field by field instead.
 MAX_CORNERS = 4096
 
@@ -90,29 +91,21 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _permissive(base: ExperimentConfig, field: str, value: Any) -> ExperimentConfig:
-    """`base` with `field` = `value` and every other field that a cross-field check reads set so that no
-    combination can refuse it: the trapezoid rule (no minimum chain count, no fitted covariance), chains
-    enough for every rule, a training set larger than any batch. Raises the config's ValueError when the
-    field's own checks refuse the value."""
-    most_chains = max(r.min_chains for r in rules.EVIDENCE_RULES.values())
-    loose: dict[str, Any] = {
-        "ti_rule": "trapezoid",
-        "chains_per_example": max(base.chains_per_example, most_chains),
-        "kl_ridge": max(base.kl_ridge, 1e-3),
-        "num_train": max(base.num_train, value if field == "batch_size" and _is_number(value) else 0, 1),
-    }
-    loose.pop(field, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ExperimentConfig(**{**base.to_dict(), **loose, field: value})
-
-
-def _refuse_alone(where: str, name: str, value: Any, base: ExperimentConfig) -> None:
-    try:
-        _permissive(base, name, value)
-    except (ValueError, TypeError) as err:
-        raise SearchError(f"{where}: {name} = {value!r} is refused by the config: {err}") from None
+def _refused(base: ExperimentConfig, field: str, value: Any, space: dict[str, Any]) -> str | None:
+    """Why the config refuses `field` = `value` on `base` with every other searched field that a cross-field
+    check reads (CROSS_FIELDS) at each of its corners, or None when some corner accepts it. The checks of
+    model.config are monotone in each of these fields, so the corners decide."""
+    others = [k for k in CROSS_FIELDS if k in space and k != field]
+    first = None
+    for point in itertools.product(*(_corner_values(space[k]) for k in others)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ExperimentConfig(**{**base.to_dict(), **dict(zip(others, point, strict=True)), field: value})
+            return None
+        except (ValueError, TypeError) as err:
+            first = first or str(err)
+    return first
 
 
 def _field_name(where: str, name: str) -> None:
@@ -137,7 +130,7 @@ def _field_name(where: str, name: str) -> None:
         )
 
 
-def _choices(where: str, name: str, entry: dict[str, Any], base: ExperimentConfig) -> Any:
+def _choices(where: str, name: str, entry: dict[str, Any]) -> Any:
     from optuna.distributions import CategoricalDistribution
 
     extra = sorted(set(entry) - {"choices"})
@@ -168,12 +161,11 @@ def _choices(where: str, name: str, entry: dict[str, Any], base: ExperimentConfi
             )
         if c in out:
             raise SearchError(f"{where}: {name} choice {c!r} is listed twice; list each choice once")
-        _refuse_alone(where, name, c, base)
         out.append(c)
     return CategoricalDistribution(out)
 
 
-def _range(where: str, name: str, entry: dict[str, Any], base: ExperimentConfig) -> Any:
+def _range(where: str, name: str, entry: dict[str, Any]) -> Any:
     from optuna.distributions import FloatDistribution, IntDistribution
 
     missing = [k for k in ("low", "high") if k not in entry]
@@ -219,13 +211,8 @@ def _range(where: str, name: str, entry: dict[str, Any], base: ExperimentConfig)
             )
     if kind is int:
         low, high, step = int(low), int(high), int(step or 1)
-        values = range(low, high + 1, step)
-        for v in values if len(values) <= _CHECK_EVERY_INT else (low, high):
-            _refuse_alone(where, name, v, base)
         return IntDistribution(low, high, log=log, step=step)
     low, high = float(low), float(high)
-    for v in (low, high):
-        _refuse_alone(where, name, v, base)
     return FloatDistribution(low, high, log=log, step=float(step) if step is not None else None)
 
 
@@ -266,9 +253,16 @@ def load_space(path: str, base: ExperimentConfig) -> dict[str, optuna.distributi
                 "step, type (a range) or choices"
             )
         if "choices" in entry:
-            space[name] = _choices(where, name, entry, base)
+            space[name] = _choices(where, name, entry)
         else:
-            space[name] = _range(where, name, entry, base)
+            space[name] = _range(where, name, entry)
+    # Values second, once every entry is known: a value refused only with some values of the other searched
+    # fields is a proposal that fails, not a mistake in the file.
+    for name, dist in space.items():
+        for value in _corner_values(dist):
+            why = _refused(base, name, value, space)
+            if why is not None:
+                raise SearchError(f"{where}: {name} = {value!r} is refused by the config: {why}")
     return space
 
 
