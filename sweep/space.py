@@ -122,7 +122,7 @@ def _field_name(where: str, name: str) -> None:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise SearchError(
             f"{where}: {name!r} is not a config field; {hint}the fields are those of "
-            "model.config.ExperimentConfig (python -m sweep.grid --help lists --set's)"
+            "model.config.ExperimentConfig (docs/search.md lists the ones a search cannot vary)"
         )
     if name in NOT_SEARCHABLE:
         raise SearchError(
