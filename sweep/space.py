@@ -368,9 +368,9 @@ def most_expensive_corner(space: dict[str, Any], base: ExperimentConfig) -> Expe
             stacklevel=2,
         )
         point = [v[0] for v in values]
-        changed = True
-        while changed:
-            changed = False
+        changed, passes = True, 0
+        while changed and passes < 50:  # each pass raises the cost or ends it (a cap against ties)
+            changed, passes = False, passes + 1
             for i, options in enumerate(values):
                 costs = [consider(tuple(point[:i] + [o] + point[i + 1 :])) for o in options]
                 ranked = [(c, j) for j, c in enumerate(costs) if c is not None]

@@ -269,6 +269,23 @@ def test_kl_example_needs_a_corner_with_six_chains(tmp_path):
     assert chosen.ti_rule == "trapezoid"
 
 
+def test_a_space_of_too_many_corners_climbs_and_says_so(tmp_path, monkeypatch):
+    """Above MAX_CORNERS the corner is found field by field, with a warning: here the climb still finds
+    the enumeration's answer (the plan grows in num_temps, chains_per_example and ebm_gradient=chains)."""
+    space_file = {
+        "num_temps": {"low": 5, "high": 30, "type": "int"},
+        "ebm_gradient": {"choices": ["none", "chains", "ml"]},
+        "chains_per_example": {"choices": [1, 3]},
+    }
+    space = load_space(write(tmp_path, space_file), BASE)
+    enumerated = most_expensive_corner(space, BASE)
+    monkeypatch.setattr("sweep.space.MAX_CORNERS", 4)
+    with pytest.warns(UserWarning, match="the space has 12 corners, more than 4"):
+        climbed = most_expensive_corner(space, BASE)
+    assert climbed == enumerated
+    assert (climbed.num_temps, climbed.ebm_gradient, climbed.chains_per_example) == (30, "chains", 3)
+
+
 def test_importing_space_loads_neither_ray_nor_jax():
     code = "import sys, sweep.space; print(sorted({'ray', 'jax'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
