@@ -12,12 +12,12 @@ from typing import Any
 
 from model.config import ExperimentConfig, get_preset, parse_set_args, parse_value
 from sweep.partial import is_epoch_result
+from sweep.space import proposal_config
 from sweep.study import (
     FAIL_REASON_ATTR,
     SE_ATTR,
     SEED_VALUES_ATTR,
     SEEDS_ATTR,
-    SHORTHANDS,
     SearchError,
     trial_id_of,
 )
@@ -214,13 +214,6 @@ def seed_trial_id(number: int, repetition: int, repetitions: int) -> str:
     """The Parquet `trial_id` of one seed of Optuna trial `number`: `optuna-NNNN` with one seed per
     proposal (as before repetitions existed), `optuna-NNNN-sR` with several."""
     return trial_id_of(number) if repetitions == 1 else f"{trial_id_of(number)}-s{repetition}"
-
-
-def proposal_config(experiment: dict[str, Any], params: dict[str, Any]) -> ExperimentConfig:
-    """The base experiment with an Optuna proposal's fields (`p`, `eta` name temp_power, kl_weight).
-    Raises ValueError with the config's message when the combination is refused."""
-    fields = {SHORTHANDS.get(k, k): v for k, v in params.items()}
-    return ExperimentConfig(**{**experiment, **fields})
 
 
 def search_trial_config(

@@ -20,16 +20,23 @@ import sys
 import time
 from typing import Any
 
-from model.config import ExperimentConfig
+from model.config import ExperimentConfig, parse_set_args
 from sweep import bill, cost, launch, lease, preflight
 from sweep.optuna_search import base_config
 from sweep.results import ResultsTables
+from sweep.space import (
+    SHORTHANDS,
+    check_sets,
+    describe,
+    enqueued_proposal,
+    load_space,
+    most_expensive_corner,
+    searched_fields,
+)
 from sweep.storage import storage_join, write_json_uri
 from sweep.study import (
     SearchError,
     check_study,
-    describe_space,
-    enqueued_proposal,
     finished_trials,
     format_front,
     format_top,
@@ -38,7 +45,6 @@ from sweep.study import (
     open_storage,
     prepare_resume,
     search_space,
-    searched_fields,
     state_counts,
     sync_results,
 )
@@ -85,10 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trials", type=int, default=20, help="trials in total (default 20)")
     p.add_argument(
+        "--space",
+        default=None,
+        metavar="FILE",
+        help="a JSON space file: any config fields with float/int ranges or choices (docs/search.md); "
+        "replaces --p/--eta",
+    )
+    p.add_argument(
         "--p",
         type=float,
         nargs=2,
-        default=list(DEFAULT_P),
+        default=None,
         metavar=("LOW", "HIGH"),
         help="range of the temperature power p, sampled log-uniformly (default 0.1 10)",
     )
@@ -96,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eta",
         type=float,
         nargs=2,
-        default=list(DEFAULT_ETA),
+        default=None,
         metavar=("LOW", "HIGH"),
         help="range of the KL weight eta, sampled uniformly (default 0.5 4)",
     )
@@ -222,24 +235,39 @@ def _main(args: argparse.Namespace) -> int:
             launch.check_name(args.study, "--study")
     except launch.LaunchError as err:
         raise SearchError(str(err)) from None
-    space = search_space(tuple(args.p), tuple(args.eta))
+    if args.space is not None:
+        given = [flag for flag, value in (("--p", args.p), ("--eta", args.eta)) if value is not None]
+        if given:
+            raise SearchError(
+                f"{given[0]} with --space {args.space}: the space file says what is searched; put the "
+                f"range in the file ({SHORTHANDS[given[0][2:]]}) and drop {given[0]}"
+            )
+        config = base_config(args.base, args.set, epochs=args.epochs, scheduler=args.scheduler, searched={})
+        space = load_space(args.space, config)
+        check_sets(space, parse_set_args(args.set))
+    else:
+        p_range, eta_range = args.p or DEFAULT_P, args.eta or DEFAULT_ETA
+        space = search_space(tuple(p_range), tuple(eta_range))
+        config = base_config(args.base, args.set, epochs=args.epochs, scheduler=args.scheduler)
     enqueued = [enqueued_proposal(text, space) for text in args.enqueue]
-    config = base_config(args.base, args.set, epochs=args.epochs, scheduler=args.scheduler)
     n_dev = launch.devices_per_trial(args)
     if config.batch_size % n_dev:
         raise SearchError(
             f"batch_size {config.batch_size} is not divisible by {n_dev} devices per trial; "
             "use --set batch_size=N with N divisible by it, or fewer devices per trial"
         )
-    try:  # p and eta change no shape: the base config's plan is every trial's
-        plans, target = cost.plan([(f"{args.base}-thermo", config)], args)
+    # p and eta change no shape: the base config's plan is every trial's; a space file's fields may, so
+    # its most expensive corner is planned (and priced) instead.
+    planned = config if args.space is None else most_expensive_corner(space, config)
+    try:
+        plans, target = cost.plan([(f"{args.base}-thermo", planned)], args)
     except cost.PlanError as err:
         raise SearchError(str(err)) from None
     if args.dry_run:
         trials = args.trials * args.repetitions  # every proposal trains its seeds
         print(cost.format_plan(plans, trials, target))
         if args.price_per_gpu_hour is not None or args.spot_price_per_gpu_hour is not None:
-            print(bill.format_bill(bill.run_bill([(plans[0], config, trials)], args), args))
+            print(bill.format_bill(bill.run_bill([(plans[0], planned, trials)], args), args))
         return 0
     try:
         preflight.check_data([(f"{args.base}-thermo", config)], local=args.address is None)
@@ -437,7 +465,7 @@ def run_search(
     seeds = f"seeds {config.seed}..{config.seed + args.repetitions - 1} (mean told to Optuna)"
     print(
         f"search {run}: study {study_name!r} in {masked(url)} ({state_counts(study)}); "
-        f"{max(remaining, 0)} of {args.trials} trials to run; {goals} over {describe_space(space)}; "
+        f"{max(remaining, 0)} of {args.trials} trials to run; {goals} over {describe(space)}; "
         f"{config.epochs} epochs per trial"
         + (f"; {args.repetitions} {seeds}" if args.repetitions > 1 else ""),
         flush=True,

@@ -63,65 +63,12 @@ def search_space(
     }
 
 
-SHORTHANDS = {"p": "temp_power", "eta": "kl_weight"}  # Optuna parameter names of the --p/--eta space
-
-
-def searched_fields(space: dict[str, Any]) -> set[str]:
-    """The config fields a search space varies (its parameter names, p and eta read as temp_power and
-    kl_weight)."""
-    return {SHORTHANDS.get(name, name) for name in space}
-
-
-def describe_space(space: dict[str, Any]) -> str:
-    """The space in words, e.g. "p in [0.1, 10] (log) and eta in [0.5, 4]"."""
-    parts = []
-    for name, dist in space.items():
-        if hasattr(dist, "choices"):
-            parts.append(f"{name} in {{{', '.join(str(c) for c in dist.choices)}}}")
-        else:
-            parts.append(f"{name} in [{dist.low:g}, {dist.high:g}]" + (" (log)" if dist.log else ""))
-    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
-
-
-def enqueued_proposal(text: str, space: dict[str, Any]) -> dict[str, Any]:
-    """The Optuna parameters of one `--enqueue FIELD=VALUE[,FIELD=VALUE...]`, each inside `space` (a
-    field may be named by its config name or its parameter name, temp_power or p). Raises SearchError
-    naming the pair and the fix."""
-    from model.config import parse_value
-
-    by_field = {SHORTHANDS.get(name, name): name for name in space}
-    params: dict[str, Any] = {}
-    for pair in text.split(","):
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        name = key if key in space else by_field.get(key)
-        if not sep or name is None:
-            raise SearchError(
-                f"--enqueue {text}: {pair.strip()!r} is not FIELD=VALUE with a searched field; the "
-                f"search varies {', '.join(space)}"
-            )
-        try:
-            parsed = parse_value(SHORTHANDS.get(name, name), value.strip())
-        except ValueError as err:
-            raise SearchError(f"--enqueue {text}: {err}") from None
-        dist = space[name]
-        inside = (
-            parsed in dist.choices
-            if hasattr(dist, "choices")
-            else isinstance(parsed, int | float) and dist.low <= parsed <= dist.high
-        )
-        if not inside:
-            raise SearchError(
-                f"--enqueue {text}: {key}={value.strip()} is outside the search space "
-                f"({describe_space({name: dist})}); widen the space or drop it"
-            )
-        params[name] = parsed
-    return params
-
-
 def _range_flag(name: str, dist: Any) -> str:
-    flag = {"p": "--p", "eta": "--eta"}.get(name, name)
-    return f"{flag} {dist.low:g} {dist.high:g}" + (" (log)" if getattr(dist, "log", False) else "")
+    if name not in ("p", "eta"):  # a space file's entry
+        if hasattr(dist, "choices"):
+            return f"{name} in {{{', '.join(str(c) for c in dist.choices)}}}"
+        return f"{name} in [{dist.low:g}, {dist.high:g}]" + (" (log)" if dist.log else "")
+    return f"--{name} {dist.low:g} {dist.high:g}" + (" (log)" if getattr(dist, "log", False) else "")
 
 
 def check_study(

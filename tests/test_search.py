@@ -537,7 +537,10 @@ def test_two_objectives_tell_both_means_and_the_front_is_the_non_dominated_set(t
         (["--base", "digits-estimators:nope"], "grid 'digits-estimators' has no cell 'nope'; its cells:"),
         (["--base", "digits-estimators:vanilla-b32"], "that cell trains objective=vanilla"),
         (["--base", "no-such-grid:cell"], "--base no-such-grid:cell:"),
-        (["--enqueue", "p=20"], "--enqueue p=20: p=20 is outside the search space (p in [0.1, 10] (log))"),
+        (
+            ["--enqueue", "p=20"],
+            "--enqueue p=20: p=20 is outside the search space (temp_power in [0.1, 10] (log))",
+        ),
         (["--enqueue", "p=1,nope=2"], "'nope=2' is not FIELD=VALUE with a searched field"),
         (["--enqueue", "kl_weight=x"], "kl_weight='x' is not a number"),
     ],
@@ -647,3 +650,96 @@ def test_a_two_objective_search_with_paired_seeds(
             break
         printed.add(int(line.split()[0]))
     assert printed == _non_dominated(points, ("min", "max"))
+
+
+# -------------------------------------------------------------------------------------- any config field
+
+
+def _space_file(tmp_path: Path, space: dict) -> str:
+    import json
+
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(space))
+    return str(path)
+
+
+CATEGORICAL = {
+    "temp_power": {"low": 0.3, "high": 3, "log": True},
+    "ebm_gradient": {"choices": ["none", "ml"]},
+    "gen_gradient": {"choices": ["ti", "ml"]},
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--p", "1", "2"], "--p with --space"),
+        (["--set", "ebm_gradient=ml"], "ebm_gradient is searched by the space file"),
+        (["--enqueue", "ebm_gradient=chains"], "ebm_gradient=chains is outside the search space"),
+    ],
+)
+def test_space_file_conflicts_refused(
+    extra: list[str],
+    needle: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
+    space = _space_file(tmp_path, CATEGORICAL)
+    err = _refused(["--storage", str(tmp_path), "--name", "bad", "--space", space, *extra], capsys)
+    last = err.strip().splitlines()[-1]  # the usage, then one line
+    assert last.startswith("python -m sweep.search: error: ") and needle in last and "Traceback" not in err
+
+
+def test_space_file_dry_run_plans_the_most_expensive_corner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run with a space over num_temps plans the corner with the most temperatures (a thermo step
+    costs more with more of them), and --set on a field the space does not search is accepted."""
+    from model.config import get_preset
+    from model.plan import cost
+
+    space = _space_file(tmp_path, {"num_temps": {"low": 5, "high": 30, "type": "int"}})
+    argv = ["--base", "celeba", "--dry-run", "--storage", str(tmp_path), "--space", space]
+    assert main([*argv, "--set", "temp_power=2"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("celeba-thermo "))
+    worst = cost.step_flops(get_preset("celeba", objective="thermo", num_temps=30, temp_power=2.0))
+    cheap = cost.step_flops(get_preset("celeba", objective="thermo", num_temps=5, temp_power=2.0))
+    assert float(row.split()[1]) == pytest.approx(worst / 1e12, abs=1e-3) and worst > cheap
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_search_over_categorical_fields(
+    tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A space file over p and the two gradient estimators: each proposal's Parquet row trains exactly the
+    fields the study drew (read back from the study); a resumed search with another space is refused."""
+    space = _space_file(tmp_path, CATEGORICAL)
+    argv = ["--trials", "3", "--epochs", "1", "--storage", str(tmp_path), "--name", "cat"]
+    argv += ["--space", space, "--compile-cache", cache, "--max-concurrent", "2", *TINY_SET]
+    assert main(argv) == 0
+    study = study_of(tmp_path / "cat", "cat")
+    trials, _ = read(tmp_path / "cat")
+    assert len(trials) == 3
+    rows = trials.set_index("optuna_trial")
+    for t in study.trials:
+        assert set(t.params) == {"temp_power", "ebm_gradient", "gen_gradient"}
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        row = rows.loc[t.number]
+        assert row["temp_power"] == t.params["temp_power"]
+        assert (row["ebm_gradient"], row["gen_gradient"]) == (
+            t.params["ebm_gradient"],
+            t.params["gen_gradient"],
+        )
+    capsys.readouterr()
+    other = _space_file(tmp_path, {**CATEGORICAL, "ebm_gradient": {"choices": ["none", "chains"]}})
+    argv[argv.index(space)] = other
+    with pytest.raises(SystemExit):
+        main([*argv, "--resume"])
+    assert "searches ebm_gradient in {none, ml} but this command asks for ebm_gradient in {none, chains}" in (
+        capsys.readouterr().err
+    )
