@@ -1,15 +1,17 @@
-"""`python -m sweep.search`: an Optuna search over the temperature power p and the KL weight eta.
+"""`python -m sweep.search`: an Optuna search over p and eta, or any config fields (`--space FILE`).
 
-Optuna (TPE, fixed seed) proposes (p, eta); Ray Tune runs each proposal as a trial exactly like a grid trial
-(the same trainable, Orbax checkpoints and Parquet rows in `<storage>/<run>/results/`), with the extra
-columns `search` (the study name) and `optuna_trial` (the Optuna trial number). The objective told to Optuna
-is the metric (default `kid_rbf_inf`, minimised; `val_ll` is maximised) at the trial's last epoch.
+Optuna (TPE, fixed seed) proposes the searched fields (`sweep.space`); Ray Tune runs each proposal's
+seeds (`--repetitions R`: the seeds of a grid's repetitions) as trials exactly like grid trials (the same
+trainable, Orbax checkpoints and Parquet rows in `<storage>/<run>/results/`), with the extra columns
+`search` (the study name) and `optuna_trial` (the Optuna trial number). Optuna is told each metric (default
+`kid_rbf_inf`, minimised; `val_ll` is maximised) at the trial's last epoch, the mean over the seeds; with
+several `--metric` the study is multi-objective and its Pareto front is printed at the end.
 
 The study lives in a real database (`sqlite:///<storage>/<run>/optuna.db` by default, any SQLAlchemy URL
 with `--optuna-storage`), and that database is the source of truth for resuming: `--resume` counts the
 finished trials there and runs a fresh Tune experiment for the rest, over the same study (see
 `sweep.study.prepare_resume` for why this is preferred to `Tuner.restore`). The searcher is
-`sweep.optuna_search`; the study handling `sweep.study`; the launch `sweep.launch`.
+`sweep.optuna_search`; the study handling `sweep.study`; the space `sweep.space`; the launch `sweep.launch`.
 """
 
 from __future__ import annotations
