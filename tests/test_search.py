@@ -743,3 +743,34 @@ def test_a_search_over_categorical_fields(
     assert "searches ebm_gradient in {none, ml} but this command asks for ebm_gradient in {none, chains}" in (
         capsys.readouterr().err
     )
+
+
+def test_a_study_with_other_objectives_or_seeds_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A two-objective study with three seeds per proposal resumes only with the same metrics, in the
+    same order, and the same --repetitions; each refusal names the flags that continue it."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
+    url = f"sqlite:///{tmp_path}/shared.db"
+    study = optuna.create_study(study_name="mo", storage=url, directions=["minimize", "maximize"])
+    study.set_user_attr("metrics", ["kid_rbf_nmax", "val_ll"])
+    study.set_user_attr("repetitions", 3)
+    common = ["--storage", str(tmp_path), "--name", "r", "--study", "mo", "--optuna-storage", url]
+    two = ["--metric", "kid_rbf_nmax", "--metric", "val_ll"]
+    err = _refused([*common, "--metric", "kid_rbf_nmax"], capsys)
+    assert (
+        "has 2 objective(s), this search 1" in err
+        and "rerun with --metric kid_rbf_nmax --metric val_ll" in err
+    )
+    err = _refused([*common, "--metric", "val_ll", "--metric", "kid_rbf_nmax"], capsys)
+    assert "minimises the objective in val_ll's place; this search maximises val_ll" in err
+    err = _refused([*common, "--metric", "kid_rbf_inf", "--metric", "val_ll"], capsys)
+    assert "not kid_rbf_inf, val_ll; rerun with --metric kid_rbf_nmax --metric val_ll" in err
+    err = _refused([*common, *two], capsys)
+    assert "trains 3 seed(s) per proposal, this search 1; rerun with --repetitions 3" in err
+    from sweep.study import check_study, search_space
+
+    metrics = ["kid_rbf_nmax", "val_ll"]  # the same objectives and seeds: the study is the one asked for
+    check_study(study, search_space((0.1, 10), (0.5, 4)), metrics, url, maximise=[False, True], repetitions=3)
