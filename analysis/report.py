@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures as F
+from analysis import pareto as P
 from analysis import readings as R
 from analysis.load import Results, load
 from analysis.remote import read_bytes
@@ -352,6 +353,8 @@ def build_report(
         _say_why_empty(rep, empty_section)
     rep.skipped = [s for s in rep.skipped if s]
 
+    _pareto_sections(results, out, rep)
+
     rep.h(2, "Temperature schedules (Figs. 1-2)")
     _save(
         rep,
@@ -407,6 +410,46 @@ def build_report(
     )
     rep.table(t1)
     return _finish(rep, out, title)
+
+
+def _pareto_sections(results: Results, out: Path, rep: Report) -> None:
+    """For every multi-objective search run: its Pareto front as a figure (two objectives) and a table
+    of all complete proposals, front first (`analysis.pareto`)."""
+    for source in results.sources:
+        found = P.search_objectives(source)
+        if found is None:
+            continue
+        metrics, directions, fields = found
+        run = source.parent.name if source.name == "results" else source.name
+        trials = results.trials[results.trials["run"] == run]
+        fields = [f for f in fields if f in trials.columns]
+        proposals = P.search_proposals(trials, metrics, fields)
+        tag = re.sub(r"[^A-Za-z0-9]+", "_", run)
+        rep.h(2, f"Search `{run}`: Pareto front of {', '.join(metrics)}")
+        if proposals.empty:
+            rep.p("Nothing to show: no proposal of the search is COMPLETE.")
+            rep.skipped.append(f"Pareto front of {run}: no COMPLETE proposal")
+            continue
+        table = P.front_table(proposals, metrics, directions)
+        table.to_csv(out / f"pareto_{tag}.csv", index=False)
+        front = int(table["on_front"].sum())
+        goals = ", ".join(f"{m} {d[:3]}" for m, d in zip(metrics, directions, strict=True))
+        rep.p(
+            f"{len(proposals)} complete proposals, {front} on the front: no other proposal is as good in "
+            f"every objective ({goals}) "
+            "and better in one, comparing the seed means Optuna was told. ± is the standard error of that "
+            "mean over the proposal's seeds; proposals whose bars overlap are not told apart by the search "
+            "(compare them seed by seed before calling one better)."
+        )
+        _save(
+            rep,
+            P.fig_pareto(proposals, metrics, directions),
+            out,
+            f"pareto_{tag}.png",
+            f"Search {run}: proposals by their seed means (± SE), the front highlighted",
+            f"Pareto figure of {run}: drawn for two objectives only ({len(metrics)} here; see the table)",
+        )
+        rep.table(table)
 
 
 def _finish(rep: Report, out: Path, title: str) -> Path:
