@@ -214,6 +214,14 @@ def test_kill_and_resume_reaches_total(tmp_path: Path, cache: str) -> None:
     assert len(study.trials) == 4 + len(running)
 
 
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything starts Ray: a refused argument must be refused before that."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
+
+
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     import ray
 
@@ -240,6 +248,22 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["--trials", "0"], "--trials 0: must be >= 1"),
         (["--resume"], "--resume: no search 'bad' under"),
         (["--storage", "s3://bucket/runs"], "pass --optuna-storage"),
+        (["--metric", "val_ll", "--metric", "val_ll"], "--metric val_ll is given twice"),
+        (["--repetitions", "0"], "--repetitions 0: must be >= 1"),
+        (
+            ["--metric", "kid_rbf_nmax", "--metric", "val_ll", "--scheduler", "asha"],
+            "Optuna refuses intermediate values in a multi-objective study",
+        ),
+        (["--repetitions", "3", "--scheduler", "asha"], "while the search compares seed means"),
+        (["--base", "digits-estimators:nope"], "grid 'digits-estimators' has no cell 'nope'; its cells:"),
+        (["--base", "digits-estimators:vanilla-b32"], "that cell trains objective=vanilla"),
+        (["--base", "no-such-grid:cell"], "--base no-such-grid:cell:"),
+        (
+            ["--enqueue", "p=20"],
+            "--enqueue p=20: p=20 is outside the search space (temp_power in [0.1, 10] (log))",
+        ),
+        (["--enqueue", "p=1,nope=2"], "'nope=2' is not FIELD=VALUE with a searched field"),
+        (["--enqueue", "kl_weight=x"], "kl_weight='x' is not a number"),
     ],
 )
 def test_bad_arguments_refused(
@@ -247,23 +271,17 @@ def test_bad_arguments_refused(
     needle: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    no_ray: None,
 ) -> None:
-    import ray
-
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
     err = _refused(["--storage", str(tmp_path), "--name", "bad", *argv], capsys)
     assert needle in err
 
 
 def test_study_with_another_space_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_ray: None
 ) -> None:
     """An existing study searched p over [0.1, 10]; asking for [0.5, 20] (or another metric, or running it
     again without --resume) is refused with the study's own range as the fix."""
-    import ray
-
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
     url = f"sqlite:///{tmp_path}/shared.db"
     study = optuna.create_study(study_name="pe", storage=url, direction="minimize")
     space = {
@@ -524,41 +542,6 @@ def test_two_objectives_tell_both_means_and_the_front_is_the_non_dominated_set(t
     assert "0.2 +- 0.1" in text and "-100 +- 10" in text  # mean +- SE over the two seeds
 
 
-@pytest.mark.parametrize(
-    ("argv", "needle"),
-    [
-        (["--metric", "val_ll", "--metric", "val_ll"], "--metric val_ll is given twice"),
-        (["--repetitions", "0"], "--repetitions 0: must be >= 1"),
-        (
-            ["--metric", "kid_rbf_nmax", "--metric", "val_ll", "--scheduler", "asha"],
-            "Optuna refuses intermediate values in a multi-objective study",
-        ),
-        (["--repetitions", "3", "--scheduler", "asha"], "while the search compares seed means"),
-        (["--base", "digits-estimators:nope"], "grid 'digits-estimators' has no cell 'nope'; its cells:"),
-        (["--base", "digits-estimators:vanilla-b32"], "that cell trains objective=vanilla"),
-        (["--base", "no-such-grid:cell"], "--base no-such-grid:cell:"),
-        (
-            ["--enqueue", "p=20"],
-            "--enqueue p=20: p=20 is outside the search space (temp_power in [0.1, 10] (log))",
-        ),
-        (["--enqueue", "p=1,nope=2"], "'nope=2' is not FIELD=VALUE with a searched field"),
-        (["--enqueue", "kl_weight=x"], "kl_weight='x' is not a number"),
-    ],
-)
-def test_bad_objectives_seeds_and_bases_refused(
-    argv: list[str],
-    needle: str,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import ray
-
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
-    err = _refused(["--storage", str(tmp_path), "--name", "bad", *argv], capsys)
-    assert needle in err
-
-
 def test_a_grid_cell_as_the_base_is_that_cells_model() -> None:
     """--base GRID:CELL trains the cell's model (the grid's base and the cell's values), thermo, with the
     search's own --epochs on top; the search then varies its p and eta."""
@@ -683,11 +666,8 @@ def test_space_file_conflicts_refused(
     needle: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    no_ray: None,
 ) -> None:
-    import ray
-
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
     space = _space_file(tmp_path, CATEGORICAL)
     err = _refused(["--storage", str(tmp_path), "--name", "bad", "--space", space, *extra], capsys)
     last = err.strip().splitlines()[-1]  # the usage, then one line
@@ -746,13 +726,10 @@ def test_a_search_over_categorical_fields(
 
 
 def test_a_study_with_other_objectives_or_seeds_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_ray: None
 ) -> None:
     """A two-objective study with three seeds per proposal resumes only with the same metrics, in the
     same order, and the same --repetitions; each refusal names the flags that continue it."""
-    import ray
-
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
     url = f"sqlite:///{tmp_path}/shared.db"
     study = optuna.create_study(study_name="mo", storage=url, directions=["minimize", "maximize"])
     study.set_user_attr("metrics", ["kid_rbf_nmax", "val_ll"])
