@@ -129,14 +129,13 @@ def fig_pareto(
             )
     order = np.argsort(x[front])
     ax.step(x[front][order], y[front][order], where="post", color="tab:red", lw=1, alpha=0.6)
+    labels: dict[tuple[float, float, bool], list[int]] = {}  # proposals at one point share one label
     for number, xi, yi, on in zip(proposals["optuna_trial"], x, y, front, strict=True):
+        labels.setdefault((xi, yi, bool(on)), []).append(int(number))
+    for (xi, yi, on), numbers in labels.items():
+        text = ",".join(str(n) for n in sorted(numbers))
         ax.annotate(
-            str(number),
-            (xi, yi),
-            fontsize=7,
-            alpha=1.0 if on else 0.4,
-            xytext=(3, 3),
-            textcoords="offset points",
+            text, (xi, yi), fontsize=7, alpha=1.0 if on else 0.4, xytext=(3, 3), textcoords="offset points"
         )
     better = {"minimize": "lower is better", "maximize": "higher is better"}
     ax.set_xlabel(f"{metrics[0]} ({better[directions[0]]})")

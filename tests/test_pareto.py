@@ -106,3 +106,20 @@ def test_no_front_for_a_single_objective_search_or_a_grid(tmp_path: Path) -> Non
     assert "Pareto front" not in (out / "report.md").read_text() and not (out / "pareto_front.csv").exists()
     (run_dir / "search.json").unlink()
     assert P.search_objectives(run_dir / "results") is None
+
+
+def test_the_report_of_a_search_run_in_s3_equals_the_local_one(tmp_path: Path, s3_server) -> None:
+    """The search's manifest and tables read from S3 (`analysis.remote`) give the same front."""
+    run_dir, _ = _search_run(tmp_path / "storage", ["kid_rbf_nmax", "val_ll"])
+    client = s3_server.client()
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_file():
+            key = f"runs/front/{path.relative_to(run_dir).as_posix()}"
+            client.put_object(Bucket=s3_server.bucket, Key=key, Body=path.read_bytes())
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert R.main([str(run_dir), "--out", str(local)]) == 0
+    assert R.main([s3_server.uri("runs", "front"), "--out", str(remote)]) == 0
+    pd.testing.assert_frame_equal(
+        pd.read_csv(local / "pareto_front.csv"), pd.read_csv(remote / "pareto_front.csv")
+    )
+    assert pd.read_csv(remote / "pareto_front.csv")["on_front"].any()
