@@ -271,7 +271,11 @@ EXTRA_TYPES: dict[str, pa.DataType] = {
     "optuna_trial": pa.int64(),
     "optuna_state": pa.string(),
     "search_value": pa.float64(),
+    "search_se": pa.float64(),
 }
+# A search's per-objective columns (`search_value_<metric>`, `search_se_<metric>`): numbers even when
+# every value so far is null (no proposal COMPLETE yet).
+EXTRA_PREFIX_TYPES: dict[str, pa.DataType] = {"search_value_": pa.float64(), "search_se_": pa.float64()}
 
 
 def config_columns(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -287,6 +291,9 @@ def column_type(name: str, values: list[Any], columns: Columns) -> pa.DataType:
         return columns[name][0]
     if name in EXTRA_TYPES:
         return EXTRA_TYPES[name]
+    for prefix, typ in EXTRA_PREFIX_TYPES.items():
+        if name.startswith(prefix):
+            return typ
     present = [v for v in values if v is not None]
     if present and all(isinstance(v, bool) for v in present):
         return pa.bool_()
@@ -333,18 +340,23 @@ def read_table(fs: pafs.FileSystem, path: str, attempts: int = 20) -> pa.Table:
     """The Parquet table at `path` on `fs` (one of a run's results files), as one version of the file.
 
     A driver rewrites its tables after every epoch. Locally the rewrite is a rename, and an open file
-    stays the version it was. On an object store pyarrow's own reader asks for the footer and the
-    column chunks in separate requests, and a rewrite between them tears the read ("magic bytes not
-    found", "page was smaller than expected"). Here the file is fetched whole in one request and parsed
-    from memory: one request returns one version, or (if the object grew between the size lookup and
-    the fetch) a prefix of the new one, whose parse fails; such a read is taken again, up to `attempts`
-    times. FileNotFoundError is raised at once.
+    stays the version it was: the file is read as it is. On an object store pyarrow's own reader asks
+    for the footer and the column chunks in separate requests (and a stream in 256 KiB ones), and a
+    rewrite between them tears the read ("magic bytes not found", "page was smaller than expected").
+    Here the object's size is looked up and the whole object fetched in one ranged request, then parsed
+    from memory: one request returns one version. If the object changed between the lookup and the
+    fetch, the fetch fails (it shrank) or returns a prefix of the new version (it grew), whose parse
+    fails; such a read is taken again, up to `attempts` times. FileNotFoundError is raised at once.
     """
+    if isinstance(fs, pafs.LocalFileSystem):
+        return pq.read_table(path, filesystem=fs)
     for attempt in range(attempts):
-        with fs.open_input_stream(path) as stream:
-            data = stream.readall()
         try:
+            with fs.open_input_file(path) as f:
+                data = f.read_at(f.size(), 0)
             return pq.read_table(pa.BufferReader(data))
+        except FileNotFoundError:
+            raise
         except (pa.ArrowInvalid, OSError):
             if attempt == attempts - 1:
                 raise

@@ -97,7 +97,7 @@ def searcher_class() -> type:
                     self._proposals_left -= 1
                 try:
                     proposal_config(self._experiment, ot_trial.params)
-                except ValueError as err:  # a combination the config refuses: this proposal's FAIL
+                except (ValueError, TypeError) as err:  # a combination the config refuses: its FAIL
                     self._tell(ot_trial, optuna.trial.TrialState.FAIL, None, f"config refused: {err}")
                     continue
                 self._proposal[ot_trial.number] = ot_trial

@@ -106,10 +106,9 @@ def check_study(
             )
     if stored_metrics != [None] and stored_metrics != metrics:
         theirs = " ".join(f"--metric {m}" for m in stored_metrics)
-        shown = ", ".join(stored_metrics)
+        shown = " and ".join(f"{verb[up]} {m}" for m, up in zip(stored_metrics, maximises, strict=True))
         raise SearchError(
-            f"study {name!r} in {where} {verb[maximises[0]]} {shown}, not {', '.join(metrics)}; rerun "
-            f"with {theirs} {fix}"
+            f"study {name!r} in {where} {shown}, not {', '.join(metrics)}; rerun with {theirs} {fix}"
         )
     stored_r = int(study.user_attrs.get("repetitions", 1))
     if stored_r != repetitions:
@@ -214,8 +213,9 @@ def prepare_resume(study: optuna.Study) -> list[int]:
 
 def sync_results(tables: ResultsTables, study: optuna.Study, run_uri: str) -> None:
     """Bring the search's Parquet rows in line with the study: `optuna_state` and `search_value` columns,
-    the reason of every FAIL in `error`, and rows a killed driver left RUNNING closed as ERROR (with the
-    epochs their newest checkpoint recorded). Flushes the tables."""
+    the reason of every FAIL in `error` (not on a seed of a failed proposal that itself trained fine),
+    and rows a killed driver left RUNNING closed as ERROR (with the epochs their newest checkpoint
+    recorded). Flushes the tables."""
     from optuna.trial import TrialState
 
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -239,11 +239,12 @@ def sync_results(tables: ResultsTables, study: optuna.Study, run_uri: str) -> No
                 values.update(final_columns(history))
             ended = t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             values["status"] = "TERMINATED" if ended else "ERROR"
-        if t.state == TrialState.FAIL and not row.get("error"):
+        finished = values.get("status", row.get("status")) == "TERMINATED"  # a seed that trained fine
+        if t.state == TrialState.FAIL and not row.get("error") and not finished:
             if t.number in interrupted:
                 values["error"] = (
-                    "interrupted: the search driver stopped before the trial finished; its p "
-                    "and eta were enqueued again as a new Optuna trial"
+                    "interrupted: the search driver stopped before the trial finished; its proposal "
+                    "was enqueued again as a new Optuna trial"
                 )
             else:
                 values["error"] = t.user_attrs.get(FAIL_REASON_ATTR, "Optuna trial failed")
@@ -316,7 +317,7 @@ def format_top(study: optuna.Study, metric: str, top: int = 5) -> str:
         f"top {min(top, len(done))} trials:",
     ]
     names = list(best.params)
-    header = ["rank", "optuna_trial", "trial_id", *names, metric]
+    header = ["rank", "optuna_trial", _id_header(study), *names, metric]
     rows = [
         [
             str(i + 1),
@@ -328,6 +329,11 @@ def format_top(study: optuna.Study, metric: str, top: int = 5) -> str:
         for i, t in enumerate(done[:top])
     ]
     return "\n".join(lines + [text_table(header, rows)])
+
+
+def _id_header(study: optuna.Study) -> str:
+    """`trial_id` with one seed per proposal; `cell` with several (the seeds' rows are `<cell>-sR`)."""
+    return "cell" if int(study.user_attrs.get("repetitions", 1)) > 1 else "trial_id"
 
 
 def _param_cell(value: Any) -> str:
@@ -346,7 +352,7 @@ def format_front(study: optuna.Study, metrics: list[str]) -> str:
         for m, d in zip(metrics, study.directions, strict=True)
     )
     names = sorted({k for t in front for k in t.params})
-    header = ["optuna_trial", "trial_id", *names, *metrics]
+    header = ["optuna_trial", _id_header(study), *names, *metrics]
     rows = [
         [
             str(t.number),

@@ -90,3 +90,42 @@ def test_tables_read_while_the_driver_rewrites_them_in_s3_are_whole(s3_server):
         done.set()
         thread.join()
     assert len(epochs) > 1, "the writer rewrote the table while it was read"
+
+
+def test_a_large_table_rewritten_smaller_and_larger_is_read_whole(s3_server):
+    """A table over pyarrow's 256 KiB read chunk, replaced alternately by a small and a large version
+    while it is read: every read is one whole version (never a mix of chunks, never an error because
+    the object shrank under the read)."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from model.schema import read_table
+
+    fs, path = pafs.FileSystem.from_uri(s3_server.uri("big", "epochs.parquet"))
+    versions = [pa.table({"v": [k] * n, "x": list(range(n))}) for k, n in ((0, 60_000), (1, 20), (2, 90_000))]
+    pq.write_table(versions[0], path, filesystem=fs)
+    assert fs.get_file_info(path).size > 256 * 1024
+    done = threading.Event()
+
+    def rewrite() -> None:
+        k = 0
+        while not done.is_set():
+            k += 1
+            pq.write_table(versions[k % 3], path, filesystem=fs)
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    try:
+        seen = set()
+        for _ in range(40):
+            table = read_table(fs, path)
+            (v,) = set(table["v"].to_pylist())
+            assert table["x"].to_pylist() == list(range(len(table))) and len(table) == versions[v].num_rows
+            seen.add(v)
+    finally:
+        done.set()
+        thread.join()
+    assert len(seen) > 1, "the writer replaced the table while it was read"

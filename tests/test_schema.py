@@ -70,3 +70,12 @@ def test_every_reading_of_an_evaluated_epoch_is_a_documented_column() -> None:
     readings = extrapolated_metrics(real, gen, [32, 48, 64], seed=0, feature_extractor="test")
     page = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
     assert [k for k in readings if k not in schema.EPOCH_COLUMNS and f"`{k}`" not in page] == []
+
+
+def test_a_searchs_value_columns_are_numbers_even_when_all_null() -> None:
+    """Before any proposal is COMPLETE every search value is null; the columns are still float64, so
+    the same column has one type in every run and every flush."""
+    from model.schema import TRIAL_COLUMNS, column_type
+
+    for name in ("search_value", "search_se", "search_value_val_ll", "search_se_kid_rbf_nmax"):
+        assert column_type(name, [None, None], TRIAL_COLUMNS) == pa.float64(), name
