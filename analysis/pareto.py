@@ -4,7 +4,7 @@ A search run's `search.json` names its metrics and their directions; its trials 
 (proposal, seed) with the proposal's seed means told to Optuna (`search_value_<metric>`) and their
 standard errors (`search_se_<metric>`, with several seeds per proposal). `search_proposals` makes one row
 per COMPLETE proposal of those columns, `pareto_front` marks the non-dominated ones, and `fig_pareto`
-draws them. Nothing here imports JAX, Ray or the model.
+draws them. Nothing here imports JAX, Ray or model code other than the results schema.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.remote import RemotePath
-
-MANIFEST_FILE = "search.json"  # what sweep.search writes beside a search run's results/
+from model.schema import SEARCH_MANIFEST_FILE
 
 
 def pareto_front(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -49,7 +48,7 @@ def search_objectives(results_dir: Path | RemotePath) -> tuple[list[str], list[s
     """(metrics, directions, searched fields) of the multi-objective search whose results directory is
     `results_dir`, read from its run's `search.json`; None for a grid run or a single-objective search."""
     run_dir = results_dir.parent if results_dir.name == "results" else results_dir
-    path = run_dir / MANIFEST_FILE
+    path = run_dir / SEARCH_MANIFEST_FILE
     try:
         manifest = json.loads(path.read_bytes().decode()) if path.exists() else None
     except (OSError, ValueError):

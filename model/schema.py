@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 RESULTS_DIR = "results"
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
+SEARCH_MANIFEST_FILE = "search.json"  # <run>/search.json: a search's metrics, directions, space, seeds
 READINGS_PREFIX = (
     "readings-"  # results/readings-<tag>.parquet: a run's readings taken again (sweep.reevaluate)
 )

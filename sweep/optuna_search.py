@@ -69,7 +69,6 @@ def searcher_class() -> type:
             self._queue: list[tuple[int, int]] = []  # (Optuna trial number, repetition) still to hand out
             self._seed_of: dict[str, tuple[int, int]] = {}  # Tune trial id -> (number, repetition)
             self._proposal: dict[int, Any] = {}  # number -> its Optuna trial
-            self._handed: dict[int, int] = {}  # number -> seeds handed out
             self._ended: dict[int, dict[int, tuple[str, list[float] | None, str | None]]] = {}
 
         def _report(self, trial_id: str, value: Any, epoch: Any) -> None:
@@ -101,12 +100,10 @@ def searcher_class() -> type:
                     self._tell(ot_trial, optuna.trial.TrialState.FAIL, None, f"config refused: {err}")
                     continue
                 self._proposal[ot_trial.number] = ot_trial
-                self._handed[ot_trial.number] = 0
                 self._queue += [(ot_trial.number, r) for r in range(self._repetitions)]
             number, repetition = self._queue.pop(0)
             self._ot_trials[trial_id] = self._proposal[number]
             self._seed_of[trial_id] = (number, repetition)
-            self._handed[number] += 1
             return search_trial_config(
                 self._experiment,
                 self._study_name,
@@ -154,9 +151,9 @@ def searcher_class() -> type:
             ended[repetition] = self._seed_outcome(result, error)
             if ended[repetition][0] == "FAIL":  # the proposal has failed: seeds not started are dropped
                 self._queue = [q for q in self._queue if q[0] != number]
-            if len(ended) < self._handed[number] or any(q[0] == number for q in self._queue):
-                return  # seeds of this proposal still to run or running
-            del self._handed[number]
+            pending = [*self._queue, *self._seed_of.values()]  # seeds still to hand out, or running
+            if any(n == number for n, _ in pending):
+                return
             self._tell_proposal(self._proposal.pop(number), self._ended.pop(number))
 
         def _tell_proposal(

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from model.config import ExperimentConfig, parse_set_args
+from model.schema import SEARCH_MANIFEST_FILE
 from sweep import bill, cost, launch, lease, preflight
 from sweep.optuna_search import base_config
 from sweep.results import ResultsTables
@@ -52,7 +53,6 @@ from sweep.study import (
 )
 from sweep.trainable import make_trainable, resolve_trial
 
-MANIFEST_FILE = "search.json"
 STUDY_DB_FILE = "optuna.db"
 # Readings a search can optimise, and which way: the fidelity metrics are distances, val_ll a log-likelihood.
 METRICS = {
@@ -283,7 +283,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         manifest = lease.unless_held(  # a second driver is refused, naming the first
             lambda: launch.existing_manifest(
-                storage, args.name, MANIFEST_FILE, resume=args.resume, what="search"
+                storage, args.name, SEARCH_MANIFEST_FILE, resume=args.resume, what="search"
             ),
             None if args.name is None else launch.run_location(storage, args.name),
             what=f"search {args.name!r}",
@@ -435,7 +435,7 @@ def run_search(
     study.set_user_attr("run", run)
     if not args.resume:
         write_json_uri(
-            f"{run_uri}/{MANIFEST_FILE}",
+            f"{run_uri}/{SEARCH_MANIFEST_FILE}",
             {
                 "run": run,
                 "study": study_name,

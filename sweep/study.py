@@ -64,10 +64,10 @@ def search_space(
 
 
 def _range_flag(name: str, dist: Any) -> str:
-    if name not in ("p", "eta"):  # a space file's entry
-        if hasattr(dist, "choices"):
-            return f"{name} in {{{', '.join(str(c) for c in dist.choices)}}}"
-        return f"{name} in [{dist.low:g}, {dist.high:g}]" + (" (log)" if dist.log else "")
+    if name not in ("p", "eta"):  # a space file's entry, as the search's header shows it
+        from sweep.space import describe  # sweep.space imports this module
+
+        return describe({name: dist})
     return f"--{name} {dist.low:g} {dist.high:g}" + (" (log)" if getattr(dist, "log", False) else "")
 
 
@@ -286,7 +286,7 @@ def search_values(study: optuna.Study, t: optuna.trial.FrozenTrial) -> dict[str,
 
 
 def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in params.items())
+    return ", ".join(f"{k} = {_param_cell(v)}" for k, v in params.items())
 
 
 def _value_text(t: optuna.trial.FrozenTrial, i: int, metric: str) -> str:
@@ -300,13 +300,9 @@ def format_top(study: optuna.Study, metric: str, top: int = 5) -> str:
     """Best proposal and the `top` best ones (parameters and objective, mean +- SE over seeds when a
     proposal trains several), as text."""
     import optuna
-    from optuna.trial import TrialState
 
     best_first = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    done = sorted(
-        (t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE),
-        key=lambda t: best_first * t.value,
-    )
+    done = sorted(completed(study), key=lambda t: best_first * t.value)
     if not done:
         return "no trial completed yet"
     best = done[0]

@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 from _procs import descendants, kill_all
+from test_pareto import brute_force
 
 from sweep.search import main
 
@@ -555,17 +557,6 @@ def test_a_grid_cell_as_the_base_is_that_cells_model() -> None:
     assert (shorter.epochs, shorter.ebm_lr, shorter.ebm_gradient) == (2, 0.001, "ml")
 
 
-def _non_dominated(points: dict[int, tuple[float, float]], directions: tuple[str, str]) -> set[int]:
-    """Brute force: the proposals no other proposal matches or beats in both objectives and beats in one."""
-    sign = [1.0 if d == "min" else -1.0 for d in directions]
-    keyed = {n: tuple(s * v for s, v in zip(sign, p, strict=True)) for n, p in points.items()}
-    return {
-        n
-        for n, a in keyed.items()
-        if not any(all(y <= x for x, y in zip(a, b, strict=True)) and b != a for b in keyed.values())
-    }
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_two_objective_search_with_paired_seeds(
@@ -632,7 +623,9 @@ def test_a_two_objective_search_with_paired_seeds(
         if not line.strip() or not line.split()[0].isdigit():
             break
         printed.add(int(line.split()[0]))
-    assert printed == _non_dominated(points, ("min", "max"))
+    numbers = sorted(points)
+    front = brute_force(np.array([points[n] for n in numbers]), ("minimize", "maximize"))
+    assert printed == {numbers[i] for i in front}
 
 
 # -------------------------------------------------------------------------------------- any config field
